@@ -1,0 +1,1 @@
+"""Activities: every side effect of a Keel job (LLM, tools, retrieval, storage)."""

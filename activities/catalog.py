@@ -1,0 +1,146 @@
+"""The built-in tools' names, descriptions and argument models.
+
+Owns the *shape* of every built-in tool: what the model may call and with which arguments.
+The client imports this module to check ``--tool`` names when a job is submitted, and the
+tool gateway (``activities/tools.py``) validates arguments against these models, so it depends
+only on pydantic and the standard library and performs no I/O. Not workflow code, though it is
+deterministic and safe to import anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "BUILTIN_TOOLS",
+    "CalculatorArgs",
+    "HttpGetArgs",
+    "SearchDocsArgs",
+    "ToolInfo",
+    "WriteNoteArgs",
+    "tool_schema",
+]
+
+
+class CalculatorArgs(BaseModel):
+    """Arguments of ``calculator``."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    expression: str = Field(max_length=500, examples=["2 * (3 + 4)"])
+    """Arithmetic expression: numbers, + - * / // % **, parentheses, sqrt, log, exp, sin, cos,
+    abs, round, min, max and the constants pi and e."""
+
+
+class HttpGetArgs(BaseModel):
+    """Arguments of ``http_get``."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    url: str = Field(max_length=2048, pattern=r"^https?://", examples=["http://127.0.0.1:8000/"])
+    """Absolute http or https URL; its host must be on the worker's allow-list."""
+
+    @field_validator("url")
+    @classmethod
+    def _has_host(cls, value: str) -> str:
+        if not urlsplit(value).hostname:
+            raise ValueError("URL has no host")
+        return value
+
+
+class WriteNoteArgs(BaseModel):
+    """Arguments of ``write_note``."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    title: str = Field(min_length=1, max_length=200, examples=["Keel note"])
+    """Short title of the note."""
+    body: str = Field(min_length=1, max_length=20000, examples=["Body of the note."])
+    """Text of the note."""
+
+
+class SearchDocsArgs(BaseModel):
+    """Arguments of ``search_docs``."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    query: str = Field(min_length=1, max_length=1000, examples=["retry policy"])
+    """Search text."""
+    top_k: int = Field(default=5, ge=1, le=20, examples=[5])
+    """How many documents to return at most."""
+    filters: dict[str, str] = Field(default_factory=dict, examples=[{}])
+    """Equality filters over document metadata (``ext``, ``dir``, front-matter keys)."""
+
+
+@dataclass(frozen=True)
+class ToolInfo:
+    """What the model and the gateway know about one tool."""
+
+    name: str
+    """Name the model uses to call the tool."""
+    description: str
+    """One-line description shown to the model."""
+    args_model: type[BaseModel]
+    """Pydantic model the gateway validates the arguments against."""
+    side_effecting: bool = False
+    """True when the tool changes the world; the gateway then records its result per op_key."""
+
+    def schema(self) -> dict[str, Any]:
+        """The tool's description for a prompt.
+
+        Returns:
+            ``{"name", "description", "parameters"}`` with the args model's JSON schema.
+        """
+        return {
+            "name": self.name,
+            "description": self.description,
+            "parameters": self.args_model.model_json_schema(),
+        }
+
+
+BUILTIN_TOOLS: dict[str, ToolInfo] = {
+    info.name: info
+    for info in (
+        ToolInfo(
+            "calculator",
+            "Evaluate an arithmetic expression exactly and return the number.",
+            CalculatorArgs,
+        ),
+        ToolInfo(
+            "http_get",
+            "Fetch a URL with HTTP GET and return the status and the start of the body.",
+            HttpGetArgs,
+        ),
+        ToolInfo(
+            "write_note",
+            "Save a note (title and body) for the user. Writes once per plan step.",
+            WriteNoteArgs,
+            side_effecting=True,
+        ),
+        ToolInfo(
+            "search_docs",
+            "Search the job's documents and return the best-matching passages.",
+            SearchDocsArgs,
+        ),
+    )
+}
+"""The tools every worker registers, by name."""
+
+
+def tool_schema(name: str) -> dict[str, Any]:
+    """The prompt description of a built-in tool.
+
+    Args:
+        name: A key of ``BUILTIN_TOOLS``.
+
+    Returns:
+        ``{"name", "description", "parameters"}``.
+
+    Raises:
+        KeyError: If ``name`` is not a built-in tool.
+    """
+    return BUILTIN_TOOLS[name].schema()

@@ -1,0 +1,151 @@
+"""Error types and the one place vendor and HTTP failures are classified.
+
+Temporal owns retries, so every failure an activity raises is an ``ApplicationError`` whose
+``type`` is one of the constants below and whose ``non_retryable`` flag says whether another
+attempt can help. Workflows and retry policies refer to these constants, never to literals.
+Not workflow code; imports nothing non-deterministic at module level.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from datetime import timedelta
+
+import openai
+from temporalio.exceptions import ApplicationError
+
+# Retryable: the same request may succeed later.
+LLM_TRANSIENT = "LLMTransient"
+"""Timeout, connection failure or 5xx from the model endpoint."""
+LLM_RATE_LIMITED = "LLMRateLimited"
+"""429 (or 408/409) from the model endpoint; the next attempt waits for Retry-After."""
+TOOL_TRANSIENT = "ToolTransient"
+"""A tool's dependency timed out, refused the connection or answered 5xx/429."""
+
+# Non-retryable: repeating the same request cannot help.
+LLM_REJECTED = "LLMRequestRejected"
+"""The endpoint refused the request itself (400, 404, 422 ...): wrong model name, bad schema."""
+LLM_AUTH = "LLMAuthFailed"
+"""401/403: the API key is missing, wrong or lacks permission."""
+TOOL_NOT_ALLOWED = "ToolNotAllowed"
+"""The model asked for a tool outside the job's allow-list."""
+TOOL_NOT_FOUND = "ToolNotFound"
+"""No tool of that name is registered on the worker."""
+TOOL_INPUT_INVALID = "ToolInputInvalid"
+"""Tool arguments failed the tool's schema."""
+TOOL_PERMISSION = "ToolPermissionDenied"
+"""The tool refused on policy, such as an HTTP host outside the allow-list."""
+TOOL_FAILED = "ToolFailed"
+"""The tool ran and failed for a reason a retry cannot fix (division by zero, a 404)."""
+DOCS_NOT_FOUND = "DocsNotFound"
+"""The job's document folder does not exist on the worker."""
+
+# Raised by the workflow itself.
+BAD_MODEL_OUTPUT = "BadModelOutput"
+"""The model kept returning output that failed validation after corrective steps."""
+
+NON_RETRYABLE_TYPES = [
+    LLM_REJECTED,
+    LLM_AUTH,
+    TOOL_NOT_ALLOWED,
+    TOOL_NOT_FOUND,
+    TOOL_INPUT_INVALID,
+    TOOL_PERMISSION,
+    TOOL_FAILED,
+    DOCS_NOT_FOUND,
+]
+"""Listed in every retry policy too, so a mistaken flag cannot cause a retry storm."""
+
+_MAX_RETRY_AFTER = 300.0
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), capped at 300 s.
+
+    Args:
+        value: The raw header value, or None.
+
+    Returns:
+        Seconds to wait, or None when the header is absent or unreadable.
+    """
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value.strip() else None
+        if parsed is None:
+            return None
+        seconds = parsed.timestamp() - time.time()
+    return max(0.0, min(seconds, _MAX_RETRY_AFTER))
+
+
+def classify_http_status(
+    status: int,
+    message: str,
+    *,
+    retry_after: str | None = None,
+    transient_type: str,
+    rate_limited_type: str,
+    rejected_type: str,
+    auth_type: str,
+) -> ApplicationError:
+    """Map an HTTP status to an ApplicationError with the right retry semantics.
+
+    408, 409, 429 and 5xx are retryable (429 carries ``next_retry_delay`` from Retry-After);
+    401 and 403 are auth failures; every other 4xx is a rejected request. All non-retryable.
+
+    Args:
+        status: The HTTP status code.
+        message: Human-readable detail; must not contain secrets.
+        retry_after: The Retry-After header, if any.
+        transient_type: Error type for 5xx.
+        rate_limited_type: Error type for 408/409/429.
+        rejected_type: Error type for other 4xx.
+        auth_type: Error type for 401/403.
+
+    Returns:
+        The error to raise.
+    """
+    detail = f"HTTP {status}: {message}"[:500]
+    if status in (408, 409, 429):
+        delay = parse_retry_after(retry_after)
+        return ApplicationError(
+            detail,
+            type=rate_limited_type,
+            next_retry_delay=timedelta(seconds=delay) if delay is not None else None,
+        )
+    if status >= 500:
+        return ApplicationError(detail, type=transient_type)
+    if status in (401, 403):
+        return ApplicationError(detail, type=auth_type, non_retryable=True)
+    return ApplicationError(detail, type=rejected_type, non_retryable=True)
+
+
+def from_openai(err: openai.OpenAIError) -> ApplicationError:
+    """Classify an error from the ``openai`` client (the one helper for that provider).
+
+    Args:
+        err: What the client raised.
+
+    Returns:
+        The ApplicationError to raise from the activity.
+    """
+    if isinstance(err, openai.APIStatusError):
+        return classify_http_status(
+            err.status_code,
+            err.message,
+            retry_after=err.response.headers.get("retry-after"),
+            transient_type=LLM_TRANSIENT,
+            rate_limited_type=LLM_RATE_LIMITED,
+            rejected_type=LLM_REJECTED,
+            auth_type=LLM_AUTH,
+        )
+    if isinstance(err, openai.APITimeoutError):
+        return ApplicationError("model request timed out", type=LLM_TRANSIENT)
+    if isinstance(err, openai.APIConnectionError):
+        return ApplicationError(f"cannot reach the model endpoint: {err}", type=LLM_TRANSIENT)
+    return ApplicationError(
+        f"{type(err).__name__}: {err}"[:500], type=LLM_REJECTED, non_retryable=True
+    )

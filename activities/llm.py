@@ -1,0 +1,244 @@
+"""LLM activities: model choice, planning, drafting and verification (OpenAI-compatible).
+
+Not workflow code. Talks to any OpenAI-compatible endpoint (OpenAI itself or Keel's simulator)
+through ``openai.AsyncOpenAI`` built by the worker with ``max_retries=0``: Temporal owns retries.
+These calls are reads; their results are memoised in history, so they carry no idempotency key.
+Model output that fails validation is returned as ``invalid_reason`` for the workflow to decide
+on, never raised, so a bad answer costs one visible budgeted step, not an activity retry storm.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import openai
+import structlog
+from pydantic import BaseModel, Field, ValidationError
+from temporalio import activity
+
+from activities.errors import from_openai
+from activities.types import (
+    AnswerInput,
+    AnswerResult,
+    LLMCallBase,
+    ModelRoster,
+    ModelSpec,
+    Plan,
+    PlanInput,
+    PlanResult,
+    ResolveModelsInput,
+    Usage,
+    Verdict,
+    VerifyInput,
+    VerifyResult,
+)
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_PRICES: dict[str, tuple[float, float]] = {
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4o": (2.50, 10.00),
+    "sim-small": (0.40, 1.60),
+    "sim-large": (2.00, 8.00),
+}
+"""USD per million (prompt, completion) tokens. Unknown models are charged at the highest price
+in the table, so a cost budget can be too strict but never too loose."""
+
+PLANNER_PROMPT = """You are the planner of an agent job. Read the JSON context: the goal, the
+tools you may call (with JSON-schema parameters), observations from earlier steps, answers to
+earlier questions, and the verifier's critique of the last draft if any.
+Reply with JSON only, matching the keel_plan schema:
+- decision "act": list steps. A tool step is {"id","kind":"tool","tool","args"}; a retrieval step
+  (only when retrieval_enabled) is {"id","kind":"retrieve","query","top_k","filters"}. Steps
+  without depends_on run in parallel. Use only the tools listed. At most 8 steps.
+- decision "answer": the observations already suffice; no steps.
+- decision "ask": only when the goal is ambiguous and may_ask is true; give "question" and the
+  "default_assumption" you will use if nobody answers.
+If "correction" is set, your previous reply was rejected for that reason; fix it."""
+
+ANSWER_PROMPT = """You write the answer of an agent job. Use the goal, the observations and any
+clarifications in the JSON context; address the critique if one is given. Be concise and cite the
+observations you rely on. Reply with JSON only: {"answer": "..."}."""
+
+VERIFY_PROMPT = """You verify a draft answer of an agent job against its goal and the
+observations in the JSON context. Pass it only if it answers the goal and is supported by the
+observations. Reply with JSON only: {"passed": true|false, "score": 0..1, "critique": "..."}."""
+
+
+class LLMConfig(BaseModel):
+    """Model choice and prices, built by the worker from its settings (never from job input)."""
+
+    planner_model: str = "gpt-4.1-mini"
+    verifier_model: str = "gpt-4.1-mini"
+    answerer_model: str = "gpt-4.1-mini"
+    max_output_tokens: int = Field(default=1024, gt=0)
+    prices: dict[str, tuple[float, float]] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
+    request_timeout_seconds: float = 50.0
+    """Kept below LLM_CALL's start-to-close timeout so timeouts are classified, not killed."""
+
+    def spec(self, role: str, model: str) -> ModelSpec:
+        """The ModelSpec for one role, priced from the table."""
+        fallback = max(self.prices.values(), key=lambda p: p[0] + p[1], default=(0.0, 0.0))
+        price_in, price_out = self.prices.get(model, fallback)
+        return ModelSpec(
+            role=role,  # type: ignore[arg-type]
+            model=model,
+            input_usd_per_mtok=price_in,
+            output_usd_per_mtok=price_out,
+            max_output_tokens=self.max_output_tokens,
+        )
+
+
+class LLMActivities:
+    """Activities that call the model. One instance per worker, sharing one HTTP client."""
+
+    def __init__(
+        self,
+        client: openai.AsyncOpenAI,
+        config: LLMConfig,
+        tool_specs: Callable[[Sequence[str]], list[dict[str, Any]]],
+    ) -> None:
+        self._client = client
+        self._config = config
+        self._tool_specs = tool_specs
+
+    @activity.defn(name="resolve_models")
+    async def resolve_models(self, inp: ResolveModelsInput) -> ModelRoster:
+        """Choose the model for each role: the single seam where routing between tiers goes."""
+        c = self._config
+        return ModelRoster(
+            planner=c.spec("planner", c.planner_model),
+            verifier=c.spec("verifier", c.verifier_model),
+            answerer=c.spec("answerer", c.answerer_model),
+        )
+
+    @activity.defn(name="plan_step")
+    async def plan_step(self, inp: PlanInput) -> PlanResult:
+        """Ask the planner for the next plan."""
+        context = _context(inp) | {
+            "tools": self._tool_specs(inp.allowed_tools),
+            "retrieval_enabled": inp.retrieval_enabled,
+            "critique": inp.critique,
+            "correction": inp.correction,
+            "may_ask": inp.may_ask,
+        }
+        text, usage, reason = await self._complete(inp, PLANNER_PROMPT, context, "keel_plan", Plan)
+        plan, reason = _parse(Plan, text, reason)
+        return PlanResult(plan=plan, invalid_reason=reason, usage=usage)
+
+    @activity.defn(name="draft_answer")
+    async def draft_answer(self, inp: AnswerInput) -> AnswerResult:
+        """Write a draft answer from the observations."""
+        context = _context(inp) | {"critique": inp.critique}
+        text, usage, reason = await self._complete(inp, ANSWER_PROMPT, context, "keel_answer", None)
+        try:
+            answer = str(json.loads(text)["answer"])
+        except (ValueError, KeyError, TypeError):
+            answer = text.strip()  # A plain-text answer is still an answer; the verifier judges it.
+        return AnswerResult(answer=answer or f"(no answer: {reason})", usage=usage)
+
+    @activity.defn(name="verify_draft")
+    async def verify_draft(self, inp: VerifyInput) -> VerifyResult:
+        """Judge a draft against the goal and observations."""
+        context = _context(inp) | {"draft": inp.draft}
+        text, usage, reason = await self._complete(
+            inp, VERIFY_PROMPT, context, "keel_verdict", Verdict
+        )
+        verdict, reason = _parse(Verdict, text, reason)
+        return VerifyResult(verdict=verdict, invalid_reason=reason, usage=usage)
+
+    async def _complete(
+        self,
+        inp: LLMCallBase,
+        system: str,
+        context: dict[str, Any],
+        schema_name: str,
+        schema: type[BaseModel] | None,
+    ) -> tuple[str, Usage, str | None]:
+        """One chat completion; returns the text, its usage, and why it is unusable if it is."""
+        json_schema = schema.model_json_schema() if schema else _ANSWER_SCHEMA
+        with structlog.contextvars.bound_contextvars(
+            job_id=inp.job_id, tenant=inp.tenant, call=schema_name, model=inp.model.model
+        ):
+            try:
+                response = await self._client.chat.completions.create(
+                    model=inp.model.model,
+                    messages=[
+                        {"role": "system", "content": system},
+                        {"role": "user", "content": json.dumps(context, ensure_ascii=False)},
+                    ],
+                    response_format={
+                        "type": "json_schema",
+                        "json_schema": {
+                            "name": schema_name,
+                            "schema": json_schema,
+                            "strict": False,
+                        },
+                    },
+                    max_tokens=inp.max_output_tokens,
+                    timeout=self._config.request_timeout_seconds,
+                )
+            except openai.OpenAIError as err:
+                failure = from_openai(err)
+                log.warning(
+                    "llm call failed", error_type=failure.type, retryable=not failure.non_retryable
+                )
+                raise failure from None
+            usage = _usage(inp.model, response.usage)
+            log.info(
+                "llm call",
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+            )
+        choice = response.choices[0] if response.choices else None
+        text = (choice.message.content or "") if choice else ""
+        reason = (
+            "output truncated at max_tokens"
+            if choice and choice.finish_reason == "length"
+            else None
+        )
+        return text, usage, reason
+
+
+_ANSWER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"answer": {"type": "string"}},
+    "required": ["answer"],
+}
+
+
+def _context(inp: LLMCallBase) -> dict[str, Any]:
+    return {
+        "goal": inp.goal,
+        "iteration": inp.iteration,
+        "observations": [o.model_dump(mode="json") for o in inp.observations],
+        "clarifications": [c.model_dump(mode="json") for c in inp.clarifications],
+    }
+
+
+def _usage(spec: ModelSpec, usage: Any) -> Usage:
+    prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
+    completion = int(getattr(usage, "completion_tokens", 0) or 0)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cost_usd=round(spec.cost(prompt, completion), 8),
+    )
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _parse(model: type[M], text: str, reason: str | None) -> tuple[M | None, str | None]:
+    """Validate model output; on failure return a short reason the next call can correct."""
+    try:
+        return model.model_validate_json(text), None
+    except ValidationError as err:
+        first = err.errors()[0] if err.errors() else {"msg": str(err), "loc": ()}
+        where = ".".join(str(p) for p in first.get("loc", ())) or "output"
+        detail = f"{where}: {first.get('msg')}"
+        return None, (f"{reason}; {detail}" if reason else detail)[:300]

@@ -1,0 +1,208 @@
+"""Keel's Redis store: blobs, idempotency records and notes. The one place Keel reaches Redis.
+
+Every key starts with ``keel:`` and is scoped by tenant:
+
+- ``keel:blob:{tenant}:{suffix}``: full outputs too large for workflow history (7-day TTL);
+  workflows carry the key as a ``ref`` instead of the text.
+- ``keel:idem:{tenant}:{op_key}``: the recorded ``ToolResult`` of a side-effecting tool call
+  (30-day TTL), so a retried or rescheduled call replays the result instead of the effect.
+- ``keel:note:{tenant}:{op_key}`` (hash) and ``keel:notes:{tenant}`` (list of op_keys in write
+  order): the effect of ``write_note``, created atomically at most once per op_key.
+
+Not workflow code: every method performs network I/O and is called only from activities.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from activities.types import ToolResult
+
+__all__ = ["KEY_PREFIX", "KeelStore"]
+
+KEY_PREFIX = "keel:"
+"""Prefix of every key Keel writes."""
+
+_BLOB_PREFIX = f"{KEY_PREFIX}blob:"
+_BLOB_TTL = 7 * 86400
+_RECORD_TTL = 30 * 86400
+
+# Creating the note and appending it to the tenant's list happen in one script, so a crash
+# between the two can never leave a note that list_notes misses, or list it twice.
+_WRITE_NOTE_ONCE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'title', ARGV[1], 'body', ARGV[2], 'job_id', ARGV[3], 'op_key', ARGV[4])
+redis.call('RPUSH', KEYS[2], ARGV[4])
+return 1
+"""
+
+
+def _text(value: Any) -> str:
+    """A Redis reply as text, whether or not the client decodes responses."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _check_tenant(tenant: str) -> str:
+    # Tenants are identifiers (workflows/types.py); a ':' would let one tenant's keys collide
+    # with another's, so refuse it here rather than trust every caller.
+    if not tenant or ":" in tenant:
+        raise ValueError(f"invalid tenant {tenant!r}")
+    return tenant
+
+
+class KeelStore:
+    """Tenant-scoped access to Keel's keys in Redis.
+
+    The store does not retry: a Redis failure raises, and Temporal retries the activity.
+    """
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._redis = client
+        self._write_note_once = client.register_script(_WRITE_NOTE_ONCE)
+
+    @classmethod
+    def from_url(cls, url: str) -> KeelStore:
+        """Build a store with its own client.
+
+        Args:
+            url: A ``redis://`` URL.
+
+        Returns:
+            A store whose client decodes responses as UTF-8; close it with ``aclose``.
+        """
+        return cls(aioredis.Redis.from_url(url, decode_responses=True))
+
+    async def aclose(self) -> None:
+        """Close the underlying client and its connections."""
+        await self._redis.aclose()
+
+    async def ping(self) -> bool:
+        """Check that Redis answers.
+
+        Returns:
+            True when Redis replied to PING.
+        """
+        return bool(await self._redis.ping())
+
+    async def put_blob(
+        self, tenant: str, key_suffix: str, data: str, ttl_seconds: int = _BLOB_TTL
+    ) -> str:
+        """Store a large text and return its reference.
+
+        Writing the same suffix again overwrites it, so a retried activity stores the same ref.
+
+        Args:
+            tenant: Owner of the blob.
+            key_suffix: Stable name within the tenant, usually the call's op_key.
+            data: The full text.
+            ttl_seconds: How long Redis keeps the blob.
+
+        Returns:
+            The ref: the full Redis key, ``keel:blob:{tenant}:{key_suffix}``.
+        """
+        ref = f"{_BLOB_PREFIX}{_check_tenant(tenant)}:{key_suffix}"
+        await self._redis.set(ref, data, ex=ttl_seconds)
+        return ref
+
+    async def get_blob(self, ref: str) -> str | None:
+        """Read a blob by the ref ``put_blob`` returned.
+
+        Args:
+            ref: A ``keel:blob:`` key.
+
+        Returns:
+            The text, or None when it has expired or never existed.
+
+        Raises:
+            ValueError: If ``ref`` is not a blob key (refs must not reach other keys).
+        """
+        if not ref.startswith(_BLOB_PREFIX):
+            raise ValueError(f"not a blob ref: {ref!r}")
+        value = await self._redis.get(ref)
+        return None if value is None else _text(value)
+
+    async def get_record(self, tenant: str, op_key: str) -> ToolResult | None:
+        """Read the recorded result of a side-effecting call.
+
+        Args:
+            tenant: Owner of the call.
+            op_key: Durable identity of the call.
+
+        Returns:
+            The recorded result, or None when the call has not completed before.
+        """
+        value = await self._redis.get(self._record_key(tenant, op_key))
+        return None if value is None else ToolResult.model_validate_json(_text(value))
+
+    async def put_record(
+        self, tenant: str, op_key: str, result: ToolResult, ttl_seconds: int = _RECORD_TTL
+    ) -> bool:
+        """Record the result of a side-effecting call, unless one is already recorded.
+
+        Args:
+            tenant: Owner of the call.
+            op_key: Durable identity of the call.
+            result: What the call returned.
+            ttl_seconds: How long Redis keeps the record.
+
+        Returns:
+            True when this call wrote the record, False when an earlier one had (SET NX).
+        """
+        key = self._record_key(tenant, op_key)
+        return bool(await self._redis.set(key, result.model_dump_json(), ex=ttl_seconds, nx=True))
+
+    async def write_note_once(
+        self, tenant: str, op_key: str, title: str, body: str, job_id: str
+    ) -> tuple[str, bool]:
+        """Create a note for ``op_key`` unless it exists, atomically.
+
+        Args:
+            tenant: Owner of the note.
+            op_key: Durable identity of the write; at most one note exists per op_key.
+            title: Note title.
+            body: Note text.
+            job_id: Job that wrote the note.
+
+        Returns:
+            ``(note_key, created)``; ``created`` is False when the note already existed.
+        """
+        note_key = f"{KEY_PREFIX}note:{_check_tenant(tenant)}:{op_key}"
+        list_key = f"{KEY_PREFIX}notes:{tenant}"
+        created = await self._write_note_once(
+            keys=[note_key, list_key], args=[title, body, job_id, op_key]
+        )
+        return note_key, bool(int(created))
+
+    async def list_notes(self, tenant: str) -> list[dict[str, str]]:
+        """The tenant's notes in write order.
+
+        Args:
+            tenant: Owner of the notes.
+
+        Returns:
+            One dict per note with ``key``, ``title``, ``body``, ``job_id`` and ``op_key``.
+        """
+        op_keys = [
+            _text(k)
+            for k in await self._redis.lrange(f"{KEY_PREFIX}notes:{_check_tenant(tenant)}", 0, -1)
+        ]
+        if not op_keys:
+            return []
+        keys = [f"{KEY_PREFIX}note:{tenant}:{op_key}" for op_key in op_keys]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+            rows = await pipe.execute()
+        return [
+            {"key": key, **{_text(k): _text(v) for k, v in row.items()}}
+            for key, row in zip(keys, rows, strict=True)
+            if row
+        ]
+
+    @staticmethod
+    def _record_key(tenant: str, op_key: str) -> str:
+        return f"{KEY_PREFIX}idem:{_check_tenant(tenant)}:{op_key}"

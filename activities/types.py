@@ -1,0 +1,285 @@
+"""Payloads that cross the activity boundary.
+
+This module owns every model passed into or returned from an activity. It depends only on
+pydantic and the standard library so the workflow sandbox can pass it through cheaply, and it
+is deterministic: no I/O, no clocks.
+
+Wire contract: these models are recorded in workflow history. Add optional fields only; never
+rename or remove a field that a running job may replay.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PREVIEW_CHARS = 2000
+"""Longest tool or retrieval output kept inline in history; the rest goes to Redis by reference."""
+
+
+class Usage(BaseModel):
+    """Tokens and money one call (or a whole job) consumed."""
+
+    prompt_tokens: int = 0
+    """Input tokens billed by the model."""
+    completion_tokens: int = 0
+    """Output tokens billed by the model."""
+    cost_usd: float = 0.0
+    """Cost from the worker's price table for the model that served the call."""
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            cost_usd=round(self.cost_usd + other.cost_usd, 8),
+        )
+
+
+Role = Literal["planner", "verifier", "answerer"]
+
+
+class ModelSpec(BaseModel):
+    """The model chosen for one role, with what the workflow needs to budget for it.
+
+    Resolved once per job by an activity (the routing seam) so a change of configuration
+    reaches running jobs through history, never through the workflow reading the environment.
+    """
+
+    role: Role
+    model: str
+    """Model name sent to the OpenAI-compatible endpoint."""
+    input_usd_per_mtok: float = 0.0
+    """Price per million prompt tokens."""
+    output_usd_per_mtok: float = 0.0
+    """Price per million completion tokens."""
+    max_output_tokens: int = 1024
+    """Upper bound on completion tokens requested from this model."""
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """Cost in USD of a call with the given token counts."""
+        return (
+            prompt_tokens * self.input_usd_per_mtok + completion_tokens * self.output_usd_per_mtok
+        ) / 1_000_000
+
+
+class ModelRoster(BaseModel):
+    """The models a job uses, one per role."""
+
+    planner: ModelSpec
+    verifier: ModelSpec
+    answerer: ModelSpec
+
+
+class ResolveModelsInput(BaseModel):
+    """Who the job runs for; routing by tenant or tier plugs in here."""
+
+    tenant: str
+    job_id: str
+
+
+class Observation(BaseModel):
+    """What one plan step produced, as the planner, answerer and verifier see it."""
+
+    step_id: str
+    kind: Literal["tool", "retrieve"]
+    name: str
+    """Tool name, or ``"retrieve"``."""
+    ok: bool
+    content: str = ""
+    """Output preview (at most PREVIEW_CHARS), or the error message when not ok."""
+    ref: str | None = None
+    """Redis key of the full output when it was too large to keep in history."""
+    error_type: str | None = None
+    """Error type constant from activities.errors when the step failed for good."""
+
+
+class Clarification(BaseModel):
+    """A question the planner asked and the answer it got (or the assumption it fell back to)."""
+
+    question: str
+    answer: str
+    assumed: bool = False
+    """True when nobody answered in time and the planner's default assumption was used."""
+
+
+class PlanStep(BaseModel):
+    """One action in a plan: a tool call or a retrieval over the job's documents."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(min_length=1, max_length=64)
+    kind: Literal["tool", "retrieve"]
+    tool: str | None = None
+    """Tool name when ``kind == "tool"``."""
+    args: dict[str, Any] = Field(default_factory=dict)
+    """Tool arguments; validated by the tool gateway against the tool's schema."""
+    query: str | None = None
+    """Search text when ``kind == "retrieve"``."""
+    top_k: int = Field(default=5, ge=1, le=20)
+    filters: dict[str, str] = Field(default_factory=dict)
+    """Equality filters over document metadata."""
+    depends_on: list[str] = Field(default_factory=list)
+    """Ids of steps that must finish first; steps with no dependency run in parallel."""
+
+
+class Plan(BaseModel):
+    """The planner's structured decision for one iteration."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    decision: Literal["act", "ask", "answer"]
+    """``act``: run ``steps``; ``ask``: stop and ask ``question``; ``answer``: draft now."""
+    rationale: str = ""
+    steps: list[PlanStep] = Field(default_factory=list, max_length=16)
+    question: str | None = None
+    default_assumption: str | None = None
+    """What the planner will assume if the question is not answered in time."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Plan:
+        if self.decision == "act" and not self.steps:
+            raise ValueError("decision 'act' needs at least one step")
+        if self.decision == "ask" and not (self.question or "").strip():
+            raise ValueError("decision 'ask' needs a question")
+        for step in self.steps:
+            if step.kind == "tool" and not step.tool:
+                raise ValueError(f"step {step.id!r} is a tool step without a tool name")
+            if step.kind == "retrieve" and not step.query:
+                raise ValueError(f"step {step.id!r} is a retrieve step without a query")
+        return self
+
+
+class Verdict(BaseModel):
+    """The verifier's judgement of a draft."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    passed: bool
+    score: float = Field(ge=0.0, le=1.0)
+    critique: str = ""
+
+
+class LLMCallBase(BaseModel):
+    """Fields every LLM activity input carries."""
+
+    job_id: str
+    tenant: str
+    goal: str
+    iteration: int
+    model: ModelSpec
+    max_output_tokens: int = Field(ge=1)
+    """Completion-token cap the workflow could afford for this call."""
+    observations: list[Observation] = Field(default_factory=list)
+    clarifications: list[Clarification] = Field(default_factory=list)
+
+
+class PlanInput(LLMCallBase):
+    """Input of ``plan_step``."""
+
+    allowed_tools: list[str] = Field(default_factory=list)
+    retrieval_enabled: bool = False
+    critique: str | None = None
+    """The verifier's critique of the previous draft, when refining."""
+    correction: str | None = None
+    """Why the previous planner output was rejected, when this is a corrective call."""
+    may_ask: bool = True
+    """False once the job has used its question budget."""
+
+
+class PlanResult(BaseModel):
+    """Output of ``plan_step``: a valid plan, or the reason the model's output was unusable."""
+
+    plan: Plan | None = None
+    invalid_reason: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+
+
+class AnswerInput(LLMCallBase):
+    """Input of ``draft_answer``."""
+
+    critique: str | None = None
+
+
+class AnswerResult(BaseModel):
+    """Output of ``draft_answer``."""
+
+    answer: str
+    usage: Usage = Field(default_factory=Usage)
+
+
+class VerifyInput(LLMCallBase):
+    """Input of ``verify_draft``."""
+
+    draft: str
+
+
+class VerifyResult(BaseModel):
+    """Output of ``verify_draft``."""
+
+    verdict: Verdict | None = None
+    invalid_reason: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+
+
+class ToolCall(BaseModel):
+    """Input of ``execute_tool``."""
+
+    job_id: str
+    tenant: str
+    op_key: str
+    """Durable identity (job, iteration, step); side effects are recorded against it."""
+    tool: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    allowed_tools: list[str]
+    """The job's allow-list; the gateway refuses anything else whatever the model asked."""
+    docs_dir: str | None = None
+    """The job's document folder, for tools that search it."""
+
+
+class ToolResult(BaseModel):
+    """Output of ``execute_tool``."""
+
+    tool: str
+    content: str
+    """Output, or its first PREVIEW_CHARS characters when ``ref`` is set."""
+    ref: str | None = None
+    size: int = 0
+    """Length of the full output in characters."""
+    attempt: int = 1
+    """Activity attempt that produced this result; the workflow charges retries to the tool."""
+    replayed: bool = False
+    """True when the result came from the idempotency record instead of a new effect."""
+
+
+class RetrievalQuery(BaseModel):
+    """Input of ``search_corpus``."""
+
+    job_id: str
+    tenant: str
+    docs_dir: str
+    query: str
+    top_k: int = Field(default=5, ge=1, le=20)
+    filters: dict[str, str] = Field(default_factory=dict)
+
+
+class RetrievalHit(BaseModel):
+    """One ranked document."""
+
+    doc_id: str
+    path: str
+    score: float
+    snippet: str
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class RetrievalResult(BaseModel):
+    """Output of ``search_corpus``."""
+
+    hits: list[RetrievalHit] = Field(default_factory=list)
+    attempt: int = 1

@@ -1,0 +1,118 @@
+"""KeelStore against a real redis-server: blobs, idempotency records, exactly-once notes."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+
+from activities.store import KeelStore
+from activities.types import ToolResult
+
+
+@pytest.fixture
+def tenant() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def store(redis_client: aioredis.Redis) -> KeelStore:
+    return KeelStore(redis_client)
+
+
+async def test_ping(store: KeelStore) -> None:
+    assert await store.ping() is True
+
+
+async def test_from_url_owns_its_client(redis_url: str, tenant: str) -> None:
+    store = KeelStore.from_url(redis_url)
+    try:
+        ref = await store.put_blob(tenant, "x", "payload")
+        assert await store.get_blob(ref) == "payload"
+    finally:
+        await store.aclose()
+
+
+async def test_blob_round_trip_with_ttl(
+    store: KeelStore, redis_client: aioredis.Redis, tenant: str
+) -> None:
+    ref = await store.put_blob(tenant, "job-1:0:s1", "x" * 10_000, ttl_seconds=60)
+    assert ref == f"keel:blob:{tenant}:job-1:0:s1"
+    assert await store.get_blob(ref) == "x" * 10_000
+    assert 0 < await redis_client.ttl(ref) <= 60
+    assert await store.get_blob(f"keel:blob:{tenant}:missing") is None
+
+
+async def test_get_blob_refuses_other_keys(store: KeelStore, tenant: str) -> None:
+    with pytest.raises(ValueError, match="not a blob ref"):
+        await store.get_blob(f"keel:idem:{tenant}:k")
+
+
+async def test_tenant_must_not_contain_colon(store: KeelStore) -> None:
+    with pytest.raises(ValueError, match="invalid tenant"):
+        await store.put_blob("a:b", "k", "v")
+    with pytest.raises(ValueError, match="invalid tenant"):
+        await store.get_record("", "k")
+
+
+async def test_record_is_set_once(
+    store: KeelStore, redis_client: aioredis.Redis, tenant: str
+) -> None:
+    assert await store.get_record(tenant, "op-1") is None
+    first = ToolResult(tool="write_note", content="first", size=5, attempt=2)
+    assert await store.put_record(tenant, "op-1", first) is True
+    assert (
+        await store.put_record(tenant, "op-1", ToolResult(tool="write_note", content="2")) is False
+    )
+    assert await store.get_record(tenant, "op-1") == first
+    ttl = await redis_client.ttl(f"keel:idem:{tenant}:op-1")
+    assert 29 * 86400 < ttl <= 30 * 86400
+
+
+async def test_records_are_tenant_scoped(store: KeelStore, tenant: str) -> None:
+    await store.put_record(tenant, "op-1", ToolResult(tool="write_note", content="mine"))
+    assert await store.get_record(f"{tenant}-other", "op-1") is None
+
+
+async def test_write_note_once_is_exactly_once(store: KeelStore, tenant: str) -> None:
+    key, created = await store.write_note_once(tenant, "job:1:s1", "Title", "Body", "job")
+    assert (key, created) == (f"keel:note:{tenant}:job:1:s1", True)
+    again = await store.write_note_once(tenant, "job:1:s1", "Other", "Other body", "job")
+    assert again == (key, False)
+    notes = await store.list_notes(tenant)
+    assert notes == [
+        {"key": key, "title": "Title", "body": "Body", "job_id": "job", "op_key": "job:1:s1"}
+    ]
+
+
+async def test_concurrent_writes_with_one_op_key_create_one_note(
+    store: KeelStore, tenant: str
+) -> None:
+    results = await asyncio.gather(
+        *(store.write_note_once(tenant, "op", f"T{i}", "B", "job") for i in range(20))
+    )
+    assert sum(created for _, created in results) == 1
+    assert len(await store.list_notes(tenant)) == 1
+
+
+async def test_list_notes_in_write_order(store: KeelStore, tenant: str) -> None:
+    for i in range(3):
+        await store.write_note_once(tenant, f"op-{i}", f"T{i}", f"B{i}", "job")
+    assert [n["title"] for n in await store.list_notes(tenant)] == ["T0", "T1", "T2"]
+    assert await store.list_notes(f"{tenant}-empty") == []
+
+
+async def test_works_with_a_bytes_client(redis_url: str, tenant: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)  # decode_responses=False
+    try:
+        store = KeelStore(client)
+        ref = await store.put_blob(tenant, "b", "héllo")
+        assert await store.get_blob(ref) == "héllo"
+        await store.put_record(tenant, "op", ToolResult(tool="t", content="c"))
+        assert (await store.get_record(tenant, "op")) == ToolResult(tool="t", content="c")
+        await store.write_note_once(tenant, "op", "T", "B", "job")
+        assert (await store.list_notes(tenant))[0]["title"] == "T"
+    finally:
+        await client.aclose()

@@ -1,0 +1,408 @@
+"""The execute_tool gateway and the built-in tools, run through ActivityEnvironment.
+
+Redis is a real redis-server (conftest); HTTP goes to a local http.server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities import errors
+from activities.catalog import BUILTIN_TOOLS, ToolInfo, WriteNoteArgs, tool_schema
+from activities.retrieval import Retriever
+from activities.store import KeelStore
+from activities.tools import ToolActivities, ToolContext, ToolRegistry
+from activities.types import PREVIEW_CHARS, ToolCall, ToolResult
+
+ALL_TOOLS = ["calculator", "http_get", "write_note", "search_docs"]
+LARGE_BODY = "L" * (PREVIEW_CHARS * 3)
+HUGE_BODY = "H" * 100_000
+MAX_BYTES = 50_000
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server API)
+        routes: dict[str, tuple[int, dict[str, str], str]] = {
+            "/ok": (200, {}, "hello keel"),
+            "/large": (200, {}, LARGE_BODY),
+            "/huge": (200, {}, HUGE_BODY),
+            "/500": (500, {}, "boom"),
+            "/404": (404, {}, "no such page"),
+            "/401": (401, {}, "who are you"),
+            "/429": (429, {"Retry-After": "7"}, "slow down"),
+            "/hop": (302, {"Location": "/ok"}, ""),
+            "/escape": (302, {"Location": f"http://localhost:{self.server.server_port}/ok"}, ""),
+            "/loop": (302, {"Location": "/loop"}, ""),
+        }
+        status, headers, body = routes.get(self.path, (404, {}, "unknown"))
+        data = body.encode()
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.server.hits.append(self.path)  # type: ignore[attr-defined]
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_server() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.hits = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def base_url(http_server: ThreadingHTTPServer) -> str:
+    return f"http://127.0.0.1:{http_server.server_port}"
+
+
+@pytest.fixture
+def store(redis_client: aioredis.Redis) -> KeelStore:
+    return KeelStore(redis_client)
+
+
+@pytest.fixture
+async def registry(store: KeelStore) -> AsyncIterator[ToolRegistry]:
+    reg = ToolRegistry.builtin(store, Retriever(), ["127.0.0.1"], http_max_bytes=MAX_BYTES)
+    yield reg
+    await reg.aclose()
+
+
+@pytest.fixture
+def acts(registry: ToolRegistry, store: KeelStore) -> ToolActivities:
+    return ToolActivities(registry, store)
+
+
+@pytest.fixture
+def tenant() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+def make_call(tenant: str, tool: str, args: dict[str, Any], **kw: Any) -> ToolCall:
+    fields: dict[str, Any] = {
+        "job_id": "agent-job-1",
+        "tenant": tenant,
+        "op_key": f"agent-job-1:0:{uuid.uuid4().hex[:6]}",
+        "tool": tool,
+        "args": args,
+        "allowed_tools": ALL_TOOLS,
+    }
+    return ToolCall(**(fields | kw))
+
+
+async def run(acts: ToolActivities, call: ToolCall, attempt: int = 1) -> ToolResult:
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, attempt=attempt)
+    return await env.run(acts.execute_tool, call)
+
+
+async def fails(acts: ToolActivities, call: ToolCall) -> ApplicationError:
+    with pytest.raises(ApplicationError) as info:
+        await run(acts, call)
+    return info.value
+
+
+# --- catalog and registry ---------------------------------------------------------------------
+
+
+def test_catalog_schemas_carry_examples() -> None:
+    assert set(BUILTIN_TOOLS) == set(ALL_TOOLS)
+    assert [n for n, t in BUILTIN_TOOLS.items() if t.side_effecting] == ["write_note"]
+    schema = tool_schema("write_note")
+    assert schema["name"] == "write_note"
+    props = schema["parameters"]["properties"]
+    assert props["title"]["examples"] == ["Keel note"]
+    assert props["body"]["examples"] == ["Body of the note."]
+    assert tool_schema("calculator")["parameters"]["properties"]["expression"]["examples"] == [
+        "2 * (3 + 4)"
+    ]
+    assert schema["parameters"]["additionalProperties"] is False
+
+
+def test_registry_specs_follow_the_allow_list(registry: ToolRegistry) -> None:
+    assert registry.names() == sorted(ALL_TOOLS)
+    specs = registry.specs(["write_note", "nope", "calculator"])
+    assert [s["name"] for s in specs] == ["write_note", "calculator"]
+    assert specs[0] == tool_schema("write_note")
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(BUILTIN_TOOLS["calculator"], registry.get("calculator")[1])  # type: ignore[index]
+
+
+# --- gateway ----------------------------------------------------------------------------------
+
+
+async def test_tool_outside_allow_list_is_refused(
+    acts: ToolActivities, store: KeelStore, tenant: str
+) -> None:
+    call = make_call(
+        tenant, "write_note", {"title": "t", "body": "b"}, allowed_tools=["calculator"]
+    )
+    err = await fails(acts, call)
+    assert err.type == errors.TOOL_NOT_ALLOWED and err.non_retryable
+    assert await store.list_notes(tenant) == []
+
+
+async def test_unknown_tool(acts: ToolActivities, tenant: str) -> None:
+    err = await fails(acts, make_call(tenant, "shell", {}, allowed_tools=["shell"]))
+    assert err.type == errors.TOOL_NOT_FOUND and err.non_retryable
+
+
+async def test_bad_args_name_the_field(acts: ToolActivities, tenant: str) -> None:
+    err = await fails(acts, make_call(tenant, "write_note", {"title": "", "colour": "red"}))
+    assert err.type == errors.TOOL_INPUT_INVALID and err.non_retryable
+    for field in ("title", "body", "colour"):
+        assert field in err.message
+    err = await fails(acts, make_call(tenant, "http_get", {"url": "ftp://127.0.0.1/"}))
+    assert err.type == errors.TOOL_INPUT_INVALID and "url" in err.message
+
+
+async def test_attempt_comes_from_activity_info(acts: ToolActivities, tenant: str) -> None:
+    result = await run(acts, make_call(tenant, "calculator", {"expression": "1+1"}), attempt=3)
+    assert result == ToolResult(tool="calculator", content="2", size=1, attempt=3)
+
+
+# --- calculator -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [
+        ("2 * (3 + 4)", "14"),
+        ("7 // 2 + 7 % 2", "4"),
+        ("-2 ** 2", "-4"),
+        ("1 / 4", "0.25"),
+        ("sqrt(16) + abs(-3)", "7.0"),
+        ("round(pi, 3)", "3.142"),
+        ("max(1, 5, 3) - min(4, 2)", "3"),
+        ("log(e)", "1.0"),
+        ("exp(0) + sin(0) + cos(0)", "2.0"),
+        ("2 ** 10", "1024"),
+    ],
+)
+async def test_calculator(
+    acts: ToolActivities, tenant: str, expression: str, expected: str
+) -> None:
+    result = await run(acts, make_call(tenant, "calculator", {"expression": expression}))
+    assert result.content == expected
+
+
+@pytest.mark.parametrize(
+    ("expression", "error_type"),
+    [
+        ("__import__('os')", errors.TOOL_INPUT_INVALID),
+        ("os.system('true')", errors.TOOL_INPUT_INVALID),
+        ("(1).__class__", errors.TOOL_INPUT_INVALID),
+        ("x + 1", errors.TOOL_INPUT_INVALID),
+        ("'a' * 3", errors.TOOL_INPUT_INVALID),
+        ("[1, 2]", errors.TOOL_INPUT_INVALID),
+        ("lambda: 1", errors.TOOL_INPUT_INVALID),
+        ("2 +", errors.TOOL_INPUT_INVALID),
+        ("round(5, -10 ** 100)", errors.TOOL_INPUT_INVALID),
+        ("2 ** 100000", errors.TOOL_FAILED),
+        ("9 ** 9 ** 9", errors.TOOL_FAILED),
+        ("10 ** 999 * 10 ** 999", errors.TOOL_FAILED),
+        ("exp(1000)", errors.TOOL_FAILED),
+        ("1 / 0", errors.TOOL_FAILED),
+        ("5 % 0", errors.TOOL_FAILED),
+        ("sqrt(-1)", errors.TOOL_FAILED),
+        ("(-8) ** (1 / 3)", errors.TOOL_FAILED),
+    ],
+)
+async def test_calculator_refusals(
+    acts: ToolActivities, tenant: str, expression: str, error_type: str
+) -> None:
+    err = await fails(acts, make_call(tenant, "calculator", {"expression": expression}))
+    assert err.type == error_type
+    assert err.non_retryable
+
+
+# --- http_get ---------------------------------------------------------------------------------
+
+
+async def test_http_get_allowed_host(acts: ToolActivities, tenant: str, base_url: str) -> None:
+    result = await run(acts, make_call(tenant, "http_get", {"url": f"{base_url}/ok"}))
+    assert result.content == "HTTP 200\nhello keel"
+    assert result.ref is None and result.replayed is False
+
+
+async def test_http_get_disallowed_host(
+    acts: ToolActivities, tenant: str, http_server: ThreadingHTTPServer
+) -> None:
+    url = f"http://localhost:{http_server.server_port}/ok"
+    err = await fails(acts, make_call(tenant, "http_get", {"url": url}))
+    assert err.type == errors.TOOL_PERMISSION and err.non_retryable
+
+
+async def test_http_get_checks_redirect_hosts_before_following(
+    acts: ToolActivities, tenant: str, base_url: str, http_server: ThreadingHTTPServer
+) -> None:
+    result = await run(acts, make_call(tenant, "http_get", {"url": f"{base_url}/hop"}))
+    assert result.content == "HTTP 200\nhello keel"
+    http_server.hits.clear()  # type: ignore[attr-defined]
+    err = await fails(acts, make_call(tenant, "http_get", {"url": f"{base_url}/escape"}))
+    assert err.type == errors.TOOL_PERMISSION
+    assert http_server.hits == ["/escape"]  # type: ignore[attr-defined]
+    err = await fails(acts, make_call(tenant, "http_get", {"url": f"{base_url}/loop"}))
+    assert err.type == errors.TOOL_FAILED and err.non_retryable
+
+
+async def test_http_get_truncates_at_max_bytes(
+    acts: ToolActivities, store: KeelStore, tenant: str, base_url: str
+) -> None:
+    result = await run(acts, make_call(tenant, "http_get", {"url": f"{base_url}/huge"}))
+    assert result.ref is not None
+    full = await store.get_blob(result.ref)
+    assert full == f"HTTP 200\n{'H' * MAX_BYTES}\n[truncated at {MAX_BYTES} bytes]"
+    assert result.size == len(full)
+
+
+@pytest.mark.parametrize(
+    ("path", "error_type", "non_retryable", "delay"),
+    [
+        ("/500", errors.TOOL_TRANSIENT, False, None),
+        ("/429", errors.TOOL_TRANSIENT, False, timedelta(seconds=7)),
+        ("/404", errors.TOOL_FAILED, True, None),
+        ("/401", errors.TOOL_PERMISSION, True, None),
+    ],
+)
+async def test_http_get_status_mapping(
+    acts: ToolActivities,
+    tenant: str,
+    base_url: str,
+    path: str,
+    error_type: str,
+    non_retryable: bool,
+    delay: timedelta | None,
+) -> None:
+    err = await fails(acts, make_call(tenant, "http_get", {"url": f"{base_url}{path}"}))
+    assert err.type == error_type
+    assert err.non_retryable is non_retryable
+    assert err.next_retry_delay == delay
+    assert path.lstrip("/") in err.message
+
+
+async def test_http_get_connection_refused_is_transient(acts: ToolActivities, tenant: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/"
+    err = await fails(acts, make_call(tenant, "http_get", {"url": url}))
+    assert err.type == errors.TOOL_TRANSIENT and not err.non_retryable
+
+
+# --- large output -----------------------------------------------------------------------------
+
+
+async def test_large_output_goes_to_a_blob(
+    acts: ToolActivities, store: KeelStore, tenant: str, base_url: str
+) -> None:
+    call = make_call(tenant, "http_get", {"url": f"{base_url}/large"})
+    result = await run(acts, call)
+    full = f"HTTP 200\n{LARGE_BODY}"
+    assert result.ref == f"keel:blob:{tenant}:{call.op_key}"
+    assert result.content == full[:PREVIEW_CHARS]
+    assert result.size == len(full)
+    assert await store.get_blob(result.ref) == full
+
+
+async def test_custom_tool_output_at_the_limit_stays_inline(store: KeelStore, tenant: str) -> None:
+    async def echo(args: WriteNoteArgs, ctx: ToolContext) -> str:
+        return args.body
+
+    registry = ToolRegistry()
+    registry.register(ToolInfo("echo", "Echo the body.", WriteNoteArgs), echo)
+    acts = ToolActivities(registry, store)
+    body = "x" * PREVIEW_CHARS
+    call = make_call(tenant, "echo", {"title": "t", "body": body}, allowed_tools=["echo"])
+    result = await run(acts, call)
+    assert (result.content, result.ref, result.size) == (body, None, PREVIEW_CHARS)
+
+
+# --- write_note -------------------------------------------------------------------------------
+
+
+async def test_write_note_twice_with_one_op_key_writes_once(
+    acts: ToolActivities, store: KeelStore, tenant: str
+) -> None:
+    call = make_call(tenant, "write_note", {"title": "Keel note", "body": "Body."})
+    first = await run(acts, call)
+    second = await run(acts, call, attempt=2)
+    note_key = f"keel:note:{tenant}:{call.op_key}"
+    assert first.content == f"note {note_key} written"
+    assert first.replayed is False
+    assert second == first.model_copy(update={"replayed": True})
+    notes = await store.list_notes(tenant)
+    assert [(n["title"], n["body"], n["job_id"]) for n in notes] == [
+        ("Keel note", "Body.", "agent-job-1")
+    ]
+
+
+async def test_write_note_with_different_op_keys_writes_twice(
+    acts: ToolActivities, store: KeelStore, tenant: str
+) -> None:
+    for title in ("one", "two"):
+        await run(acts, make_call(tenant, "write_note", {"title": title, "body": "b"}))
+    assert [n["title"] for n in await store.list_notes(tenant)] == ["one", "two"]
+
+
+async def test_write_note_after_lost_record_is_still_once(
+    acts: ToolActivities, store: KeelStore, redis_client: aioredis.Redis, tenant: str
+) -> None:
+    # The worker crashed after the note was written but before the record was stored.
+    call = make_call(tenant, "write_note", {"title": "t", "body": "b"})
+    await run(acts, call)
+    await redis_client.delete(f"keel:idem:{tenant}:{call.op_key}")
+    again = await run(acts, call, attempt=2)
+    assert again.content.endswith("already written")
+    assert len(await store.list_notes(tenant)) == 1
+
+
+# --- search_docs ------------------------------------------------------------------------------
+
+
+async def test_search_docs_formats_hits(acts: ToolActivities, tenant: str, tmp_path: Path) -> None:
+    (tmp_path / "retries.md").write_text("Temporal retries activities with backoff.")
+    (tmp_path / "budget.txt").write_text("Budgets cap the cost of a job.")
+    call = make_call(
+        tenant, "search_docs", {"query": "retries backoff", "top_k": 3}, docs_dir=str(tmp_path)
+    )
+    result = await run(acts, call)
+    line, *rest = result.content.splitlines()
+    assert line.startswith("retries.md (score ")
+    assert line.endswith("): Temporal retries activities with backoff.")
+    assert rest == []
+    call = make_call(tenant, "search_docs", {"query": "zebra"}, docs_dir=str(tmp_path))
+    assert (await run(acts, call)).content == "no matching documents"
+
+
+async def test_search_docs_needs_a_docs_folder(
+    acts: ToolActivities, tenant: str, tmp_path: Path
+) -> None:
+    err = await fails(acts, make_call(tenant, "search_docs", {"query": "x"}))
+    assert err.type == errors.TOOL_INPUT_INVALID
+    assert "no docs folder" in err.message
+    call = make_call(tenant, "search_docs", {"query": "x"}, docs_dir=str(tmp_path / "missing"))
+    err = await fails(acts, call)
+    assert err.type == errors.DOCS_NOT_FOUND and err.non_retryable

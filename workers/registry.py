@@ -1,0 +1,72 @@
+"""What a Keel worker runs: the workflow list and the activity set, built from dependencies.
+
+Tests build workers from these same two names, so a worker in a test runs exactly what a
+production worker runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+
+from activities.llm import LLMActivities, LLMConfig
+from activities.retrieval import RetrievalActivities, Retriever
+from activities.store import KeelStore
+from activities.tools import ToolActivities, ToolRegistry
+from workflows.agent_loop import AgentLoopWorkflow
+
+WORKFLOWS: list[type] = [AgentLoopWorkflow]
+
+
+@dataclass
+class Deps:
+    """The clients a worker's activities share. Built once per process."""
+
+    llm: openai.AsyncOpenAI
+    llm_config: LLMConfig
+    store: KeelStore
+    tools: ToolRegistry
+    retriever: Retriever
+
+    async def aclose(self) -> None:
+        """Close the network clients."""
+        await self.tools.aclose()
+        await self.llm.close()
+        await self.store.aclose()
+
+
+def build_deps(
+    *,
+    redis_url: str,
+    openai_base_url: str,
+    openai_api_key: str,
+    llm_config: LLMConfig,
+    http_allowed_hosts: list[str],
+    http_max_bytes: int = 256_000,
+) -> Deps:
+    """Build the real dependencies: Redis, the OpenAI client (vendor retries off), the tools."""
+    store = KeelStore.from_url(redis_url)
+    retriever = Retriever()
+    tools = ToolRegistry.builtin(
+        store, retriever, http_allowed_hosts=http_allowed_hosts, http_max_bytes=http_max_bytes
+    )
+    llm = openai.AsyncOpenAI(base_url=openai_base_url, api_key=openai_api_key, max_retries=0)
+    return Deps(llm=llm, llm_config=llm_config, store=store, tools=tools, retriever=retriever)
+
+
+def build_activities(deps: Deps) -> list[Callable[..., Any]]:
+    """Every activity a Keel worker registers."""
+    llm = LLMActivities(deps.llm, deps.llm_config, deps.tools.specs)
+    tools = ToolActivities(deps.tools, deps.store)
+    retrieval = RetrievalActivities(deps.retriever)
+    return [
+        llm.resolve_models,
+        llm.plan_step,
+        llm.draft_answer,
+        llm.verify_draft,
+        tools.execute_tool,
+        retrieval.search_corpus,
+    ]

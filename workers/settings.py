@@ -1,0 +1,84 @@
+"""Worker settings, read once from the environment (pydantic-settings).
+
+Names follow the ecosystem: ``REDIS_URL``, ``OPENAI_BASE_URL``, ``OPENAI_API_KEY``; Temporal's
+own connection variables (``TEMPORAL_ADDRESS``, ``TEMPORAL_NAMESPACE``, ``TEMPORAL_API_KEY``,
+``TEMPORAL_TLS*``) are read by ``temporalio.envconfig`` in ``client.connect``. Keel's own knobs
+are prefixed ``KEEL_``. Secrets are ``SecretStr`` so they never print.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from activities.llm import DEFAULT_PRICES, LLMConfig
+from workflows import TASK_QUEUE
+
+SIM_API_KEY = "sim-local-key"
+"""The key ``keel dev`` hands the worker when it runs the simulator; refused anywhere else."""
+
+
+class WorkerSettings(BaseSettings):
+    """Everything a worker process needs to build its dependencies."""
+
+    model_config = SettingsConfigDict(env_prefix="KEEL_", extra="ignore")
+
+    task_queue: str = TASK_QUEUE
+    max_concurrent_activities: int = Field(default=64, gt=0)
+    max_concurrent_workflow_tasks: int = Field(default=32, gt=0)
+    graceful_shutdown_seconds: float = Field(default=30.0, ge=0)
+    identity: str | None = None
+
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("REDIS_URL", "KEEL_REDIS_URL"),
+    )
+    openai_base_url: str = Field(
+        default="http://127.0.0.1:8089/v1",
+        validation_alias=AliasChoices("OPENAI_BASE_URL", "KEEL_OPENAI_BASE_URL"),
+    )
+    openai_api_key: SecretStr = Field(
+        default=SecretStr(SIM_API_KEY),
+        validation_alias=AliasChoices("OPENAI_API_KEY", "KEEL_OPENAI_API_KEY"),
+    )
+    model_planner: str = "gpt-4.1-mini"
+    model_verifier: str = "gpt-4.1-mini"
+    model_answerer: str = "gpt-4.1-mini"
+    max_output_tokens: int = Field(default=1024, gt=0)
+    prices_json: str | None = None
+    """JSON object ``{"model": [usd_per_mtok_in, usd_per_mtok_out]}`` merged over the defaults."""
+
+    http_allowed_hosts: str = "127.0.0.1,localhost"
+    """Comma-separated hosts the http_get tool may reach."""
+    http_max_bytes: int = Field(default=256_000, gt=0)
+
+    @model_validator(mode="after")
+    def _refuse_sim_key_remotely(self) -> WorkerSettings:
+        local = any(h in self.openai_base_url for h in ("127.0.0.1", "localhost", "[::1]"))
+        if self.openai_api_key.get_secret_value() == SIM_API_KEY and not local:
+            raise ValueError(
+                "OPENAI_API_KEY is unset but OPENAI_BASE_URL points at a remote endpoint; "
+                "set OPENAI_API_KEY (the simulator's placeholder key is for local use only)"
+            )
+        return self
+
+    def allowed_hosts(self) -> list[str]:
+        """The http_get allow-list as a list."""
+        return [h.strip() for h in self.http_allowed_hosts.split(",") if h.strip()]
+
+    def llm_config(self) -> LLMConfig:
+        """The LLM activities' configuration: models per role and the price table."""
+        prices = dict(DEFAULT_PRICES)
+        if self.prices_json:
+            prices |= {
+                k: (float(v[0]), float(v[1])) for k, v in json.loads(self.prices_json).items()
+            }
+        return LLMConfig(
+            planner_model=self.model_planner,
+            verifier_model=self.model_verifier,
+            answerer_model=self.model_answerer,
+            max_output_tokens=self.max_output_tokens,
+            prices=prices,
+        )

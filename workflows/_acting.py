@@ -1,0 +1,179 @@
+"""The act phase: run a plan's tool and retrieval steps as activities, in bounded parallel waves.
+
+Deterministic orchestration. Steps without unmet dependencies run together (at most
+MAX_PARALLEL at once); every call is reserved against the budget first, and a tool's transient
+failures are charged to its retry budget. Non-retryable tool errors become observations the
+planner sees on the next iteration (a disallowed tool, bad arguments), not job failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, RetryState, TimeoutError
+
+with workflow.unsafe.imports_passed_through():
+    from activities import errors
+    from activities.catalog import BUILTIN_TOOLS
+    from activities.retrieval import RetrievalActivities
+    from activities.tools import ToolActivities
+    from activities.types import Observation, PlanStep, RetrievalQuery, ToolCall
+    from workflows import policies
+    from workflows._budget import BudgetExhausted, Ledger
+    from workflows.types import BudgetName, JobRequest, LoopState
+
+MAX_PARALLEL = 4
+"""Steps of one wave that run at once; bounds the fan-out a single plan can cause."""
+
+
+def waves(steps: list[PlanStep]) -> list[list[PlanStep]]:
+    """Group steps so each wave depends only on earlier waves; unknown or cyclic deps run last."""
+    done: set[str] = set()
+    pending = list(steps)
+    result: list[list[PlanStep]] = []
+    while pending:
+        ready = [s for s in pending if all(d in done for d in s.depends_on)] or pending
+        result.append(ready)
+        done.update(s.id for s in ready)
+        pending = [s for s in pending if s not in ready]
+    return result
+
+
+class StepRunner:
+    """Runs the steps of one plan for one iteration of a job."""
+
+    def __init__(
+        self,
+        req: JobRequest,
+        state: LoopState,
+        ledger: Ledger,
+        event: Callable[[str, str], None],
+    ) -> None:
+        self._req, self._s, self._ledger, self._event = req, state, ledger, event
+
+    async def run(self, steps: list[PlanStep]) -> list[Observation]:
+        """Run every step the budget allows; raise BudgetExhausted after the last one that fit."""
+        observations: list[Observation] = []
+        for wave in waves(steps):
+            granted, stopped_by = self._ledger.reserve_tools(len(wave), workflow.now())
+            for start in range(0, granted, MAX_PARALLEL):
+                chunk = wave[start : min(granted, start + MAX_PARALLEL)]
+                outcomes = await asyncio.gather(
+                    *(self._run_step(step) for step in chunk), return_exceptions=True
+                )
+                exhausted: BudgetExhausted | None = None
+                for outcome in outcomes:
+                    if isinstance(outcome, Observation):
+                        observations.append(outcome)
+                    elif isinstance(outcome, BudgetExhausted):
+                        exhausted = exhausted or outcome
+                    elif isinstance(outcome, BaseException):
+                        raise outcome
+                if exhausted is not None:
+                    self._s.observations.extend(observations)
+                    raise exhausted
+            if stopped_by is not None:
+                self._s.observations.extend(observations)
+                raise BudgetExhausted(stopped_by)
+        return observations
+
+    async def _run_step(self, step: PlanStep) -> Observation:
+        if step.kind == "retrieve":
+            return await self._retrieve(step)
+        return await self._tool(step)
+
+    async def _retrieve(self, step: PlanStep) -> Observation:
+        base = Observation(step_id=step.id, kind="retrieve", name="retrieve", ok=False)
+        if not self._req.docs_dir or not step.query:
+            return base.model_copy(update={"content": "retrieval needs a docs folder and a query"})
+        query = RetrievalQuery(
+            job_id=workflow.info().workflow_id,
+            tenant=self._req.tenant,
+            docs_dir=self._req.docs_dir,
+            query=step.query,
+            top_k=step.top_k,
+            filters=step.filters,
+        )
+        try:
+            result = await workflow.execute_activity_method(
+                RetrievalActivities.search_corpus,
+                query,
+                **self._capped(policies.RETRIEVAL, None),
+                summary=f"retrieve · {step.query[:40]}",
+            )
+        except ActivityError as err:
+            return self._failed(base, err)
+        lines = [f"{h.path} (score {h.score:.2f}): {h.snippet}" for h in result.hits]
+        return base.model_copy(update={"ok": True, "content": "\n".join(lines) or "no matches"})
+
+    async def _tool(self, step: PlanStep) -> Observation:
+        tool = step.tool or ""
+        base = Observation(step_id=step.id, kind="tool", name=tool or "?", ok=False)
+        info = BUILTIN_TOOLS.get(tool)
+        config = policies.TOOL_WRITE if info and info.side_effecting else policies.TOOL_READ
+        call = ToolCall(
+            job_id=workflow.info().workflow_id,
+            tenant=self._req.tenant,
+            op_key=f"{workflow.info().workflow_id}:{self._s.iteration}:{step.id}",
+            tool=tool,
+            args=step.args,
+            allowed_tools=self._req.tools,
+            docs_dir=self._req.docs_dir,
+        )
+        ceiling = (config.get("retry_policy") or RetryPolicy()).maximum_attempts or 1_000
+        attempts = self._ledger.attempts_for(tool, ceiling)
+        try:
+            result = await workflow.execute_activity_method(
+                ToolActivities.execute_tool,
+                call,
+                **self._capped(config, attempts),
+                summary=f"tool {tool} · iteration {self._s.iteration + 1}",
+            )
+        except ActivityError as err:
+            return self._failed(base, err, tool, attempts)
+        self._ledger.charge_retries(tool, result.attempt - 1)
+        update = {"ok": True, "content": result.content, "ref": result.ref}
+        return base.model_copy(update=update)
+
+    def _failed(
+        self, base: Observation, err: ActivityError, tool: str | None = None, attempts: int = 1
+    ) -> Observation:
+        """Turn a failed call into an observation, or end the job when a budget ran out."""
+        cause = err.cause
+        if isinstance(cause, ApplicationError) and cause.non_retryable:
+            self._event("step_failed", f"{base.name}: {cause.type}")
+            return base.model_copy(update={"content": cause.message, "error_type": cause.type})
+        if workflow.now() >= self._ledger.deadline():
+            raise BudgetExhausted("max_seconds")
+        budget: BudgetName | None = None
+        if tool is not None and err.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED:
+            if self._ledger.charge_retries(tool, attempts - 1):
+                budget = "max_retries_per_tool"
+        if budget is not None:
+            self._event("step_failed", f"{base.name}: retries exhausted")
+            raise BudgetExhausted(budget)
+        kind = cause.type if isinstance(cause, ApplicationError) else type(cause).__name__
+        message = str(cause) if not isinstance(cause, TimeoutError) else "timed out"
+        return base.model_copy(update={"content": message, "error_type": kind})
+
+    def _capped(
+        self, config: workflow.ActivityConfig, attempts: int | None
+    ) -> workflow.ActivityConfig:
+        """The policy narrowed to the wall-clock budget and, for tools, the tool's retry budget."""
+        capped = config.copy()
+        limit = config.get("schedule_to_close_timeout") or timedelta(minutes=5)
+        capped["schedule_to_close_timeout"] = min(limit, self._ledger.remaining(workflow.now()))
+        policy = config.get("retry_policy") or RetryPolicy()
+        if attempts is not None:
+            capped["retry_policy"] = RetryPolicy(
+                initial_interval=policy.initial_interval,
+                backoff_coefficient=policy.backoff_coefficient,
+                maximum_interval=policy.maximum_interval,
+                maximum_attempts=attempts,
+                non_retryable_error_types=errors.NON_RETRYABLE_TYPES,
+            )
+        return capped

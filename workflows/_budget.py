@@ -1,0 +1,120 @@
+"""Budget accounting for one job: reserve before a call, charge after it.
+
+Deterministic: pure arithmetic over ``Budget`` and ``LoopCounters`` with times passed in by the
+workflow (``workflow.now()``). Nothing here reads a clock. A call is reserved only when its
+worst case fits what is left, so a job can run out of budget but never overrun it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from pydantic import BaseModel
+
+from activities.types import ModelSpec, Usage
+from workflows.types import Budget, BudgetName, LoopCounters
+
+MIN_OUTPUT_TOKENS = 64
+"""A model call that cannot afford this many completion tokens is not worth making."""
+
+PROMPT_OVERHEAD_TOKENS = 1500
+"""Upper bound on the tokens an LLM activity adds around its input: system prompt and tool
+schemas. A test in tests/activities keeps the real prompts under it."""
+
+CHARS_PER_TOKEN = 3
+"""Conservative: real tokenisers average about four characters per token on English text."""
+
+
+class BudgetExhausted(Exception):
+    """Control flow inside the workflow: a budget ran out. Caught by ``run``, never escapes."""
+
+    def __init__(self, budget: BudgetName) -> None:
+        super().__init__(budget)
+        self.budget: BudgetName = budget
+
+
+def estimate_prompt_tokens(inp: BaseModel) -> int:
+    """Worst-case prompt tokens for an LLM activity input."""
+    return len(inp.model_dump_json()) // CHARS_PER_TOKEN + PROMPT_OVERHEAD_TOKENS
+
+
+class Ledger:
+    """Checks and records spending against a budget. Mutates the counters it is given."""
+
+    def __init__(self, budget: Budget, counters: LoopCounters, started_at: datetime) -> None:
+        self.budget = budget
+        self.counters = counters
+        self.started_at = started_at
+
+    def deadline(self) -> datetime:
+        """When the wall-clock budget ends; time spent waiting for a human is added back."""
+        seconds = self.budget.max_seconds + self.counters.waited_seconds
+        return self.started_at + timedelta(seconds=seconds)
+
+    def remaining(self, now: datetime) -> timedelta:
+        """Wall-clock time left; raises when none is."""
+        left = self.deadline() - now
+        if left <= timedelta(0):
+            raise BudgetExhausted("max_seconds")
+        return left
+
+    def reserve_llm(self, spec: ModelSpec, prompt_tokens: int, now: datetime) -> int:
+        """Reserve one LLM call and return the completion tokens it may use.
+
+        Raises:
+            BudgetExhausted: when the call's worst case does not fit.
+        """
+        self.remaining(now)
+        self._reserve_step()
+        used = self.counters.usage
+        afford = min(
+            spec.max_output_tokens, self.budget.max_tokens - used.total_tokens - prompt_tokens
+        )
+        if afford < MIN_OUTPUT_TOKENS:
+            raise BudgetExhausted("max_tokens")
+        money_left = self.budget.max_cost_usd - used.cost_usd
+        if spec.cost(prompt_tokens, afford) > money_left:
+            if spec.output_usd_per_mtok <= 0:
+                raise BudgetExhausted("max_cost_usd")
+            spare = money_left * 1_000_000 - prompt_tokens * spec.input_usd_per_mtok
+            afford = int(spare / spec.output_usd_per_mtok)
+            if afford < MIN_OUTPUT_TOKENS:
+                raise BudgetExhausted("max_cost_usd")
+        self.counters.steps += 1
+        return afford
+
+    def reserve_tools(self, wanted: int, now: datetime) -> tuple[int, BudgetName | None]:
+        """Reserve up to ``wanted`` tool or retrieval calls.
+
+        Returns:
+            How many may run, and the budget that stopped the rest (None when all fit).
+        """
+        self.remaining(now)
+        by_steps = self.budget.max_steps - self.counters.steps
+        by_tools = self.budget.max_tool_calls - self.counters.tool_calls
+        granted = max(0, min(wanted, by_steps, by_tools))
+        self.counters.steps += granted
+        self.counters.tool_calls += granted
+        if granted == wanted:
+            return granted, None
+        return granted, "max_steps" if by_steps < by_tools else "max_tool_calls"
+
+    def attempts_for(self, tool: str, ceiling: int) -> int:
+        """Activity attempts a call to ``tool`` may use: one plus the tool's unused retries."""
+        used = self.counters.retries_by_tool.get(tool, 0)
+        return max(1, min(ceiling, self.budget.max_retries_per_tool - used + 1))
+
+    def charge_retries(self, tool: str, retries: int) -> bool:
+        """Record retries a tool used; returns True when its retry budget is now spent."""
+        if retries > 0:
+            total = self.counters.retries_by_tool.get(tool, 0) + retries
+            self.counters.retries_by_tool[tool] = total
+        return self.counters.retries_by_tool.get(tool, 0) >= self.budget.max_retries_per_tool
+
+    def charge_llm(self, usage: Usage) -> None:
+        """Add what an LLM call really used."""
+        self.counters.usage = self.counters.usage + usage
+
+    def _reserve_step(self) -> None:
+        if self.counters.steps + 1 > self.budget.max_steps:
+            raise BudgetExhausted("max_steps")

@@ -1,0 +1,334 @@
+"""The agent loop: one workflow per job, plan → act → verify → refine, within a budget.
+
+Deterministic orchestration only. Every LLM, tool and retrieval call is an activity; clocks come
+from ``workflow.now()``; state is one ``LoopState`` carried across continue-as-new. Running out
+of budget is an outcome (``budget_exhausted``), not an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import BaseModel
+
+    from activities import errors
+    from activities.llm import LLMActivities
+    from activities.types import (
+        AnswerInput,
+        Clarification,
+        Plan,
+        PlanInput,
+        ResolveModelsInput,
+        Role,
+        Verdict,
+        VerifyInput,
+    )
+    from workflows import policies
+    from workflows import search_attributes as sa
+    from workflows._acting import StepRunner
+    from workflows._budget import BudgetExhausted, Ledger, estimate_prompt_tokens
+    from workflows.types import (
+        NOTIFY_SIGNAL,
+        AgentLoopInput,
+        BudgetName,
+        HumanInput,
+        JobEvent,
+        JobResult,
+        JobState,
+        JobStatus,
+        JobUsage,
+        LoopState,
+        Outcome,
+    )
+
+MAX_EVENTS = 20
+MAX_OBSERVATIONS = 16
+"""Observations kept in state and prompts; older ones drop off so history stays bounded."""
+MAX_CORRECTIONS = 2
+"""Corrective planner calls after invalid output before the job fails with BadModelOutput."""
+
+R = TypeVar("R", bound=BaseModel)
+
+
+class JobFailure(Exception):
+    """Control flow inside the workflow: the job cannot go on. Becomes an ApplicationError."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+@workflow.defn
+class AgentLoopWorkflow:
+    """Runs one agent job to an outcome within its budget."""
+
+    @workflow.init
+    def __init__(self, inp: AgentLoopInput) -> None:
+        self._req = inp.request
+        self._inp = inp
+        self._s = inp.state or LoopState()
+        self._reply: str | None = None
+        self._ledger: Ledger | None = None
+
+    @workflow.run
+    async def run(self, inp: AgentLoopInput) -> JobResult:
+        """Loop until the draft is verified, a budget runs out, or the job is cancelled."""
+        try:
+            await self._setup()
+            for _ in range(inp.continue_as_new_after or 1_000_000):
+                plan = await self._plan()
+                if plan.decision == "act":
+                    await self._act(plan)
+                verdict = await self._verify(await self._draft())
+                if verdict.passed:
+                    return await self._finish("completed")
+                self._refine(verdict)
+                if workflow.info().is_continue_as_new_suggested():
+                    break
+            await self._continue_as_new()
+        except BudgetExhausted as exhausted:
+            return await self._finish("budget_exhausted", exhausted.budget)
+        except asyncio.CancelledError:
+            return await self._finish("cancelled")
+        except JobFailure as failure:
+            result = await self._finish("failed", error=f"{failure.error_type}: {failure}")
+            raise ApplicationError(
+                str(failure), result, type=failure.error_type, non_retryable=True
+            ) from None
+
+    async def _setup(self) -> None:
+        if self._s.started_at is None:
+            self._s.started_at = workflow.now()
+            self._event("started", f"goal: {self._req.goal[:80]}")
+        self._ledger = Ledger(self._req.budget, self._s.counters, self._s.started_at)
+        if self._s.models is None:
+            self._s.models = await workflow.execute_activity_method(
+                LLMActivities.resolve_models,
+                ResolveModelsInput(tenant=self._req.tenant, job_id=self._job_id),
+                **policies.CONFIG_READ,
+                summary="resolve models",
+            )
+
+    async def _plan(self) -> Plan:
+        while True:
+            self._set_state("refining" if self._s.critique else "planning")
+            correction: str | None = None
+            for _ in range(MAX_CORRECTIONS + 1):
+                inp = PlanInput(
+                    **self._llm_fields("planner"),
+                    allowed_tools=self._req.tools,
+                    retrieval_enabled=self._req.docs_dir is not None,
+                    critique=self._s.critique,
+                    correction=correction,
+                    may_ask=self._s.counters.questions < self._req.budget.max_questions,
+                )
+                result = await self._llm(LLMActivities.plan_step, inp, "plan")
+                if result.plan is not None:
+                    break
+                correction = result.invalid_reason or "output did not match the plan schema"
+                self._event("invalid_plan", correction[:200])
+            else:
+                raise JobFailure(errors.BAD_MODEL_OUTPUT, f"planner output invalid: {correction}")
+            if result.plan.decision != "ask":
+                return result.plan
+            await self._ask(result.plan)
+
+    async def _ask(self, plan: Plan) -> None:
+        question = plan.question or "Please clarify the goal."
+        default = plan.default_assumption or "Proceed with the most common interpretation."
+        self._s.counters.questions += 1
+        self._s.pending_question, self._s.pending_default = question, default
+        self._set_state("waiting_for_input")
+        self._event("question", question[:200])
+        asked_at = workflow.now()
+        try:
+            await workflow.wait_condition(
+                lambda: self._reply is not None, timeout=self._req.ask_timeout_seconds
+            )
+        except TimeoutError:
+            self._event("question_timeout", f"assuming: {default[:150]}")
+        self._s.counters.waited_seconds += (workflow.now() - asked_at).total_seconds()
+        answer = self._reply if self._reply is not None else default
+        self._s.clarifications.append(
+            Clarification(question=question, answer=answer, assumed=self._reply is None)
+        )
+        self._s.pending_question = self._s.pending_default = self._reply = None
+
+    async def _act(self, plan: Plan) -> None:
+        self._set_state("acting")
+        runner = StepRunner(self._req, self._s, self._ledger_or_fail(), self._event)
+        observations = await runner.run(plan.steps)
+        self._s.observations = (self._s.observations + observations)[-MAX_OBSERVATIONS:]
+
+    async def _draft(self) -> str:
+        self._set_state("verifying")
+        inp = AnswerInput(**self._llm_fields("answerer"), critique=self._s.critique)
+        result = await self._llm(LLMActivities.draft_answer, inp, "answer")
+        self._s.draft = result.answer
+        return result.answer
+
+    async def _verify(self, draft: str) -> Verdict:
+        inp = VerifyInput(**self._llm_fields("verifier"), draft=draft)
+        result = await self._llm(LLMActivities.verify_draft, inp, "verify")
+        verdict = result.verdict or Verdict(
+            passed=False, score=0.0, critique=f"verifier output invalid: {result.invalid_reason}"
+        )
+        if verdict.score > self._s.best_score:
+            self._s.best_score, self._s.best_draft = verdict.score, draft
+        self._event("verdict", f"passed={verdict.passed} score={verdict.score:.2f}")
+        return verdict
+
+    def _refine(self, verdict: Verdict) -> None:
+        self._s.critique = verdict.critique or "The verifier rejected the draft."
+        self._s.iteration += 1
+        if self._s.iteration >= self._req.budget.max_iterations:
+            raise BudgetExhausted("max_iterations")
+
+    async def _continue_as_new(self) -> NoReturn:
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        self._s.runs += 1
+        self._event("continue_as_new", f"run {self._s.runs}")
+        workflow.continue_as_new(self._inp.model_copy(update={"state": self._s}))
+
+    async def _llm(self, method: Callable[[Any, Any], Awaitable[R]], inp: Any, phase: str) -> R:
+        """Run one LLM activity inside the budget: reserve worst case, call, charge actual."""
+        ledger = self._ledger_or_fail()
+        spec = inp.model
+        afford = ledger.reserve_llm(spec, estimate_prompt_tokens(inp), workflow.now())
+        inp = inp.model_copy(update={"max_output_tokens": afford})
+        config = policies.LLM_CALL.copy()
+        config["schedule_to_close_timeout"] = min(
+            policies.LLM_CALL["schedule_to_close_timeout"], ledger.remaining(workflow.now())
+        )
+        try:
+            result = await workflow.execute_activity_method(
+                method, inp, **config, summary=f"{phase} · iteration {self._s.iteration + 1}"
+            )
+        except ActivityError as err:
+            if workflow.now() >= ledger.deadline():
+                raise BudgetExhausted("max_seconds") from None
+            cause = err.cause
+            kind = cause.type if isinstance(cause, ApplicationError) and cause.type else None
+            raise JobFailure(
+                kind or errors.LLM_TRANSIENT, f"{phase} call failed: {cause}"
+            ) from None
+        ledger.charge_llm(result.usage)  # type: ignore[attr-defined]
+        self._upsert_usage()
+        return result
+
+    def _llm_fields(self, role: Role) -> dict[str, Any]:
+        if self._s.models is None:
+            raise JobFailure("InternalError", "models used before setup")
+        return {
+            "job_id": self._job_id,
+            "tenant": self._req.tenant,
+            "goal": self._req.goal,
+            "iteration": self._s.iteration,
+            "model": getattr(self._s.models, role),
+            "max_output_tokens": 1,
+            "observations": self._s.observations,
+            "clarifications": self._s.clarifications,
+        }
+
+    async def _finish(
+        self, outcome: Outcome, exhausted: BudgetName | None = None, error: str | None = None
+    ) -> JobResult:
+        self._set_state(outcome)
+        verified = outcome == "completed"
+        answer = self._s.draft if verified else (self._s.best_draft or self._s.draft)
+        result = JobResult(
+            job_id=self._job_id,
+            outcome=outcome,
+            answer=answer or self._observation_summary(),
+            verified=verified,
+            exhausted_budget=exhausted,
+            usage=JobUsage.of(self._s.counters),
+            iterations=self._s.iteration + (1 if verified else 0),
+            error=error,
+        )
+        workflow.upsert_search_attributes([sa.KEEL_OUTCOME.value_set(outcome)])
+        self._event(outcome, f"budget {exhausted} ran out" if exhausted else (error or ""))
+        if self._req.notify_workflow:
+            await self._notify(self._req.notify_workflow, result)
+        return result
+
+    async def _notify(self, workflow_id: str, result: JobResult) -> None:
+        try:
+            handle = workflow.get_external_workflow_handle(workflow_id)
+            await handle.signal(NOTIFY_SIGNAL, result)
+        except Exception as err:  # noqa: BLE001 - a missing listener must not fail the job
+            self._event("notify_failed", f"{workflow_id}: {err}"[:200])
+
+    def _observation_summary(self) -> str | None:
+        good = [o for o in self._s.observations if o.ok]
+        if not good:
+            return None
+        lines = [f"[{o.name}] {o.content[:200]}" for o in good[-5:]]
+        return "No verified answer yet. Observations so far:\n" + "\n".join(lines)
+
+    def _set_state(self, state: JobState) -> None:
+        if self._s.state != state:
+            self._s.state = state
+            workflow.upsert_search_attributes([sa.KEEL_STATE.value_set(state)])
+
+    def _upsert_usage(self) -> None:
+        usage = self._s.counters.usage
+        workflow.upsert_search_attributes(
+            [
+                sa.KEEL_COST_USD.value_set(usage.cost_usd),
+                sa.KEEL_TOKENS.value_set(usage.total_tokens),
+            ]
+        )
+
+    def _event(self, kind: str, detail: str = "") -> None:
+        self._s.events = [*self._s.events, JobEvent(at=workflow.now(), kind=kind, detail=detail)][
+            -MAX_EVENTS:
+        ]
+
+    def _ledger_or_fail(self) -> Ledger:
+        if self._ledger is None:
+            raise JobFailure("InternalError", "ledger used before setup")
+        return self._ledger
+
+    @property
+    def _job_id(self) -> str:
+        return workflow.info().workflow_id
+
+    @workflow.query
+    def get_status(self) -> JobStatus:
+        """A snapshot of the job; never mutates state."""
+        return JobStatus(
+            job_id=self._job_id,
+            state=self._s.state,
+            tenant=self._req.tenant,
+            goal=self._req.goal,
+            iteration=self._s.iteration,
+            budget=self._req.budget,
+            usage=JobUsage.of(self._s.counters),
+            pending_question=self._s.pending_question,
+            events=list(self._s.events),
+            runs=self._s.runs,
+        )
+
+    @workflow.update
+    def answer(self, inp: HumanInput) -> str:
+        """Answer the pending question; acknowledged once recorded."""
+        self._reply = inp.text
+        return f"answer recorded for: {self._s.pending_question}"
+
+    @answer.validator
+    def _validate_answer(self, inp: HumanInput) -> None:
+        if self._s.pending_question is None or self._reply is not None:
+            raise ValueError("no question is pending")
+
+    @workflow.signal
+    def answer_signal(self, inp: HumanInput) -> None:
+        """Fire-and-forget answer; ignored when no question is pending."""
+        if self._s.pending_question is not None and self._reply is None:
+            self._reply = inp.text

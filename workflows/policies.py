@@ -1,0 +1,82 @@
+"""Retry policies and timeouts for every kind of activity, declared once.
+
+Deterministic constants only. Call sites splat these (``**policies.LLM_CALL``) and may narrow
+them (a shorter ``schedule_to_close_timeout`` near the wall-clock deadline, fewer attempts for a
+tool that has used its retry budget), never widen them.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.workflow import ActivityConfig
+
+with workflow.unsafe.imports_passed_through():
+    from activities import errors
+
+LLM_REQUEST_TIMEOUT_SECONDS = 50.0
+"""The openai client's own request timeout; kept inside LLM_CALL's start-to-close timeout so the
+activity reports a classified timeout instead of being killed by Temporal mid-request."""
+
+LLM_CALL = ActivityConfig(
+    # One attempt may take a slow model 50 s; the timeout must be longer than the client's.
+    start_to_close_timeout=timedelta(seconds=60),
+    # Five attempts with jittered backoff ride out a provider brown-out of a minute or two
+    # without stalling a job for long; Retry-After on 429 overrides the interval.
+    schedule_to_close_timeout=timedelta(minutes=5),
+    retry_policy=RetryPolicy(
+        initial_interval=timedelta(milliseconds=500),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(seconds=30),
+        maximum_attempts=5,
+        non_retryable_error_types=errors.NON_RETRYABLE_TYPES,
+    ),
+)
+
+TOOL_READ = ActivityConfig(
+    # Read-only tools (calculator, http_get, search_docs) are cheap to repeat.
+    start_to_close_timeout=timedelta(seconds=30),
+    schedule_to_close_timeout=timedelta(minutes=3),
+    retry_policy=RetryPolicy(
+        initial_interval=timedelta(milliseconds=250),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(seconds=10),
+        # The job's max_retries_per_tool budget lowers this per call; this is the ceiling.
+        maximum_attempts=6,
+        non_retryable_error_types=errors.NON_RETRYABLE_TYPES,
+    ),
+)
+
+TOOL_WRITE = ActivityConfig(
+    # Side-effecting tools carry an op_key and are recorded in Redis, so a retry after a
+    # timeout replays the recorded result instead of repeating the effect.
+    start_to_close_timeout=timedelta(seconds=30),
+    schedule_to_close_timeout=timedelta(minutes=3),
+    retry_policy=RetryPolicy(
+        initial_interval=timedelta(milliseconds=250),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(seconds=10),
+        maximum_attempts=6,
+        non_retryable_error_types=errors.NON_RETRYABLE_TYPES,
+    ),
+)
+
+RETRIEVAL = ActivityConfig(
+    # Indexing a folder the first time can take a few seconds; searches after that are fast.
+    start_to_close_timeout=timedelta(seconds=60),
+    schedule_to_close_timeout=timedelta(minutes=3),
+    retry_policy=RetryPolicy(
+        initial_interval=timedelta(milliseconds=250),
+        maximum_interval=timedelta(seconds=10),
+        maximum_attempts=4,
+        non_retryable_error_types=errors.NON_RETRYABLE_TYPES,
+    ),
+)
+
+CONFIG_READ = ActivityConfig(
+    # Reads the worker's model roster; no network, so failures are bugs or deploys in progress.
+    start_to_close_timeout=timedelta(seconds=10),
+    retry_policy=RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(seconds=10)),
+)

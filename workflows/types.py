@@ -1,0 +1,246 @@
+"""Payloads that cross the client boundary: job requests, budgets, status and results.
+
+Depends only on pydantic, the standard library and ``activities.types``; deterministic.
+Validation here is the first line of defence: a malformed job is refused by these models at
+submit, before anything is started, with the field that is wrong.
+
+Wire contract: recorded in history; add optional fields only.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from activities.types import Clarification, ModelRoster, Observation, Usage
+
+MAX_GOAL_CHARS = 8000
+IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+WORKFLOW_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,199}$")
+JOB_ID_PREFIX = "agent-job-"
+
+
+def _identifier(value: str) -> str:
+    if not IDENT_RE.match(value):
+        raise ValueError(
+            "must be 1-64 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def _workflow_id(value: str) -> str:
+    if not WORKFLOW_ID_RE.match(value):
+        raise ValueError("must be 1-200 characters of letters, digits and . _ : @ / -")
+    return value
+
+
+Identifier = Annotated[str, AfterValidator(_identifier)]
+WorkflowIdStr = Annotated[str, AfterValidator(_workflow_id)]
+
+JobState = Literal[
+    "queued",
+    "planning",
+    "acting",
+    "verifying",
+    "refining",
+    "waiting_for_input",
+    "completed",
+    "budget_exhausted",
+    "failed",
+    "cancelled",
+]
+TERMINAL_STATES: frozenset[str] = frozenset(
+    {"completed", "budget_exhausted", "failed", "cancelled"}
+)
+
+Outcome = Literal["completed", "budget_exhausted", "failed", "cancelled"]
+BudgetName = Literal[
+    "max_steps",
+    "max_tool_calls",
+    "max_retries_per_tool",
+    "max_tokens",
+    "max_seconds",
+    "max_cost_usd",
+    "max_iterations",
+]
+
+
+class Budget(BaseModel):
+    """Limits a job may not pass; checked before every activity the loop schedules."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_steps: int = Field(default=40, gt=0, le=100_000)
+    """Activity calls of any kind (LLM, tool, retrieval)."""
+    max_tool_calls: int = Field(default=20, gt=0, le=100_000)
+    """Tool and retrieval calls."""
+    max_retries_per_tool: int = Field(default=3, ge=0, le=100)
+    """Extra attempts each tool may use over the whole job after transient failures."""
+    max_tokens: int = Field(default=200_000, gt=0, le=1_000_000_000)
+    """Prompt plus completion tokens, counted at worst case before each LLM call."""
+    max_seconds: float = Field(default=1800.0, gt=0, le=30 * 86400, allow_inf_nan=False)
+    """Wall-clock seconds of work; time spent waiting for a human answer is not counted."""
+    max_cost_usd: float = Field(default=5.0, gt=0, le=100_000, allow_inf_nan=False)
+    """Dollars at the worker's model prices, counted at worst case before each LLM call."""
+    max_iterations: int = Field(default=5, gt=0, le=10_000)
+    """Plan-act-verify rounds before the best draft is returned unverified."""
+    max_questions: int = Field(default=2, ge=0, le=20)
+    """Stop-and-ask questions the planner may put to the caller."""
+
+
+class JobRequest(BaseModel):
+    """What a caller submits. Everything is validated here, at submit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    goal: str = Field(min_length=1, max_length=MAX_GOAL_CHARS)
+    tenant: Identifier = "default"
+    user: Identifier = "anonymous"
+    tools: list[Identifier] = Field(default_factory=lambda: ["calculator", "write_note"])
+    """Allow-list: the only tools this job may call, whatever the model asks."""
+    docs_dir: str | None = Field(default=None, max_length=4096)
+    """Folder of documents to search; enables retrieval steps."""
+    budget: Budget = Field(default_factory=Budget)
+    ask_timeout_seconds: float = Field(default=3600.0, gt=0, le=30 * 86400, allow_inf_nan=False)
+    """How long a question waits for an answer before the default assumption is used."""
+    notify_workflow: WorkflowIdStr | None = None
+    """Workflow to signal with the JobResult when this job ends."""
+
+    @field_validator("goal")
+    @classmethod
+    def _goal_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_tools(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+
+class JobEvent(BaseModel):
+    """One entry of a job's recent activity, shown by ``keel status`` and ``keel watch``."""
+
+    at: datetime
+    kind: str
+    detail: str = ""
+
+
+class LoopCounters(BaseModel):
+    """Everything a job has consumed so far."""
+
+    usage: Usage = Field(default_factory=Usage)
+    steps: int = 0
+    tool_calls: int = 0
+    retries_by_tool: dict[str, int] = Field(default_factory=dict)
+    questions: int = 0
+    waited_seconds: float = 0.0
+
+
+class JobUsage(BaseModel):
+    """Usage as reported to callers."""
+
+    tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    steps: int
+    tool_calls: int
+
+    @classmethod
+    def of(cls, counters: LoopCounters) -> JobUsage:
+        """Summarise counters for a caller."""
+        u = counters.usage
+        return cls(
+            tokens=u.total_tokens,
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            cost_usd=round(u.cost_usd, 6),
+            steps=counters.steps,
+            tool_calls=counters.tool_calls,
+        )
+
+
+class LoopState(BaseModel):
+    """The whole state of a running job; the one thing carried across continue-as-new."""
+
+    state: JobState = "queued"
+    iteration: int = 0
+    started_at: datetime | None = None
+    models: ModelRoster | None = None
+    counters: LoopCounters = Field(default_factory=LoopCounters)
+    observations: list[Observation] = Field(default_factory=list)
+    clarifications: list[Clarification] = Field(default_factory=list)
+    critique: str | None = None
+    draft: str | None = None
+    best_draft: str | None = None
+    best_score: float = -1.0
+    pending_question: str | None = None
+    pending_default: str | None = None
+    invalid_outputs: int = 0
+    events: list[JobEvent] = Field(default_factory=list)
+    runs: int = 1
+    """Workflow runs this job has used (1 + continue-as-new count)."""
+
+
+class AgentLoopInput(BaseModel):
+    """Workflow input: the request, and the state when continuing as new."""
+
+    request: JobRequest
+    state: LoopState | None = None
+    continue_as_new_after: int | None = Field(default=None, gt=0)
+    """Continue as new after this many iterations in one run even if Temporal does not
+    suggest it yet; keeps very long jobs' histories short. None: only when suggested."""
+
+
+class HumanInput(BaseModel):
+    """An answer to the job's pending question."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, max_length=MAX_GOAL_CHARS)
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+
+class JobStatus(BaseModel):
+    """A snapshot of a job, returned by the ``get_status`` query."""
+
+    job_id: str
+    state: JobState
+    tenant: str
+    goal: str
+    iteration: int
+    budget: Budget
+    usage: JobUsage
+    pending_question: str | None = None
+    events: list[JobEvent] = Field(default_factory=list)
+    runs: int = 1
+
+
+class JobResult(BaseModel):
+    """How a job ended. Returned by the workflow; budget exhaustion is an outcome, not an error."""
+
+    job_id: str
+    outcome: Outcome
+    answer: str | None = None
+    """The verified answer, or the best partial answer when the job did not complete."""
+    verified: bool = False
+    exhausted_budget: BudgetName | None = None
+    usage: JobUsage
+    iterations: int
+    error: str | None = None
+
+
+NOTIFY_SIGNAL = "keel_job_finished"
+"""Signal name sent to ``JobRequest.notify_workflow`` with the JobResult when a job ends."""
