@@ -18,6 +18,7 @@ import structlog
 from pydantic import BaseModel, Field, ValidationError
 from temporalio import activity
 
+from activities._heartbeat import heartbeating
 from activities.errors import from_openai
 from activities.types import (
     AnswerInput,
@@ -165,7 +166,8 @@ class LLMActivities:
             job_id=inp.job_id, tenant=inp.tenant, call=schema_name, model=inp.model.model
         ):
             try:
-                response = await self._client.chat.completions.create(
+                async with heartbeating():
+                    response = await self._client.chat.completions.create(
                     model=inp.model.model,
                     messages=[
                         {"role": "system", "content": system},

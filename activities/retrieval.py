@@ -22,6 +22,7 @@ import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities._heartbeat import heartbeating
 from activities.errors import DOCS_NOT_FOUND
 from activities.types import RetrievalHit, RetrievalQuery, RetrievalResult
 
@@ -248,6 +249,7 @@ class RetrievalActivities:
             ApplicationError: ``DOCS_NOT_FOUND`` if the folder does not exist on this worker.
         """
         with structlog.contextvars.bound_contextvars(job_id=q.job_id, tenant=q.tenant):
-            hits = await self._retriever.search(q.docs_dir, q.query, q.top_k, q.filters)
+            async with heartbeating():
+                hits = await self._retriever.search(q.docs_dir, q.query, q.top_k, q.filters)
             _log.info("retrieval.searched", hits=len(hits))
         return RetrievalResult(hits=hits, attempt=activity.info().attempt)

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities._heartbeat import heartbeating
 from activities.catalog import (
     BUILTIN_TOOLS,
     CalculatorArgs,
@@ -209,7 +210,8 @@ class ToolActivities:
                     _log.info("tool.replayed")
                     return recorded.model_copy(update={"replayed": True})
             ctx = ToolContext(call.job_id, call.tenant, call.op_key, call.docs_dir)
-            output = await impl(args, ctx)
+            async with heartbeating():
+                output = await impl(args, ctx)
             result = await self._package(call, output)
             if info.side_effecting:
                 await self._store.put_record(call.tenant, call.op_key, result)

@@ -75,6 +75,7 @@ from collections.abc import AsyncGenerator, Callable  # noqa: E402
 from contextlib import asynccontextmanager  # noqa: E402
 from typing import Any  # noqa: E402
 
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest  # noqa: E402
 from temporalio.client import Client  # noqa: E402
 from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
 from temporalio.testing import WorkflowEnvironment  # noqa: E402
@@ -117,6 +118,12 @@ async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
     environment = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=venv_bin("temporal-test-server"),
         data_converter=pydantic_data_converter,
+    )
+    await environment.client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=environment.client.namespace,
+            search_attributes={k.name: k.indexed_value_type.value for k in sa.ALL_KEYS},
+        )
     )
     yield environment
     await environment.shutdown()

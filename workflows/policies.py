@@ -23,6 +23,8 @@ activity reports a classified timeout instead of being killed by Temporal mid-re
 LLM_CALL = ActivityConfig(
     # One attempt may take a slow model 50 s; the timeout must be longer than the client's.
     start_to_close_timeout=timedelta(seconds=60),
+    # The activity heartbeats every 2 s; a worker killed mid-call is noticed in 10 s.
+    heartbeat_timeout=timedelta(seconds=10),
     # Five attempts with jittered backoff ride out a provider brown-out of a minute or two
     # without stalling a job for long; Retry-After on 429 overrides the interval.
     schedule_to_close_timeout=timedelta(minutes=5),
@@ -38,6 +40,7 @@ LLM_CALL = ActivityConfig(
 TOOL_READ = ActivityConfig(
     # Read-only tools (calculator, http_get, search_docs) are cheap to repeat.
     start_to_close_timeout=timedelta(seconds=30),
+    heartbeat_timeout=timedelta(seconds=10),
     schedule_to_close_timeout=timedelta(minutes=3),
     retry_policy=RetryPolicy(
         initial_interval=timedelta(milliseconds=250),
@@ -53,6 +56,7 @@ TOOL_WRITE = ActivityConfig(
     # Side-effecting tools carry an op_key and are recorded in Redis, so a retry after a
     # timeout replays the recorded result instead of repeating the effect.
     start_to_close_timeout=timedelta(seconds=30),
+    heartbeat_timeout=timedelta(seconds=10),
     schedule_to_close_timeout=timedelta(minutes=3),
     retry_policy=RetryPolicy(
         initial_interval=timedelta(milliseconds=250),
@@ -66,6 +70,8 @@ TOOL_WRITE = ActivityConfig(
 RETRIEVAL = ActivityConfig(
     # Indexing a folder the first time can take a few seconds; searches after that are fast.
     start_to_close_timeout=timedelta(seconds=60),
+    # The activity heartbeats every 2 s; a worker killed mid-call is noticed in 10 s.
+    heartbeat_timeout=timedelta(seconds=10),
     schedule_to_close_timeout=timedelta(minutes=3),
     retry_policy=RetryPolicy(
         initial_interval=timedelta(milliseconds=250),

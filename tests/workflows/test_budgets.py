@@ -1,0 +1,103 @@
+"""Each budget running out ends the job with budget_exhausted, its name, usage and a partial answer."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from temporalio.client import Client
+
+from client import AgentJobs, Budget, JobRequest
+from tests.conftest import unique
+from tests.workflows.test_agent_loop import replay_own_history
+
+
+async def exhaust(client: Client, make_worker, goal: str, budget: Budget, record_as=None, **req):  # type: ignore[no-untyped-def]
+    async with make_worker(client, http_allowed_hosts=["127.0.0.1"]) as worker:
+        jobs = AgentJobs(client, task_queue=worker.task_queue)
+        job_id = await jobs.start(
+            JobRequest(goal=goal, budget=budget, **req), request_key=unique("budget")
+        )
+        result = await jobs.result(job_id, timeout=120)
+        status = await jobs.status(job_id)
+        await replay_own_history(client, job_id, record_as=record_as)
+    assert result.outcome == "budget_exhausted", result
+    assert status.state == "budget_exhausted"
+    assert not result.verified
+    return result
+
+
+async def test_max_steps(client: Client, make_worker) -> None:
+    result = await exhaust(client, make_worker, "What is 2 + 2?", Budget(max_steps=2))
+    assert result.exhausted_budget == "max_steps"
+    assert result.usage.steps <= 2
+
+
+async def test_max_tool_calls_keeps_partial_observations(client: Client, make_worker) -> None:
+    result = await exhaust(
+        client, make_worker, "What is 3 * 3? use calculator and write_note",
+        Budget(max_tool_calls=1),
+        record_as="budget_exhausted",
+    )
+    assert result.exhausted_budget == "max_tool_calls"
+    assert result.usage.tool_calls == 1
+    assert result.answer and "[calculator] 9" in result.answer  # the partial answer
+
+
+async def test_max_tokens_never_overrun(client: Client, make_worker) -> None:
+    budget = Budget(max_tokens=4000, max_iterations=50)
+    result = await exhaust(client, make_worker, "What is 4 + 4? [sim: fail_verify=999]", budget)
+    assert result.exhausted_budget == "max_tokens"
+    assert 0 < result.usage.tokens <= 4000
+
+
+async def test_max_cost_never_overrun(client: Client, make_worker) -> None:
+    budget = Budget(max_cost_usd=0.004, max_iterations=50)
+    result = await exhaust(client, make_worker, "What is 5 + 5? [sim: fail_verify=999]", budget)
+    assert result.exhausted_budget == "max_cost_usd"
+    assert 0 < result.usage.cost_usd <= 0.004
+
+
+async def test_max_iterations_returns_best_draft(client: Client, make_worker) -> None:
+    budget = Budget(max_iterations=2)
+    result = await exhaust(client, make_worker, "What is 6 + 6? [sim: fail_verify=999]", budget)
+    assert result.exhausted_budget == "max_iterations"
+    assert result.iterations == 2
+    assert result.answer and "12" in result.answer
+
+
+async def test_max_seconds(client: Client, make_worker) -> None:
+    budget = Budget(max_seconds=1.5)
+    result = await exhaust(client, make_worker, "What is 7 + 7? [sim: slow=400, fail_verify=999]", budget)
+    assert result.exhausted_budget == "max_seconds"
+
+
+@pytest.fixture
+def flaky_url() -> Iterator[str]:
+    """An HTTP endpoint that always answers 503: a tool dependency that is down."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(503)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/status"
+    server.shutdown()
+
+
+async def test_max_retries_per_tool(client: Client, make_worker, flaky_url: str) -> None:
+    result = await exhaust(
+        client,
+        make_worker,
+        f"Fetch {flaky_url} with http_get",
+        Budget(max_retries_per_tool=1),
+        tools=["http_get"],
+    )
+    assert result.exhausted_budget == "max_retries_per_tool"
