@@ -168,22 +168,22 @@ class LLMActivities:
             try:
                 async with heartbeating():
                     response = await self._client.chat.completions.create(
-                    model=inp.model.model,
-                    messages=[
-                        {"role": "system", "content": system},
-                        {"role": "user", "content": json.dumps(context, ensure_ascii=False)},
-                    ],
-                    response_format={
-                        "type": "json_schema",
-                        "json_schema": {
-                            "name": schema_name,
-                            "schema": json_schema,
-                            "strict": False,
+                        model=inp.model.model,
+                        messages=[
+                            {"role": "system", "content": system},
+                            {"role": "user", "content": json.dumps(context, ensure_ascii=False)},
+                        ],
+                        response_format={
+                            "type": "json_schema",
+                            "json_schema": {
+                                "name": schema_name,
+                                "schema": json_schema,
+                                "strict": False,
+                            },
                         },
-                    },
-                    max_tokens=inp.max_output_tokens,
-                    timeout=self._config.request_timeout_seconds,
-                )
+                        max_tokens=inp.max_output_tokens,
+                        timeout=self._config.request_timeout_seconds,
+                    )
             except openai.OpenAIError as err:
                 failure = from_openai(err)
                 log.warning(

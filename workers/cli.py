@@ -8,8 +8,10 @@ watch, result, answer, cancel, list) come from ``client.cli`` unchanged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -57,8 +59,12 @@ def sim_llm(
     latency_ms: Annotated[float, typer.Option(min=0)] = 0.0,
     latency_jitter_ms: Annotated[float, typer.Option(min=0)] = 0.0,
     fault_rate: Annotated[float, typer.Option(min=0, max=1)] = 0.0,
-    fault_kinds: Annotated[str, typer.Option(help="Comma list: 500,503,429,timeout,malformed")] = "503",
-    fail_first_verify: Annotated[bool, typer.Option(help="Fail verification on iteration 0.")] = False,
+    fault_kinds: Annotated[
+        str, typer.Option(help="Comma list: 500,503,429,timeout,malformed")
+    ] = "503",
+    fail_first_verify: Annotated[
+        bool, typer.Option(help="Fail verification on iteration 0.")
+    ] = False,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Serve the OpenAI-compatible LLM simulator (chat completions, embeddings, models)."""
@@ -125,6 +131,67 @@ def dev(
         time.sleep(0.5)
     console.print("stopping…")
     stack.stop()
+
+
+@app.command()
+def demo(
+    state_dir: StateDir = Path(".keel"),
+    temporal_port: Port = 7233,
+    ui_port: Port = 8233,
+    redis_port: Port = 6379,
+    sim_port: Port = 8089,
+    stay: Annotated[
+        bool | None,
+        typer.Option(help="Keep the stack up after the job for the UI (default: on a terminal)."),
+    ] = None,
+) -> None:
+    """Start the embedded stack, run Keel's main job end to end, and show it live."""
+    from client.cli import submit, watch
+    from workers.devstack import port_open
+
+    stack = _stack(state_dir, temporal_port, ui_port, redis_port, sim_port)
+    reuse = port_open(temporal_port)
+    if reuse:
+        console.print(f"Using the Temporal server already on port {temporal_port}.")
+    else:
+        with console.status("Starting Temporal, Redis, the LLM simulator and a worker…"):
+            try:
+                stack.start()
+            except (RuntimeError, FileNotFoundError) as err:
+                console.print(f"[red]error:[/red] {err}")
+                raise typer.Exit(1) from None
+        _print_stack(stack)
+    os.environ.update(stack.env())
+    try:
+        job_id = _submit_demo(submit)
+        console.print(f"Job [bold]{job_id}[/bold]")
+        console.print(f"Inspect it: {stack.ui_url}/namespaces/default/workflows/{job_id}")
+        watch(job_id)
+        if stay if stay is not None else (sys.stdin.isatty() and not reuse):
+            console.print("The stack stays up for the UI; Ctrl-C stops it.")
+            with contextlib.suppress(KeyboardInterrupt):
+                while stack.check() is None:
+                    time.sleep(0.5)
+    finally:
+        if not reuse:
+            stack.stop()
+
+
+def _submit_demo(submit) -> str:  # type: ignore[no-untyped-def]
+    """Submit the demo job through the same code path as ``keel submit --json``."""
+    import io
+    import json
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "corpus"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        submit(
+            DEMO_GOAL,
+            tool=["calculator", "search_docs", "write_note"],
+            docs=str(docs) if docs.is_dir() else None,
+            as_json=True,
+        )
+    return str(json.loads(out.getvalue())["job_id"])
 
 
 def _print_stack(stack) -> None:  # type: ignore[no-untyped-def]

@@ -63,7 +63,7 @@ class DevStack:
 
     @property
     def temporal_address(self) -> str:
-        """gRPC address of the dev server."""
+        """GRPC address of the dev server."""
         return f"127.0.0.1:{self.temporal_port}"
 
     @property

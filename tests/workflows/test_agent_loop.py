@@ -160,6 +160,3 @@ async def test_continue_as_new_keeps_state(client: Client, make_worker) -> None:
     assert result.usage.steps == 5 + 3 + 3
     assert "[calculator] 81" in (result.answer or "")
     assert sum(e.kind == "continue_as_new" for e in status.events) == 2
-
-
-

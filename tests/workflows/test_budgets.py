@@ -1,4 +1,4 @@
-"""Each budget running out ends the job with budget_exhausted, its name, usage and a partial answer."""
+"""Each budget running out ends the job as budget_exhausted, with usage and a partial answer."""
 
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ async def test_max_steps(client: Client, make_worker) -> None:
 
 async def test_max_tool_calls_keeps_partial_observations(client: Client, make_worker) -> None:
     result = await exhaust(
-        client, make_worker, "What is 3 * 3? use calculator and write_note",
+        client,
+        make_worker,
+        "What is 3 * 3? use calculator and write_note",
         Budget(max_tool_calls=1),
         record_as="budget_exhausted",
     )
@@ -70,7 +72,9 @@ async def test_max_iterations_returns_best_draft(client: Client, make_worker) ->
 
 async def test_max_seconds(client: Client, make_worker) -> None:
     budget = Budget(max_seconds=1.5)
-    result = await exhaust(client, make_worker, "What is 7 + 7? [sim: slow=400, fail_verify=999]", budget)
+    result = await exhaust(
+        client, make_worker, "What is 7 + 7? [sim: slow=400, fail_verify=999]", budget
+    )
     assert result.exhausted_budget == "max_seconds"
 
 

@@ -102,11 +102,15 @@ async def test_notify_workflow_is_signalled(client: Client, make_worker) -> None
 
     async with make_worker(client) as worker:
         listener_id = unique("listener")
-        async with Worker(client, task_queue=worker.task_queue + "-l", workflows=[ListenerWorkflow]):
+        async with Worker(
+            client, task_queue=worker.task_queue + "-l", workflows=[ListenerWorkflow]
+        ):
             listener = await client.start_workflow(
                 ListenerWorkflow.run, id=listener_id, task_queue=worker.task_queue + "-l"
             )
             jobs = AgentJobs(client, task_queue=worker.task_queue)
-            job_id = await jobs.start(JobRequest(goal="What is 8 + 8?", notify_workflow=listener_id))
+            job_id = await jobs.start(
+                JobRequest(goal="What is 8 + 8?", notify_workflow=listener_id)
+            )
             told = await asyncio.wait_for(listener.result(), 60)
     assert told.job_id == job_id and told.outcome == "completed"

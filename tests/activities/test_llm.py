@@ -1,0 +1,178 @@
+"""LLM activities with the vendor client faked at its HTTP transport (httpx.MockTransport)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities import errors
+from activities.catalog import BUILTIN_TOOLS, tool_schema
+from activities.llm import PLANNER_PROMPT, LLMActivities, LLMConfig
+from activities.types import PlanInput, ResolveModelsInput, VerifyInput
+from workers.registry import build_deps
+from workflows._budget import CHARS_PER_TOKEN, PROMPT_OVERHEAD_TOKENS
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def completion(content: str, finish: str = "stop") -> dict[str, Any]:
+    return {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": finish,
+            }
+        ],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150},
+    }
+
+
+def activities(handler: Handler) -> tuple[LLMActivities, list[httpx.Request]]:
+    seen: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return handler(request)
+
+    client = openai.AsyncOpenAI(
+        api_key="k",
+        base_url="http://llm.test/v1",
+        max_retries=0,
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(record)),
+    )
+    config = LLMConfig(planner_model="gpt-4.1-mini")
+    return LLMActivities(client, config, lambda names: [tool_schema(n) for n in names]), seen
+
+
+async def plan_input(acts: LLMActivities) -> PlanInput:
+    roster = await ActivityEnvironment().run(
+        acts.resolve_models, ResolveModelsInput(tenant="t", job_id="j")
+    )
+    return PlanInput(
+        job_id="j",
+        tenant="t",
+        goal="What is 2 + 2?",
+        iteration=0,
+        model=roster.planner,
+        max_output_tokens=300,
+        allowed_tools=["calculator"],
+    )
+
+
+async def test_plan_request_is_exact_and_usage_is_priced() -> None:
+    plan = {"decision": "act", "steps": [{"id": "s1", "kind": "tool", "tool": "calculator"}]}
+    acts, seen = activities(lambda _: httpx.Response(200, json=completion(json.dumps(plan))))
+    result = await ActivityEnvironment().run(acts.plan_step, await plan_input(acts))
+
+    assert result.plan is not None and result.plan.steps[0].tool == "calculator"
+    body = json.loads(seen[0].content)
+    assert body["model"] == "gpt-4.1-mini" and body["max_tokens"] == 300
+    assert body["response_format"]["json_schema"]["name"] == "keel_plan"
+    assert body["messages"][0] == {"role": "system", "content": PLANNER_PROMPT}
+    context = json.loads(body["messages"][1]["content"])
+    assert [t["name"] for t in context["tools"]] == ["calculator"]
+    assert len(seen) == 1  # vendor retries are off
+    assert result.usage.prompt_tokens == 100 and result.usage.completion_tokens == 50
+    assert result.usage.cost_usd == pytest.approx((100 * 0.40 + 50 * 1.60) / 1e6)
+
+
+async def test_invalid_output_is_returned_not_raised() -> None:
+    acts, _ = activities(lambda _: httpx.Response(200, json=completion("Sure! {oops")))
+    result = await ActivityEnvironment().run(acts.plan_step, await plan_input(acts))
+    assert result.plan is None and result.invalid_reason
+    acts, _ = activities(lambda _: httpx.Response(200, json=completion('{"decision": "act"}')))
+    result = await ActivityEnvironment().run(acts.plan_step, await plan_input(acts))
+    assert result.plan is None and "at least one step" in (result.invalid_reason or "")
+
+
+async def test_truncated_output_says_so() -> None:
+    acts, _ = activities(lambda _: httpx.Response(200, json=completion('{"passed": tr', "length")))
+    inp = (await plan_input(acts)).model_dump() | {"draft": "d"}
+    verify = VerifyInput.model_validate(
+        {k: v for k, v in inp.items() if k in VerifyInput.model_fields}
+    )
+    result = await ActivityEnvironment().run(acts.verify_draft, verify)
+    assert result.verdict is None and "truncated" in (result.invalid_reason or "")
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "error_type", "non_retryable", "delay"),
+    [
+        (429, {"retry-after": "7"}, errors.LLM_RATE_LIMITED, False, timedelta(seconds=7)),
+        (500, {}, errors.LLM_TRANSIENT, False, None),
+        (503, {}, errors.LLM_TRANSIENT, False, None),
+        (400, {}, errors.LLM_REJECTED, True, None),
+        (404, {}, errors.LLM_REJECTED, True, None),
+        (401, {}, errors.LLM_AUTH, True, None),
+        (403, {}, errors.LLM_AUTH, True, None),
+    ],
+)
+async def test_http_errors_are_classified(
+    status: int,
+    headers: dict[str, str],
+    error_type: str,
+    non_retryable: bool,
+    delay: timedelta | None,
+) -> None:
+    body = {"error": {"message": "nope", "type": "x", "code": None}}
+    acts, seen = activities(lambda _: httpx.Response(status, json=body, headers=headers))
+    with pytest.raises(ApplicationError) as raised:
+        await ActivityEnvironment().run(acts.plan_step, await plan_input(acts))
+    assert raised.value.type == error_type
+    assert raised.value.non_retryable is non_retryable
+    assert raised.value.next_retry_delay == delay
+    assert len(seen) == 1
+
+
+async def test_timeouts_and_connection_errors_are_retryable() -> None:
+    def boom(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow", request=request)
+
+    acts, _ = activities(boom)
+    with pytest.raises(ApplicationError) as raised:
+        await ActivityEnvironment().run(acts.plan_step, await plan_input(acts))
+    assert raised.value.type == errors.LLM_TRANSIENT and not raised.value.non_retryable
+
+    def refused(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    acts, _ = activities(refused)
+    with pytest.raises(ApplicationError) as raised:
+        await ActivityEnvironment().run(acts.plan_step, await plan_input(acts))
+    assert raised.value.type == errors.LLM_TRANSIENT and not raised.value.non_retryable
+
+
+def test_retry_after_http_date_and_cap() -> None:
+    assert errors.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert errors.parse_retry_after("9999") == 300.0
+    assert errors.parse_retry_after(None) is None
+    assert errors.parse_retry_after("soon") is None
+
+
+def test_prompt_overhead_bound_covers_real_prompts() -> None:
+    specs = json.dumps([tool_schema(n) for n in BUILTIN_TOOLS])
+    assert (len(PLANNER_PROMPT) + len(specs)) // CHARS_PER_TOKEN < PROMPT_OVERHEAD_TOKENS
+
+
+def test_real_client_is_built_with_vendor_retries_off(redis_url: str) -> None:
+    deps = build_deps(
+        redis_url=redis_url,
+        openai_base_url="http://127.0.0.1:1/v1",
+        openai_api_key="k",
+        llm_config=LLMConfig(),
+        http_allowed_hosts=[],
+    )
+    assert deps.llm.max_retries == 0
