@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from pydantic import ValidationError
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -30,6 +32,7 @@ from client.jobs import (
     validate_request,
     validate_request_key,
 )
+from workflows import TASK_QUEUE
 from workflows.types import HumanInput, JobEvent, JobResult, JobStatus
 
 __all__ = ["app"]
@@ -46,6 +49,12 @@ EXIT_INVALID = 2
 """Exit code for input the command refused (the same code click uses for usage errors)."""
 EXIT_FAILED = 1
 """Exit code for every other error: job failed, not found, server unreachable."""
+
+TASK_QUEUE_ENV = "KEEL_TASK_QUEUE"
+"""Environment variable naming the task queue jobs are started on (default: ``TASK_QUEUE``)."""
+
+WIDE_TABLE_EXTRA = 80
+"""Columns the table needs beside the job ID; narrower terminals get two lines per job."""
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 JobArg = Annotated[str, typer.Argument(metavar="JOB", help="Job ID (agent-job-...).")]
@@ -72,13 +81,17 @@ def _run(main: Callable[[], Awaitable[T]]) -> T:
     try:
         return asyncio.run(call())
     except InvalidJobRequest as err:
-        _fail(err.message, EXIT_INVALID)
+        failure = (err.message, EXIT_INVALID)
     except ValidationError as err:
-        _fail(InvalidJobRequest.from_validation_error(err).message, EXIT_INVALID)
+        failure = (InvalidJobRequest.from_validation_error(err).message, EXIT_INVALID)
     except AgentJobError as err:
-        _fail(err.message, EXIT_FAILED)
+        failure = (err.message, EXIT_FAILED)
     except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+        failure = ("interrupted", 130)
+    # Exit outside the except blocks: an exception chained to the exit would keep the command's
+    # frames, and with them the Temporal client, alive until interpreter shutdown, where
+    # dropping the SDK's native client can abort the process.
+    _fail(*failure)
 
 
 def _emit_json(doc: Any) -> None:
@@ -86,14 +99,17 @@ def _emit_json(doc: Any) -> None:
 
 
 async def _jobs() -> AgentJobs:
-    return AgentJobs(await connect())
+    # KEEL_TASK_QUEUE is the same variable the worker settings read, so both sides agree.
+    return AgentJobs(await connect(), task_queue=os.environ.get(TASK_QUEUE_ENV) or TASK_QUEUE)
 
 
 @app.command()
 def submit(
-    goal: Annotated[str, typer.Argument(help="What the agent should achieve.")],
-    tenant: Annotated[str | None, typer.Option(help="Tenant the job is billed to.")] = None,
-    user: Annotated[str | None, typer.Option(help="User who asked.")] = None,
+    goal: Annotated[str, typer.Argument(metavar="GOAL", help="What the agent should achieve.")],
+    tenant: Annotated[
+        str | None, typer.Option(metavar="T", help="Tenant the job is billed to.")
+    ] = None,
+    user: Annotated[str | None, typer.Option(metavar="U", help="User who asked.")] = None,
     tool: Annotated[
         list[str] | None,
         typer.Option(
@@ -103,19 +119,27 @@ def submit(
     docs: Annotated[
         str | None, typer.Option("--docs", metavar="DIR", help="Folder of documents to search.")
     ] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Activity calls of any kind.")] = None,
-    max_tool_calls: Annotated[int | None, typer.Option(help="Tool and retrieval calls.")] = None,
-    max_retries_per_tool: Annotated[
-        int | None, typer.Option(help="Extra attempts per tool over the whole job.")
+    max_steps: Annotated[
+        int | None, typer.Option(metavar="N", help="Activity calls of any kind.")
     ] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Prompt plus completion tokens.")] = None,
+    max_tool_calls: Annotated[
+        int | None, typer.Option(metavar="N", help="Tool and retrieval calls.")
+    ] = None,
+    max_retries_per_tool: Annotated[
+        int | None, typer.Option(metavar="N", help="Extra attempts per tool over the whole job.")
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(metavar="N", help="Prompt plus completion tokens.")
+    ] = None,
     max_cost: Annotated[
         float | None, typer.Option(metavar="USD", help="Dollars at the worker's prices.")
     ] = None,
     max_seconds: Annotated[
         float | None, typer.Option(metavar="S", help="Wall-clock seconds of work.")
     ] = None,
-    max_iterations: Annotated[int | None, typer.Option(help="Plan-act-verify rounds.")] = None,
+    max_iterations: Annotated[
+        int | None, typer.Option(metavar="N", help="Plan-act-verify rounds.")
+    ] = None,
     ask_timeout: Annotated[
         float | None,
         typer.Option(metavar="S", help="Seconds a question waits before the default is used."),
@@ -205,9 +229,12 @@ def watch(job_id: JobArg) -> None:
 
     async def main() -> JobResult:
         jobs = await _jobs()
-        with Live(console=_stdout(), auto_refresh=False) as live:
+        console = _stdout()
+        with Live(console=console, auto_refresh=False) as live:
             async for snap in jobs.wait_terminal(job_id):
                 live.update(_progress(snap), refresh=True)
+        if not console.is_terminal:
+            console.line()  # Off a terminal, Live prints its last frame without a newline.
         return await jobs.result(job_id)
 
     _print_result(_run(main))
@@ -236,7 +263,9 @@ def result(
 @app.command()
 def answer(
     job_id: JobArg,
-    text: Annotated[str, typer.Argument(help="Answer to the job's pending question.")],
+    text: Annotated[
+        str, typer.Argument(metavar="TEXT", help="Answer to the job's pending question.")
+    ],
 ) -> None:
     """Answer a job's pending question and wait for the job to accept it."""
 
@@ -260,8 +289,13 @@ def cancel(job_id: JobArg) -> None:
 
 @app.command("list")
 def list_jobs(
-    tenant: Annotated[str | None, typer.Option(help="Only this tenant's jobs.")] = None,
-    state: Annotated[str | None, typer.Option(help="Only jobs in this state.")] = None,
+    tenant: Annotated[
+        str | None, typer.Option(metavar="T", help="Only this tenant's jobs.")
+    ] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(metavar="S", help="Only jobs in this state (queued, acting, completed, ...)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List recent jobs from Temporal visibility."""
@@ -273,41 +307,65 @@ def list_jobs(
     rows = _run(main)
     if as_json:
         _emit_json([row.model_dump(mode="json") for row in rows])
+    elif rows:
+        print_jobs(_stdout(), rows)
     else:
-        _stdout().print(jobs_table(rows))
+        typer.echo("no jobs found", err=True)
 
 
-def jobs_table(rows: Sequence[JobSummary]) -> Table:
-    """Render job summaries; the ID column folds instead of truncating.
+def print_jobs(console: Console, rows: Sequence[JobSummary]) -> None:
+    """Print job summaries as a table, or two lines per job when the terminal is narrow.
+
+    Job IDs are never truncated: they are the handle for every other command.
 
     Args:
+        console: Where to print; its width picks the layout.
         rows: Summaries from ``AgentJobs.list``.
-
-    Returns:
-        A rich table with one row per job.
     """
-    table = Table(show_edge=False, pad_edge=False)
-    widest = max((len(row.job_id) for row in rows), default=6)
+    widest = max((len(row.job_id) for row in rows), default=3)
+    if console.width >= widest + WIDE_TABLE_EXTRA:
+        console.print(_jobs_table(rows, widest))
+        return
+    for row in rows:
+        console.print(row.job_id, style="bold", markup=False, highlight=False, soft_wrap=True)
+        console.print(
+            Text.assemble(
+                "  ",
+                _state_text(row),
+                f" · {row.tenant or '?'}/{row.user or '?'} · "
+                f"{row.started_at.strftime('%m-%d %H:%M')}",
+                f" · ${row.cost_usd:.4f}" if row.cost_usd is not None else "",
+                f" · {row.tokens:,} tokens" if row.tokens is not None else "",
+            )
+        )
+
+
+def _jobs_table(rows: Sequence[JobSummary], widest: int) -> Table:
+    table = Table(show_edge=False, pad_edge=False, box=box.SIMPLE_HEAD)
     table.add_column("job", no_wrap=True, overflow="fold", min_width=widest)
-    table.add_column("state")
-    table.add_column("tenant", overflow="fold")
-    table.add_column("user", overflow="fold")
-    table.add_column("temporal")
-    table.add_column("started")
-    table.add_column("cost", justify="right")
-    table.add_column("tokens", justify="right")
+    for name in ("state", "tenant", "user", "started"):
+        table.add_column(name, overflow="fold")
+    table.add_column("cost", justify="right", overflow="fold")
+    table.add_column("tokens", justify="right", overflow="fold")
     for row in rows:
         table.add_row(
             row.job_id,
-            Text(row.state or "?", style=_state_style(row.state)),
+            _state_text(row),
             row.tenant or "",
             row.user or "",
-            row.temporal_status,
-            row.started_at.strftime("%Y-%m-%d %H:%M:%S"),
+            row.started_at.strftime("%m-%d %H:%M"),
             f"${row.cost_usd:.4f}" if row.cost_usd is not None else "",
             f"{row.tokens:,}" if row.tokens is not None else "",
         )
     return table
+
+
+def _state_text(row: JobSummary) -> Text:
+    state = Text(row.state or "?", style=_state_style(row.state))
+    if row.temporal_status not in ("RUNNING", "COMPLETED"):
+        # Failed, terminated or timed out in Temporal: say so beside the job's own state.
+        state.append(f" ({row.temporal_status.lower()})", style="red")
+    return state
 
 
 def _budget_table(snap: JobStatus) -> Table:
@@ -362,7 +420,7 @@ def _print_result(res: JobResult) -> None:
     console.print(Text.assemble(("outcome  ", "bold"), outcome))
     u = res.usage
     console.print(
-        f"usage  {res.iterations} iterations · {u.steps} steps · {u.tool_calls} tool calls · "
+        f"usage  iterations {res.iterations} · {u.steps} steps · {u.tool_calls} tool calls · "
         f"{u.tokens:,} tokens · ${u.cost_usd:.4f}",
         markup=False,
     )

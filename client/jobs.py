@@ -102,6 +102,9 @@ BACKSTOP_SLACK_SECONDS = 600.0
 QUERY_TIMEOUT = timedelta(seconds=10)
 """A status query waits for a worker; without one it would hang, so give up and say why."""
 
+RESULT_POLL_SECONDS = 0.5
+"""How often ``result(timeout=...)`` checks whether the job has closed."""
+
 _JOB_STATES: frozenset[str] = frozenset(get_args(JobState))
 
 _EXECUTION_STATE: dict[WorkflowExecutionStatus, JobState] = {
@@ -266,7 +269,8 @@ class AgentJobs:
             AgentJobError: If the server refused the start for another reason.
         """
         request = validate_request(req)
-        job_id = JOB_ID_PREFIX + validate_request_key(request_key or uuid4().hex)
+        key = uuid4().hex if request_key is None else request_key
+        job_id = JOB_ID_PREFIX + validate_request_key(key)
         budget = request.budget
         backstop = (
             budget.max_seconds
@@ -402,10 +406,11 @@ class AgentJobs:
             JobTimeout: If ``timeout`` passed first; the job keeps running.
             JobNotFound: If no job has this ID.
         """
+        handle = self._handle(job_id)
         try:
-            return await asyncio.wait_for(self._handle(job_id).result(), timeout)
-        except TimeoutError:
-            raise JobTimeout(job_id, timeout or 0.0) from None
+            if timeout is not None:
+                await self._wait_closed(handle, job_id, timeout)
+            return await handle.result()
         except WorkflowFailureError as err:
             raise JobFailed(job_id, *_cause(err.cause)) from None
         except RPCError as err:
@@ -454,7 +459,7 @@ class AgentJobs:
     async def list(
         self, *, tenant: str | None = None, state: str | None = None, limit: int = 50
     ) -> builtins.list[JobSummary]:
-        """List jobs from Temporal visibility, newest first.
+        """List jobs from Temporal visibility, most recent first.
 
         Args:
             tenant: Only this tenant's jobs.
@@ -480,6 +485,27 @@ class AgentJobs:
 
     def _handle(self, job_id: str) -> WorkflowHandle[AgentLoopWorkflow, JobResult]:
         return self._client.get_workflow_handle_for(AgentLoopWorkflow.run, job_id)
+
+    async def _wait_closed(
+        self, handle: WorkflowHandle[AgentLoopWorkflow, JobResult], job_id: str, timeout: float
+    ) -> None:
+        """Poll ``describe`` until the execution closes or ``timeout`` passes.
+
+        ``asyncio.wait_for(handle.result(), timeout)`` would cancel the SDK's in-flight history
+        long poll, which can leave the process hanging at exit (seen with temporalio 1.35), and
+        ``rpc_timeout`` does not bound that long poll on recent servers
+        (temporalio/temporal#8970). Short describe calls plus a sleep have neither problem.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            desc = await handle.describe()
+            if desc.status is not None and desc.status != WorkflowExecutionStatus.RUNNING:
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise JobTimeout(job_id, timeout)
+            await asyncio.sleep(min(RESULT_POLL_SECONDS, remaining))
 
     async def _closed_state(self, job_id: str) -> JobState | None:
         """The final job state if the execution has closed, else ``None``."""

@@ -187,6 +187,7 @@ def make_worker(redis_url: str, sim_url: str) -> WorkerFactory:
         *,
         base_url: str | None = None,
         api_key: str = "sim-local-key",
+        model: str = "sim-small",
         http_allowed_hosts: list[str] | None = None,
         **worker_kwargs: Any,
     ) -> AsyncGenerator[Worker, None]:
@@ -194,9 +195,7 @@ def make_worker(redis_url: str, sim_url: str) -> WorkerFactory:
             redis_url=redis_url,
             openai_base_url=base_url or sim_url,
             openai_api_key=api_key,
-            llm_config=LLMConfig(
-                planner_model="sim-small", verifier_model="sim-small", answerer_model="sim-small"
-            ),
+            llm_config=LLMConfig(planner_model=model, verifier_model=model, answerer_model=model),
             http_allowed_hosts=http_allowed_hosts or ["127.0.0.1"],
         )
         worker_kwargs.setdefault("max_cached_workflows", 0)

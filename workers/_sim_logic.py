@@ -62,6 +62,8 @@ class Directives:
     """Added to the reported completion tokens, to exhaust token budgets."""
     max_steps: int = DEFAULT_MAX_STEPS
     """Cap on tool steps in a plan."""
+    use: str | None = None
+    """A tool to put in the plan even if it was not offered (to exercise the allow-list)."""
 
 
 @lru_cache(maxsize=1024)
@@ -95,6 +97,8 @@ def parse_goal(goal: str) -> tuple[str, Directives]:
                 values["extra_tokens"] = max(0, int(raw))
             elif key == "steps":
                 values["max_steps"] = max(0, int(raw))
+            elif key == "use" and raw:
+                values["use"] = raw
             elif key == "fault" and (fault := _FAULT.match(raw)) and fault[1] in FAULT_KINDS:
                 values["fault"] = fault[1]
                 values["fault_count"] = int(fault[2]) if fault[2] else None
@@ -219,6 +223,8 @@ def plan_reply(payload: dict[str, Any], goal: str, directives: Directives) -> di
         _step(i, "tool", tool=t["name"], args=build_args(t.get("parameters") or {}, goal))
         for i, t in enumerate((named or tools)[:cap], start=1)
     ]
+    if directives.use:
+        steps.append(_step(len(steps) + 1, "tool", tool=directives.use, args={}))
     if payload.get("retrieval_enabled"):
         steps.append(_step(len(steps) + 1, "retrieve", query=goal))
     if not steps:
