@@ -167,6 +167,8 @@ def _arg_value(name: str, prop: dict[str, Any], goal: str) -> Any:
         return expr
     if name == "url" and (url := find_url(goal)):
         return url
+    if name == "query" and goal:
+        return goal[:200]
     examples = prop.get("examples")
     if isinstance(examples, list) and examples:
         return examples[0]

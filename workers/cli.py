@@ -22,11 +22,11 @@ from rich.console import Console
 from client.cli import app
 from workers.logs import configure_logging
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 DEMO_GOAL = (
-    "What is 17 * (23 + 4)? Use the calculator, search the docs for how Keel budgets a job, "
-    "and write a note with what you found."
+    "What is 17 * (23 + 4)? Use the calculator, use search_docs to find how Keel budgets a "
+    "job, and record what you found with write_note."
 )
 
 
@@ -200,7 +200,7 @@ def _print_stack(stack) -> None:  # type: ignore[no-untyped-def]
     console.print(f"[bold]Redis[/bold]     {env['REDIS_URL']}")
     llm = env.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_BASE_URL", "OpenAI")
     console.print(f"[bold]LLM[/bold]       {llm}")
-    console.print("In another shell: " + " ".join(f"export {k}={v}" for k, v in env.items()))
+    console.print("In another shell: " + "; ".join(f"export {k}={v}" for k, v in env.items()))
 
 
 def main() -> None:
