@@ -62,6 +62,10 @@ class Directives:
     """Added to the reported completion tokens, to exhaust token budgets."""
     max_steps: int = DEFAULT_MAX_STEPS
     """Cap on tool steps in a plan."""
+    fanout: int = 1
+    """Steps per chosen tool (same arguments), to shape benchmark jobs."""
+    replan: bool = False
+    """Plan tool steps on every iteration instead of answering once observations exist."""
     use: str | None = None
     """A tool to put in the plan even if it was not offered (to exercise the allow-list)."""
 
@@ -97,6 +101,10 @@ def parse_goal(goal: str) -> tuple[str, Directives]:
                 values["extra_tokens"] = max(0, int(raw))
             elif key == "steps":
                 values["max_steps"] = max(0, int(raw))
+            elif key == "fanout":
+                values["fanout"] = max(1, min(int(raw), _MAX_PLAN_STEPS - 1))
+            elif key == "replan":
+                values["replan"] = True
             elif key == "use" and raw:
                 values["use"] = raw
             elif key == "fault" and (fault := _FAULT.match(raw)) and fault[1] in FAULT_KINDS:
@@ -216,14 +224,15 @@ def plan_reply(payload: dict[str, Any], goal: str, directives: Directives) -> di
         reply["question"] = f'Which interpretation of "{subject}" do you mean? Please be specific.'
         reply["default_assumption"] = "Assume the most common interpretation."
         return reply
-    if payload.get("observations"):
+    if payload.get("observations") and not directives.replan:
         return _plan("answer", "The observations cover the goal; ready to answer.", [])
     tools = [t for t in payload.get("tools") or [] if isinstance(t, dict) and t.get("name")]
     named = [t for t in tools if str(t["name"]).lower() in goal.lower()]
     cap = min(directives.max_steps, _MAX_PLAN_STEPS - 1)
+    chosen = [t for t in (named or tools) for _ in range(directives.fanout)][:cap]
     steps = [
         _step(i, "tool", tool=t["name"], args=build_args(t.get("parameters") or {}, goal))
-        for i, t in enumerate((named or tools)[:cap], start=1)
+        for i, t in enumerate(chosen, start=1)
     ]
     if directives.use:
         steps.append(_step(len(steps) + 1, "tool", tool=directives.use, args={}))
