@@ -20,7 +20,9 @@ from temporalio import activity
 
 from activities._heartbeat import heartbeating
 from activities.errors import from_openai
+from activities.store import KeelStore
 from activities.types import (
+    PROMPT_CHARS_PER_OBSERVATION,
     AnswerInput,
     AnswerResult,
     LLMCallBase,
@@ -102,10 +104,12 @@ class LLMActivities:
         client: openai.AsyncOpenAI,
         config: LLMConfig,
         tool_specs: Callable[[Sequence[str]], list[dict[str, Any]]],
+        store: KeelStore | None = None,
     ) -> None:
         self._client = client
         self._config = config
         self._tool_specs = tool_specs
+        self._store = store
 
     @activity.defn(name="resolve_models")
     async def resolve_models(self, inp: ResolveModelsInput) -> ModelRoster:
@@ -120,7 +124,7 @@ class LLMActivities:
     @activity.defn(name="plan_step")
     async def plan_step(self, inp: PlanInput) -> PlanResult:
         """Ask the planner for the next plan."""
-        context = _context(inp) | {
+        context = await self._context(inp) | {
             "tools": self._tool_specs(inp.allowed_tools),
             "retrieval_enabled": inp.retrieval_enabled,
             "critique": inp.critique,
@@ -134,7 +138,7 @@ class LLMActivities:
     @activity.defn(name="draft_answer")
     async def draft_answer(self, inp: AnswerInput) -> AnswerResult:
         """Write a draft answer from the observations."""
-        context = _context(inp) | {"critique": inp.critique}
+        context = await self._context(inp) | {"critique": inp.critique}
         text, usage, reason = await self._complete(inp, ANSWER_PROMPT, context, "keel_answer", None)
         try:
             answer = str(json.loads(text)["answer"])
@@ -145,12 +149,33 @@ class LLMActivities:
     @activity.defn(name="verify_draft")
     async def verify_draft(self, inp: VerifyInput) -> VerifyResult:
         """Judge a draft against the goal and observations."""
-        context = _context(inp) | {"draft": inp.draft}
+        context = await self._context(inp) | {"draft": inp.draft}
         text, usage, reason = await self._complete(
             inp, VERIFY_PROMPT, context, "keel_verdict", Verdict
         )
         verdict, reason = _parse(Verdict, text, reason)
         return VerifyResult(verdict=verdict, invalid_reason=reason, usage=usage)
+
+    async def _context(self, inp: LLMCallBase) -> dict[str, Any]:
+        """The prompt's JSON context.
+
+        Observations stored by reference are read back from Redis, up to
+        PROMPT_CHARS_PER_OBSERVATION each, which is what the workflow budgeted for.
+        """
+        observations = []
+        for obs in inp.observations:
+            doc = obs.model_dump(mode="json", exclude={"size"})
+            if obs.ref and self._store is not None:
+                full = await self._store.get_blob(obs.ref)
+                if full is not None:
+                    doc["content"] = full[:PROMPT_CHARS_PER_OBSERVATION]
+            observations.append(doc)
+        return {
+            "goal": inp.goal,
+            "iteration": inp.iteration,
+            "observations": observations,
+            "clarifications": [c.model_dump(mode="json") for c in inp.clarifications],
+        }
 
     async def _complete(
         self,
@@ -211,15 +236,6 @@ _ANSWER_SCHEMA: dict[str, Any] = {
     "properties": {"answer": {"type": "string"}},
     "required": ["answer"],
 }
-
-
-def _context(inp: LLMCallBase) -> dict[str, Any]:
-    return {
-        "goal": inp.goal,
-        "iteration": inp.iteration,
-        "observations": [o.model_dump(mode="json") for o in inp.observations],
-        "clarifications": [c.model_dump(mode="json") for c in inp.clarifications],
-    }
 
 
 def _usage(spec: ModelSpec, usage: Any) -> Usage:

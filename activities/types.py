@@ -14,8 +14,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-PREVIEW_CHARS = 2000
-"""Longest tool or retrieval output kept inline in history; the rest goes to Redis by reference."""
+PREVIEW_CHARS = 240
+"""Longest tool output kept inline in history; longer outputs go to Redis by reference and only
+this much of them is recorded, so history per step stays flat whatever a tool returns."""
+
+PROMPT_CHARS_PER_OBSERVATION = 4000
+"""How much of an observation stored by reference an LLM activity puts in its prompt."""
 
 
 class Usage(BaseModel):
@@ -95,6 +99,8 @@ class Observation(BaseModel):
     """Output preview (at most PREVIEW_CHARS), or the error message when not ok."""
     ref: str | None = None
     """Redis key of the full output when it was too large to keep in history."""
+    size: int = 0
+    """Length of the full output; with ``ref`` it bounds what the prompt will hold."""
     error_type: str | None = None
     """Error type constant from activities.errors when the step failed for good."""
 

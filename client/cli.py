@@ -32,7 +32,6 @@ from client.jobs import (
     validate_request,
     validate_request_key,
 )
-from workflows import TASK_QUEUE
 from workflows.types import HumanInput, JobEvent, JobResult, JobStatus
 
 __all__ = ["app"]
@@ -51,7 +50,7 @@ EXIT_FAILED = 1
 """Exit code for every other error: job failed, not found, server unreachable."""
 
 TASK_QUEUE_ENV = "KEEL_TASK_QUEUE"
-"""Environment variable naming the task queue jobs are started on (default: ``TASK_QUEUE``)."""
+"""Environment variable pinning the task queue jobs start on (default: chosen by mode)."""
 
 WIDE_TABLE_EXTRA = 80
 """Columns the table needs beside the job ID; narrower terminals get two lines per job."""
@@ -99,8 +98,9 @@ def _emit_json(doc: Any) -> None:
 
 
 async def _jobs() -> AgentJobs:
-    # KEEL_TASK_QUEUE is the same variable the worker settings read, so both sides agree.
-    return AgentJobs(await connect(), task_queue=os.environ.get(TASK_QUEUE_ENV) or TASK_QUEUE)
+    # KEEL_TASK_QUEUE (the variable the worker settings read) pins one queue for every job;
+    # unset, each job's mode picks keel-interactive or keel-batch.
+    return AgentJobs(await connect(), task_queue=os.environ.get(TASK_QUEUE_ENV) or None)
 
 
 @app.command()
@@ -152,6 +152,14 @@ def submit(
         str | None,
         typer.Option(metavar="ID", help="Workflow to signal with the result when the job ends."),
     ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            "--mode",
+            metavar="interactive|batch",
+            help="Queue class: batch jobs run on keel-batch, never ahead of interactive ones.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Submit a job and print its ID at once."""
@@ -175,6 +183,7 @@ def submit(
         "docs_dir": docs,
         "ask_timeout_seconds": ask_timeout,
         "notify_workflow": notify_workflow,
+        "mode": mode,
         "budget": budget or None,
     }
     payload: dict[str, Any] = {"goal": goal}

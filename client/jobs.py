@@ -59,10 +59,11 @@ from client.errors import (
     JobNotFound,
     JobTimeout,
 )
-from workflows import TASK_QUEUE, WORKFLOW_TYPE
+from workflows import TASK_QUEUE, TASK_QUEUES, WORKFLOW_TYPE
 from workflows.agent_loop import AgentLoopWorkflow
 from workflows.search_attributes import (
     KEEL_COST_USD,
+    KEEL_MODE,
     KEEL_OUTCOME,
     KEEL_STATE,
     KEEL_TENANT,
@@ -239,10 +240,12 @@ class AgentJobs:
         task_queue: Queue the workers for ``AgentLoopWorkflow`` listen on.
     """
 
-    def __init__(self, client: Client, *, task_queue: str = TASK_QUEUE) -> None:
+    def __init__(self, client: Client, *, task_queue: str | None = None) -> None:
         self._client = client
-        self.task_queue = task_queue
-        """Default task queue for new jobs."""
+        self._fixed_queue = task_queue
+        self.task_queue = task_queue or TASK_QUEUE
+        """Task queue for new jobs when set explicitly; otherwise each job's ``mode`` picks
+        its queue (``keel-interactive`` or ``keel-batch``)."""
 
     async def start(
         self,
@@ -282,7 +285,7 @@ class AgentJobs:
                 AgentLoopWorkflow.run,
                 AgentLoopInput(request=request),
                 id=job_id,
-                task_queue=task_queue or self.task_queue,
+                task_queue=task_queue or self._fixed_queue or TASK_QUEUES[request.mode],
                 # A retried request with the same key joins the running job; once it has
                 # closed, the key is spent and the start is rejected (caught below).
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
@@ -293,6 +296,7 @@ class AgentJobs:
                         SearchAttributePair(KEEL_TENANT, request.tenant),
                         SearchAttributePair(KEEL_USER, request.user),
                         SearchAttributePair(KEEL_STATE, "queued"),
+                        SearchAttributePair(KEEL_MODE, request.mode),
                     ]
                 ),
                 static_summary=_summary(request.goal),

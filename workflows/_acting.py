@@ -108,7 +108,8 @@ class StepRunner:
         except ActivityError as err:
             return self._failed(base, err)
         lines = [f"{h.path} (score {h.score:.2f}): {h.snippet}" for h in result.hits]
-        return base.model_copy(update={"ok": True, "content": "\n".join(lines) or "no matches"})
+        content = "\n".join(lines) or "no matches"
+        return base.model_copy(update={"ok": True, "content": content, "size": len(content)})
 
     async def _tool(self, step: PlanStep) -> Observation:
         tool = step.tool or ""
@@ -136,7 +137,7 @@ class StepRunner:
         except ActivityError as err:
             return self._failed(base, err, tool, attempts)
         self._ledger.charge_retries(tool, result.attempt - 1)
-        update = {"ok": True, "content": result.content, "ref": result.ref}
+        update = {"ok": True, "content": result.content, "ref": result.ref, "size": result.size}
         return base.model_copy(update=update)
 
     def _failed(

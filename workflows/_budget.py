@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from pydantic import BaseModel
-
-from activities.types import ModelSpec, Usage
+from activities.types import PROMPT_CHARS_PER_OBSERVATION, LLMCallBase, ModelSpec, Usage
 from workflows.types import Budget, BudgetName, LoopCounters
 
 MIN_OUTPUT_TOKENS = 64
@@ -33,9 +31,18 @@ class BudgetExhausted(Exception):
         self.budget: BudgetName = budget
 
 
-def estimate_prompt_tokens(inp: BaseModel) -> int:
-    """Worst-case prompt tokens for an LLM activity input."""
-    return len(inp.model_dump_json()) // CHARS_PER_TOKEN + PROMPT_OVERHEAD_TOKENS
+def estimate_prompt_tokens(inp: LLMCallBase) -> int:
+    """Worst-case prompt tokens for an LLM activity input.
+
+    Observations stored by reference count at the size the activity will expand them to.
+    """
+    expanded = sum(
+        max(0, min(o.size, PROMPT_CHARS_PER_OBSERVATION) - len(o.content))
+        for o in inp.observations
+        if o.ref
+    )
+    chars = len(inp.model_dump_json()) + expanded
+    return chars // CHARS_PER_TOKEN + PROMPT_OVERHEAD_TOKENS
 
 
 class Ledger:

@@ -52,6 +52,10 @@ MAX_OBSERVATIONS = 16
 """Observations kept in state and prompts; older ones drop off so history stays bounded."""
 MAX_CORRECTIONS = 2
 """Corrective planner calls after invalid output before the job fails with BadModelOutput."""
+HISTORY_BYTES_LIMIT = 1_000_000
+"""Continue as new past this history size: far under Temporal's 50 MB limit and the 2 MB a
+run of a Keel job is allowed to reach, so replays and worker cache stay cheap."""
+HISTORY_EVENTS_LIMIT = 4_000
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -89,7 +93,7 @@ class AgentLoopWorkflow:
                 if verdict.passed:
                     return await self._finish("completed")
                 self._refine(verdict)
-                if workflow.info().is_continue_as_new_suggested():
+                if self._history_is_long():
                     break
             await self._continue_as_new()
         except BudgetExhausted as exhausted:
@@ -219,7 +223,7 @@ class AgentLoopWorkflow:
                 kind or errors.LLM_TRANSIENT, f"{phase} call failed: {cause}"
             ) from None
         ledger.charge_llm(result.usage)  # type: ignore[attr-defined]
-        self._upsert_usage()
+        self._show_details()
         return result
 
     def _llm_fields(self, role: Role) -> dict[str, Any]:
@@ -273,17 +277,35 @@ class AgentLoopWorkflow:
         return "No verified answer yet. Observations so far:\n" + "\n".join(lines)
 
     def _set_state(self, state: JobState) -> None:
+        """Record a phase change; search attributes carry usage as of the change."""
         if self._s.state != state:
             self._s.state = state
-            workflow.upsert_search_attributes([sa.KEEL_STATE.value_set(state)])
+            usage = self._s.counters.usage
+            workflow.upsert_search_attributes(
+                [
+                    sa.KEEL_STATE.value_set(state),
+                    sa.KEEL_COST_USD.value_set(round(usage.cost_usd, 6)),
+                    sa.KEEL_TOKENS.value_set(usage.total_tokens),
+                ]
+            )
+        self._show_details()
 
-    def _upsert_usage(self) -> None:
-        usage = self._s.counters.usage
-        workflow.upsert_search_attributes(
-            [
-                sa.KEEL_COST_USD.value_set(usage.cost_usd),
-                sa.KEEL_TOKENS.value_set(usage.total_tokens),
-            ]
+    def _show_details(self) -> None:
+        """Current details in the Temporal UI: phase, iteration and budget use (no events)."""
+        b, c = self._req.budget, self._s.counters
+        workflow.set_current_details(
+            f"**{self._s.state}** · iteration {self._s.iteration + 1}/{b.max_iterations}\n\n"
+            f"steps {c.steps}/{b.max_steps} · tool calls {c.tool_calls}/{b.max_tool_calls} · "
+            f"tokens {c.usage.total_tokens}/{b.max_tokens} · "
+            f"${c.usage.cost_usd:.4f}/${b.max_cost_usd:.2f}"
+        )
+
+    def _history_is_long(self) -> bool:
+        info = workflow.info()
+        return (
+            info.is_continue_as_new_suggested()
+            or info.get_current_history_size() > HISTORY_BYTES_LIMIT
+            or info.get_current_history_length() > HISTORY_EVENTS_LIMIT
         )
 
     def _event(self, kind: str, detail: str = "") -> None:

@@ -11,10 +11,19 @@ KEEL_TENANT = SearchAttributeKey.for_keyword("KeelTenant")
 KEEL_USER = SearchAttributeKey.for_keyword("KeelUser")
 KEEL_STATE = SearchAttributeKey.for_keyword("KeelState")
 KEEL_OUTCOME = SearchAttributeKey.for_keyword("KeelOutcome")
+KEEL_MODE = SearchAttributeKey.for_keyword("KeelMode")
 KEEL_COST_USD = SearchAttributeKey.for_float("KeelCostUsd")
 KEEL_TOKENS = SearchAttributeKey.for_int("KeelTokens")
 
-ALL_KEYS = (KEEL_TENANT, KEEL_USER, KEEL_STATE, KEEL_OUTCOME, KEEL_COST_USD, KEEL_TOKENS)
+ALL_KEYS = (
+    KEEL_TENANT,
+    KEEL_USER,
+    KEEL_STATE,
+    KEEL_OUTCOME,
+    KEEL_MODE,
+    KEEL_COST_USD,
+    KEEL_TOKENS,
+)
 """Every key, for registration (``temporal server start-dev --search-attribute NAME=Type``)."""
 
 CLI_TYPES = {"keyword": "Keyword", "double": "Double", "int": "Int"}

@@ -109,6 +109,8 @@ class JobRequest(BaseModel):
     """How long a question waits for an answer before the default assumption is used."""
     notify_workflow: WorkflowIdStr | None = None
     """Workflow to signal with the JobResult when this job ends."""
+    mode: Literal["interactive", "batch"] = "interactive"
+    """Which task queue runs the job: interactive jobs never wait behind a batch backlog."""
 
     @field_validator("goal")
     @classmethod
