@@ -59,7 +59,7 @@ def build_deps(
 
 def build_activities(deps: Deps) -> list[Callable[..., Any]]:
     """Every activity a Keel worker registers."""
-    llm = LLMActivities(deps.llm, deps.llm_config, deps.tools.specs)
+    llm = LLMActivities(deps.llm, deps.llm_config, deps.tools.specs, deps.store)
     tools = ToolActivities(deps.tools, deps.store)
     retrieval = RetrievalActivities(deps.retriever)
     return [
