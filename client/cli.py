@@ -25,6 +25,7 @@ from rich.text import Text
 
 from client.connect import connect
 from client.errors import AgentJobError, InvalidJobRequest
+from client.fleet import QueueStats, describe_fleet
 from client.jobs import (
     AgentJobs,
     JobSummary,
@@ -294,6 +295,40 @@ def cancel(job_id: JobArg) -> None:
 
     _run(main)
     typer.echo(f"cancellation requested: {job_id}")
+
+
+@app.command()
+def fleet(
+    task_queue: Annotated[
+        list[str] | None,
+        typer.Option(help="Task queue to describe (repeat; default: interactive and batch)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show pollers and backlog per task queue: the signal to scale workers on."""
+
+    async def main() -> list[QueueStats]:
+        return await describe_fleet(await connect(), task_queue or None)
+
+    rows = _run(main)
+    if as_json:
+        _emit_json([r.model_dump(mode="json") for r in rows])
+        return
+    table = Table(title="Keel fleet")
+    for col in ("task queue", "kind", "pollers", "backlog", "oldest (s)", "add/s", "dispatch/s"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        names = ", ".join(p.identity for p in r.pollers) or "none"
+        table.add_row(
+            r.task_queue,
+            r.kind,
+            f"{len(r.pollers)} ({names})",
+            str(r.backlog),
+            f"{r.backlog_age_seconds:.1f}",
+            f"{r.add_rate:.2f}",
+            f"{r.dispatch_rate:.2f}",
+        )
+    _stdout().print(table)
 
 
 @app.command("list")

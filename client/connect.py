@@ -15,6 +15,7 @@ from datetime import timedelta
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfig
+from temporalio.runtime import Runtime
 
 from client.errors import ConnectionFailed
 
@@ -29,12 +30,18 @@ CONNECT_TIMEOUT = timedelta(seconds=10)
 _log = logging.getLogger(__name__)
 
 
-async def connect(*, address: str | None = None, namespace: str | None = None) -> Client:
+async def connect(
+    *,
+    address: str | None = None,
+    namespace: str | None = None,
+    runtime: Runtime | None = None,
+) -> Client:
     """Connect a Temporal client configured for Keel.
 
     Args:
         address: ``host:port`` that overrides ``TEMPORAL_ADDRESS`` and the config profile.
         namespace: Namespace that overrides ``TEMPORAL_NAMESPACE`` and the config profile.
+        runtime: SDK runtime to use (workers pass one that exports Prometheus metrics).
 
     Returns:
         A connected client using ``pydantic_data_converter``.
@@ -64,6 +71,7 @@ async def connect(*, address: str | None = None, namespace: str | None = None) -
             **config,
             data_converter=pydantic_data_converter,
             connect_timeout=CONNECT_TIMEOUT,
+            runtime=runtime,
         )
     except RuntimeError as err:
         # The SDK's core raises a bare RuntimeError("Failed client connect: ...") here.

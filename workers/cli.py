@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -32,24 +33,56 @@ DEMO_GOAL = (
 
 @app.command()
 def worker(
-    task_queue: Annotated[str | None, typer.Option(help="Task queue to poll.")] = None,
+    task_queue: Annotated[
+        list[str] | None,
+        typer.Option(help="Task queue to poll (repeat; default: keel-interactive, keel-batch)."),
+    ] = None,
     max_concurrent_activities: Annotated[int | None, typer.Option(min=1)] = None,
+    max_concurrent_workflow_tasks: Annotated[int | None, typer.Option(min=1)] = None,
+    resource_tuner: Annotated[
+        bool, typer.Option(help="Size slots by CPU and memory (Temporal's resource tuner).")
+    ] = False,
     identity: Annotated[str | None, typer.Option(help="Worker identity shown in Temporal.")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on this port.")
+    ] = None,
+    graceful_shutdown_seconds: Annotated[
+        float | None, typer.Option(help="On SIGTERM, time running activities get to finish.")
+    ] = None,
+    build_id: Annotated[
+        str | None, typer.Option(help="Build ID; with --deployment-name enables versioning.")
+    ] = None,
+    deployment_name: Annotated[str | None, typer.Option(help="Worker Deployment name.")] = None,
 ) -> None:
-    """Run a worker until SIGTERM or Ctrl-C; start as many as you like."""
+    """Run a worker until SIGTERM or Ctrl-C; start as many as you like, anywhere."""
     from workers.main import run_worker
     from workers.settings import WorkerSettings
 
     configure_logging()
-    overrides: dict[str, object] = {}
-    if task_queue:
-        overrides["task_queue"] = task_queue
-    if max_concurrent_activities:
-        overrides["max_concurrent_activities"] = max_concurrent_activities
-    if identity:
-        overrides["identity"] = identity
-    settings = WorkerSettings(**overrides)  # type: ignore[arg-type]
-    asyncio.run(run_worker(settings))
+    given = {
+        "task_queues": ",".join(task_queue) if task_queue else None,
+        "max_concurrent_activities": max_concurrent_activities,
+        "max_concurrent_workflow_tasks": max_concurrent_workflow_tasks,
+        "resource_tuner": resource_tuner or None,
+        "identity": identity,
+        "metrics_port": metrics_port,
+        "graceful_shutdown_seconds": graceful_shutdown_seconds,
+        "build_id": build_id,
+        "deployment_name": deployment_name,
+    }
+    overrides = {k: v for k, v in given.items() if v is not None}
+    try:
+        settings = WorkerSettings(**overrides)  # type: ignore[arg-type]
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    from client.errors import ConnectionFailed
+
+    try:
+        asyncio.run(run_worker(settings))
+    except ConnectionFailed as err:
+        console.print(f"[red]error:[/red] {err.message}")
+        raise typer.Exit(1) from None
 
 
 @app.command("sim-llm")
@@ -203,9 +236,27 @@ def _print_stack(stack) -> None:  # type: ignore[no-untyped-def]
     console.print("In another shell: " + "; ".join(f"export {k}={v}" for k, v in env.items()))
 
 
+from workers.bench import bench as _bench  # noqa: E402
+
+app.command()(_bench)
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    Exits with ``os._exit`` once the command has finished and flushed its output: letting the
+    interpreter finalise while the Temporal SDK's native runtime threads are still alive can
+    abort the process (SIGABRT) after the command already succeeded or failed cleanly.
+    """
+    code = 0
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """A Keel worker process: connect, build the real dependencies, poll until SIGTERM, shut down.
 
 Composition only. Start as many as you like, on as many machines as you like: they share work
-through Temporal's task queues and nothing in Keel assumes a single worker.
+through Temporal's task queues and nothing in Keel assumes a single worker. One process polls
+every queue it is given (by default the interactive and the batch queue) with one shared set
+of clients.
 """
 
 from __future__ import annotations
@@ -9,35 +11,95 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import structlog
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+from temporalio.worker import Worker, WorkerDeploymentConfig, WorkerTuner
 
 from client.connect import connect
+from client.fleet import describe_fleet
 from workers.registry import WORKFLOWS, build_activities, build_deps
 from workers.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
 
+BEHAVIORS = {
+    "auto_upgrade": VersioningBehavior.AUTO_UPGRADE,
+    "pinned": VersioningBehavior.PINNED,
+}
 
-def build_worker(client: Client, settings: WorkerSettings, activities: list) -> Worker:  # type: ignore[type-arg]
-    """A Worker for Keel's workflows and the given activities, tuned by ``settings``."""
+
+def build_worker(
+    client: Client, settings: WorkerSettings, activities: list[Callable[..., Any]], queue: str
+) -> Worker:
+    """A Worker for Keel's workflows and the given activities on one queue, tuned by settings."""
+    tuning: dict[str, Any] = {}
+    if settings.resource_tuner:
+        tuning["tuner"] = WorkerTuner.create_resource_based(
+            target_memory_usage=settings.target_memory, target_cpu_usage=settings.target_cpu
+        )
+    else:
+        tuning["max_concurrent_activities"] = settings.max_concurrent_activities
+        tuning["max_concurrent_workflow_tasks"] = settings.max_concurrent_workflow_tasks
+    if settings.deployment_name and settings.build_id:
+        tuning["deployment_config"] = WorkerDeploymentConfig(
+            version=WorkerDeploymentVersion(
+                deployment_name=settings.deployment_name, build_id=settings.build_id
+            ),
+            use_worker_versioning=True,
+            default_versioning_behavior=BEHAVIORS[settings.versioning_behavior],
+        )
     return Worker(
         client,
-        task_queue=settings.task_queue,
+        task_queue=queue,
         workflows=WORKFLOWS,
         activities=activities,
-        max_concurrent_activities=settings.max_concurrent_activities,
-        max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
         graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
         identity=settings.identity,
+        **tuning,
     )
 
 
+def metrics_runtime(port: int | None) -> Runtime | None:
+    """An SDK runtime exporting Prometheus metrics on ``port``, or None for the default."""
+    if port is None:
+        return None
+    return Runtime(
+        telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=f"0.0.0.0:{port}"))
+    )
+
+
+async def export_fleet_gauges(client: Client, runtime: Runtime, queues: list[str], every: float):
+    """Publish each queue's backlog and poller count as gauges, the autoscaling signal."""
+    meter = runtime.metric_meter
+    backlog = meter.create_gauge("keel_task_queue_backlog", "Tasks waiting for a worker")
+    age = meter.create_gauge_float(
+        "keel_task_queue_backlog_age_seconds", "Age of the oldest waiting task", "s"
+    )
+    pollers = meter.create_gauge("keel_task_queue_pollers", "Workers polling the queue")
+    while True:
+        try:
+            for q in await describe_fleet(client, queues):
+                labels = {"task_queue": q.task_queue, "kind": q.kind}
+                backlog.with_additional_attributes(labels).set(q.backlog)
+                age.with_additional_attributes(labels).set(q.backlog_age_seconds)
+                pollers.with_additional_attributes(labels).set(len(q.pollers))
+        except Exception as err:  # noqa: BLE001 - metrics must never take a worker down
+            log.warning("fleet metrics failed", error=str(err))
+        await asyncio.sleep(every)
+
+
 async def run_worker(settings: WorkerSettings, stop: asyncio.Event | None = None) -> None:
-    """Run one worker until ``stop`` is set or the process gets SIGINT/SIGTERM.
+    """Run one worker process until ``stop`` is set or it gets SIGINT/SIGTERM.
+
+    On the signal every queue's worker stops polling at once, running activities get
+    ``graceful_shutdown_seconds`` to finish, and the process exits; Temporal hands any
+    unfinished work to the other workers.
 
     Args:
         settings: Worker configuration.
@@ -48,7 +110,8 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event | None = None
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    client = await connect()
+    runtime = metrics_runtime(settings.metrics_port)
+    client = await connect(runtime=runtime)
     deps = build_deps(
         redis_url=settings.redis_url,
         openai_base_url=settings.openai_base_url,
@@ -58,17 +121,34 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event | None = None
         http_max_bytes=settings.http_max_bytes,
     )
     await deps.store.ping()
-    worker = build_worker(client, settings, build_activities(deps))
+    activities = build_activities(deps)
+    workers = [build_worker(client, settings, activities, q) for q in settings.queues()]
+    gauges = None
+    if runtime is not None:
+        gauges = asyncio.create_task(
+            export_fleet_gauges(client, runtime, settings.queues(), settings.metrics_poll_seconds)
+        )
     log.info(
         "worker started",
-        task_queue=settings.task_queue,
-        identity=worker.config().get("identity"),
+        task_queues=settings.queues(),
+        identity=workers[0].config().get("identity"),
         llm_endpoint=settings.openai_base_url,
+        metrics_port=settings.metrics_port,
+        build_id=settings.build_id,
     )
+    running = [asyncio.create_task(w.run()) for w in workers]
+    stopping = asyncio.create_task(stop.wait())
     try:
-        async with worker:
-            await stop.wait()
-            log.info("worker stopping", grace_seconds=settings.graceful_shutdown_seconds)
+        await asyncio.wait([*running, stopping], return_when=asyncio.FIRST_COMPLETED)
+        log.info("worker stopping", grace_seconds=settings.graceful_shutdown_seconds)
+        # Every queue stops polling at once; running activities drain in parallel.
+        await asyncio.gather(*(w.shutdown() for w in workers), return_exceptions=True)
+        failures = [r for r in await asyncio.gather(*running, return_exceptions=True) if r]
+        if failures:
+            raise failures[0]
     finally:
+        stopping.cancel()
+        if gauges is not None:
+            gauges.cancel()
         await deps.aclose()
         log.info("worker stopped")

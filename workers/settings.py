@@ -9,12 +9,13 @@ are prefixed ``KEEL_``. Secrets are ``SecretStr`` so they never print.
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from activities.llm import DEFAULT_PRICES, LLMConfig
-from workflows import TASK_QUEUE
+from workflows import TASK_QUEUES
 
 SIM_API_KEY = "sim-local-key"
 """The key ``keel dev`` hands the worker when it runs the simulator; refused anywhere else."""
@@ -23,13 +24,30 @@ SIM_API_KEY = "sim-local-key"
 class WorkerSettings(BaseSettings):
     """Everything a worker process needs to build its dependencies."""
 
-    model_config = SettingsConfigDict(env_prefix="KEEL_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="KEEL_", extra="ignore", populate_by_name=True)
 
-    task_queue: str = TASK_QUEUE
+    task_queues: str = Field(
+        default=",".join(TASK_QUEUES.values()),
+        validation_alias=AliasChoices("KEEL_TASK_QUEUES", "KEEL_TASK_QUEUE"),
+    )
+    """Comma-separated task queues this worker polls (default: interactive and batch)."""
     max_concurrent_activities: int = Field(default=64, gt=0)
     max_concurrent_workflow_tasks: int = Field(default=32, gt=0)
+    resource_tuner: bool = False
+    """Size slots by CPU and memory use (Temporal's resource-based tuner) instead of counts."""
+    target_cpu: float = Field(default=0.8, gt=0, le=1)
+    target_memory: float = Field(default=0.8, gt=0, le=1)
     graceful_shutdown_seconds: float = Field(default=30.0, ge=0)
+    """On SIGTERM: stop polling, give running activities this long to finish, then exit."""
     identity: str | None = None
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    """Serve Prometheus metrics (SDK runtime metrics and queue backlog gauges) on this port."""
+    metrics_poll_seconds: float = Field(default=10.0, gt=0)
+    deployment_name: str | None = None
+    """Worker Deployment name; with ``build_id`` it turns on worker versioning."""
+    build_id: str | None = None
+    versioning_behavior: Literal["auto_upgrade", "pinned"] = "auto_upgrade"
+    """How running jobs move between builds; see the README's worker-versioning section."""
 
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
@@ -63,6 +81,10 @@ class WorkerSettings(BaseSettings):
                 "set OPENAI_API_KEY (the simulator's placeholder key is for local use only)"
             )
         return self
+
+    def queues(self) -> list[str]:
+        """The task queues as a list."""
+        return [q.strip() for q in self.task_queues.split(",") if q.strip()]
 
     def allowed_hosts(self) -> list[str]:
         """The http_get allow-list as a list."""

@@ -1,0 +1,90 @@
+"""``keel bench`` as a user runs it: a small run end to end, checked through its JSON.
+
+A smoke test of the benchmark, not a timed test: it asserts that figures were measured and are
+consistent with each other, never how fast anything was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+JOBS = 6
+ITERATIONS = 6
+HISTORY_LIMIT = 2_000_000
+
+
+def test_bench_smoke_run_measures_overhead_and_long_job(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    # Hermetic: the benchmark starts its own Redis and simulator, whatever this shell points at.
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "OPENAI_API_KEY")}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "bench",
+            "--server",
+            "memory",
+            "--jobs",
+            str(JOBS),
+            "--concurrency",
+            "3",
+            "--iterations",
+            str(ITERATIONS),
+            "--only",
+            "overhead,long",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(out.read_text())
+    assert report["complete"] is True
+
+    settings = report["settings"]
+    assert settings["servers"] == ["memory"]
+    assert settings["sections"] == ["overhead", "long"]
+    assert (settings["jobs"], settings["concurrency"], settings["iterations"]) == (
+        JOBS,
+        3,
+        ITERATIONS,
+    )
+    assert settings["transfer_rps"] > 0
+    assert settings["cpu_count"] >= 1
+
+    results = report["results"]["memory"]
+    assert set(results) >= {"overhead", "long"} and "scale" not in results
+    overhead = results["overhead"]
+    for kind in ("keel", "bare"):
+        figures = overhead[kind]
+        assert figures["completed"] == JOBS, figures["outcomes"]
+        assert figures["jobs_per_s"] > 0
+        assert 0 < figures["latency_p50_s"] <= figures["latency_p95_s"]
+        assert figures["single_median_s"] > 0
+        assert figures["history_events_per_job"] > 0
+        assert figures["history_bytes_per_job"] > 0
+        assert figures["activities_per_job"] == 8
+    ratios = overhead["ratio_keel_over_bare"]
+    for key in ("jobs_per_s", "latency_p50_s", "single_median_s", "history_bytes_per_job"):
+        expected = overhead["keel"][key] / overhead["bare"][key]
+        assert math.isclose(ratios[key], expected, rel_tol=1e-9), key
+
+    long = results["long"]
+    assert long["iterations_reached"] == ITERATIONS
+    assert long["exhausted_budget"] == "max_iterations"
+    assert long["runs"] >= 1 and len(long["per_run"]) == long["runs"]
+    assert sum(r["iterations"] for r in long["per_run"]) == ITERATIONS
+    assert 0 < long["max_run_history_bytes"] < HISTORY_LIMIT
+    assert long["total_history_bytes"] >= long["max_run_history_bytes"]
+    assert long["passed"] is True
+
+    assert "Overhead" in run.stdout and "PASS" in run.stdout

@@ -1,0 +1,188 @@
+"""Measuring helpers for ``keel bench``: job runners, timed batches, percentiles, history sizes.
+
+Every figure here is computed from samples taken during the run: latencies with
+``time.perf_counter``, process CPU with ``time.process_time``, history sizes from
+``fetch_history`` (the sum of each event's protobuf ``ByteSize()``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import statistics
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
+from temporalio.client import Client
+
+from client.jobs import AgentJobs
+from workers.bench import BareWorkflow
+from workflows.types import JobRequest
+
+RunOne = Callable[[str], Awaitable[tuple[str, str]]]
+"""Runs one job to its end given a unique tag; returns its workflow ID and outcome."""
+
+COMPLETED = "completed"
+
+
+def keel_runner(jobs: AgentJobs, request: JobRequest, prefix: str) -> RunOne:
+    """A runner that starts ``request`` through ``AgentJobs`` and waits for its ``JobResult``."""
+
+    async def run(tag: str) -> tuple[str, str]:
+        job_id = await jobs.start(request, request_key=f"{prefix}-{tag}")
+        result = await jobs.result(job_id)
+        return job_id, result.outcome
+
+    return run
+
+
+def bare_runner(client: Client, task_queue: str, prefix: str) -> RunOne:
+    """A runner that starts ``BareWorkflow`` directly and waits for its result."""
+
+    async def run(tag: str) -> tuple[str, str]:
+        handle = await client.start_workflow(
+            BareWorkflow.run, tag, id=f"{prefix}-{tag}", task_queue=task_queue
+        )
+        await handle.result()
+        return handle.id, COMPLETED
+
+    return run
+
+
+@dataclass
+class Batch:
+    """What one timed batch of jobs measured."""
+
+    jobs: int
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    completed_ids: list[str] = field(default_factory=list)
+    outcomes: Counter[str] = field(default_factory=Counter)
+
+    def summary(self) -> dict[str, Any]:
+        """The batch's figures, as written to JSON."""
+        return {
+            "jobs": self.jobs,
+            "completed": len(self.completed_ids),
+            "outcomes": dict(self.outcomes),
+            "wall_s": self.wall_s,
+            "jobs_per_s": self.jobs / self.wall_s if self.wall_s > 0 else None,
+            "latency_p50_s": percentile(self.latencies, 50),
+            "latency_p95_s": percentile(self.latencies, 95),
+            "latency_mean_s": statistics.fmean(self.latencies) if self.latencies else None,
+            "cpu_s": self.cpu_s,
+            "cpu_ms_per_job": 1000 * self.cpu_s / self.jobs,
+        }
+
+
+async def run_batch(
+    run_one: RunOne,
+    jobs: int,
+    concurrency: int,
+    phase: str,
+    advance: Callable[[], None] | None = None,
+) -> Batch:
+    """Run ``jobs`` jobs with at most ``concurrency`` in flight; the next starts as one ends.
+
+    A job that raises is counted under its exception type in ``outcomes`` instead of stopping
+    the batch, so a broken build shows up in the figures rather than as a traceback.
+    """
+    batch = Batch(jobs=jobs)
+    counter = itertools.count()
+
+    async def lane() -> None:
+        while (i := next(counter)) < jobs:
+            started = time.perf_counter()
+            try:
+                workflow_id, outcome = await run_one(f"{phase}{i}")
+            except Exception as err:  # noqa: BLE001 - recorded as an outcome, see docstring
+                workflow_id, outcome = "", f"error: {type(err).__name__}"
+            batch.latencies.append(time.perf_counter() - started)
+            batch.outcomes[outcome] += 1
+            if outcome == COMPLETED:
+                batch.completed_ids.append(workflow_id)
+            if advance is not None:
+                advance()
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(lane() for _ in range(min(concurrency, jobs))))
+    batch.wall_s = time.perf_counter() - wall
+    batch.cpu_s = time.process_time() - cpu
+    return batch
+
+
+def percentile(samples: Sequence[float], pct: int) -> float | None:
+    """The ``pct``-th percentile of the samples (inclusive method); None without samples."""
+    if not samples:
+        return None
+    if len(samples) == 1:
+        return samples[0]
+    return statistics.quantiles(samples, n=100, method="inclusive")[pct - 1]
+
+
+def median(samples: Sequence[float]) -> float | None:
+    """The median of the samples; None without samples."""
+    return statistics.median(samples) if samples else None
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """``numerator / denominator``, or None when either is missing or the denominator is 0."""
+    if numerator is None or denominator is None or denominator == 0 or math.isnan(denominator):
+        return None
+    return numerator / denominator
+
+
+def spread(items: Sequence[str], count: int) -> list[str]:
+    """Up to ``count`` items evenly spaced over ``items`` (first and last included)."""
+    if len(items) <= count:
+        return list(items)
+    if count == 1:
+        return [items[len(items) // 2]]
+    return [items[round(k * (len(items) - 1) / (count - 1))] for k in range(count)]
+
+
+@dataclass
+class HistoryStats:
+    """Size of one run's history."""
+
+    events: int
+    bytes: int
+    activities: int
+    history: Sequence[HistoryEvent]
+
+
+async def history_stats(
+    client: Client, workflow_id: str, run_id: str | None = None
+) -> HistoryStats:
+    """Fetch one run's history (the latest run without ``run_id``) and measure it."""
+    history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+    events = history.events
+    return HistoryStats(
+        events=len(events),
+        bytes=sum(e.ByteSize() for e in events),
+        activities=sum(
+            e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED for e in events
+        ),
+        history=events,
+    )
+
+
+async def sample_histories(client: Client, workflow_ids: Sequence[str], count: int) -> dict:
+    """Mean history size per job over ``count`` of the given (single-run) workflows."""
+    chosen = spread(workflow_ids, count)
+    stats = await asyncio.gather(*(history_stats(client, wid) for wid in chosen))
+    if not stats:
+        return {"history_sampled": 0}
+    return {
+        "history_sampled": len(stats),
+        "history_events_per_job": statistics.fmean(s.events for s in stats),
+        "history_bytes_per_job": statistics.fmean(s.bytes for s in stats),
+        "activities_per_job": statistics.fmean(s.activities for s in stats),
+    }

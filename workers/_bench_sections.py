@@ -1,0 +1,416 @@
+"""The three sections of ``keel bench``: overhead against bare Temporal, one long job, scale.
+
+Each section takes a connected client and the benchmark's servers, runs its jobs on workers it
+starts (in this process, or as ``keel worker`` processes for scale) and returns the figures it
+measured as a JSON-ready dict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+from rich.progress import Progress, TaskID
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from client.errors import AgentJobError
+from client.jobs import AgentJobs
+from workers._bench_measure import (
+    HistoryStats,
+    bare_runner,
+    history_stats,
+    keel_runner,
+    median,
+    ratio,
+    run_batch,
+    sample_histories,
+)
+from workers._bench_stack import (
+    Children,
+    process_cpu_seconds,
+    text_server,
+    wait_for_pollers,
+    worker_env,
+)
+from workers.bench import BareWorkflow, bare_noop
+from workers.registry import WORKFLOWS, build_activities, build_deps
+from workers.settings import SIM_API_KEY, WorkerSettings
+from workflows.types import AgentLoopInput, Budget, JobRequest, JobResult
+
+SIM_MODEL = "sim-small"
+"""Model name the simulator answers for, for every role."""
+OVERHEAD_REQUEST = JobRequest(
+    goal="Compute 2 + 2 with calculator [sim: fanout=4]",
+    tools=["calculator"],
+    tenant="bench",
+    user="bench",
+)
+"""resolve_models, plan, four parallel calculator calls, answer, verify: eight activities."""
+LONG_GOAL = "Fetch {url} with http_get [sim: replan, fail_verify=1000000]"
+"""Plans an http_get on every iteration and never passes verification."""
+HISTORY_LIMIT_BYTES = 2_000_000
+"""The long job's target: no run's history over 2 MB."""
+RATIO_KEYS = (
+    "jobs_per_s",
+    "latency_p50_s",
+    "latency_p95_s",
+    "single_median_s",
+    "cpu_ms_per_job",
+    "history_events_per_job",
+    "history_bytes_per_job",
+)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What ``keel bench`` was asked to run (the command's options, validated)."""
+
+    servers: list[str]
+    sections: list[str]
+    jobs: int = 200
+    concurrency: int = 16
+    warmup: int = 5
+    sequential: int = 20
+    history_sample: int = 10
+    iterations: int = 1000
+    output_kib: int = 20
+    fleet: list[int] = field(default_factory=lambda: [1, 2, 3])
+    transfer_rps: int | None = None
+    """None: ``workers.devstack.TRANSFER_RPS``."""
+    json_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class Servers:
+    """Where the benchmark's Redis and LLM simulator listen."""
+
+    redis_url: str
+    sim_url: str
+
+
+def _advance(progress: Progress, task: TaskID) -> Callable[[], None]:
+    return lambda: progress.advance(task)
+
+
+@contextlib.asynccontextmanager
+async def in_process_worker(
+    client: Client, servers: Servers, task_queue: str, *, with_bare: bool
+) -> AsyncIterator[None]:
+    """One production-built worker in this process: the registry's workflows and activities.
+
+    Default sandboxing and workflow cache, and the tuning ``workers.main.build_worker`` takes
+    from ``WorkerSettings`` (so ``KEEL_*`` variables apply as they do to ``keel worker``).
+    """
+    settings = WorkerSettings(
+        **{"REDIS_URL": servers.redis_url, "OPENAI_BASE_URL": servers.sim_url},
+        **{"OPENAI_API_KEY": SIM_API_KEY, "model_planner": SIM_MODEL},
+        **{"model_verifier": SIM_MODEL, "model_answerer": SIM_MODEL},
+    )
+    deps = build_deps(
+        redis_url=settings.redis_url,
+        openai_base_url=settings.openai_base_url,
+        openai_api_key=settings.openai_api_key.get_secret_value(),
+        llm_config=settings.llm_config(),
+        http_allowed_hosts=["127.0.0.1"],
+        http_max_bytes=settings.http_max_bytes,
+    )
+    try:
+        await deps.store.ping()
+        worker = Worker(
+            client,
+            task_queue=task_queue,
+            workflows=[*WORKFLOWS, BareWorkflow] if with_bare else WORKFLOWS,
+            activities=[*build_activities(deps), *([bare_noop] if with_bare else [])],
+            max_concurrent_activities=settings.max_concurrent_activities,
+            max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
+            graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
+        )
+        async with worker:
+            yield
+    finally:
+        await deps.aclose()
+
+
+async def overhead(
+    client: Client, config: BenchConfig, servers: Servers, progress: Progress
+) -> dict[str, Any]:
+    """Keel jobs beside bare workflows of the same shape, on one in-process worker."""
+    tag = uuid4().hex[:8]
+    task_queue = f"bench-overhead-{tag}"
+    runners = {
+        "keel": keel_runner(
+            AgentJobs(client, task_queue=task_queue), OVERHEAD_REQUEST, f"bench-{tag}"
+        ),
+        "bare": bare_runner(client, task_queue, f"bench-bare-{tag}"),
+    }
+    figures: dict[str, Any] = {"task_queue": task_queue}
+    async with in_process_worker(client, servers, task_queue, with_bare=True):
+        if config.warmup:
+            warm = progress.add_task("warm-up (not counted)", total=2 * config.warmup)
+            for runner in runners.values():
+                await run_batch(
+                    runner, config.warmup, config.concurrency, "w", _advance(progress, warm)
+                )
+        batches = {}
+        for name, runner in runners.items():
+            label = f"{name}: {config.jobs} jobs, {config.concurrency} in flight"
+            task = progress.add_task(label, total=config.jobs)
+            batches[name] = await run_batch(
+                runner, config.jobs, config.concurrency, "t", _advance(progress, task)
+            )
+        singles: dict[str, list[float]] = {name: [] for name in runners}
+        task = progress.add_task("single jobs, one at a time", total=2 * config.sequential)
+        for i in range(config.sequential):
+            for name, runner in runners.items():
+                single = await run_batch(runner, 1, 1, f"s{i}-", _advance(progress, task))
+                if single.completed_ids:
+                    singles[name] += single.latencies
+        progress.add_task("fetching histories", total=None)
+        for name, batch in batches.items():
+            figures[name] = (
+                batch.summary()
+                | {"single_median_s": median(singles[name]), "single_samples": len(singles[name])}
+                | await sample_histories(client, batch.completed_ids, config.history_sample)
+            )
+    figures["ratio_keel_over_bare"] = {
+        key: ratio(figures["keel"].get(key), figures["bare"].get(key)) for key in RATIO_KEYS
+    }
+    return figures
+
+
+def long_budget(iterations: int) -> Budget:
+    """A budget only ``max_iterations`` can exhaust (the others at or near their ceilings)."""
+    return Budget(
+        max_iterations=iterations,
+        max_steps=100_000,
+        max_tool_calls=100_000,
+        max_retries_per_tool=100,
+        max_tokens=10**9,
+        max_cost_usd=10**5,
+        max_seconds=86_400,
+    )
+
+
+async def long_job(
+    client: Client, config: BenchConfig, servers: Servers, progress: Progress
+) -> dict[str, Any]:
+    """One job through ``config.iterations`` iterations with large tool outputs."""
+    tag = uuid4().hex[:8]
+    task_queue = f"bench-long-{tag}"
+    jobs = AgentJobs(client, task_queue=task_queue)
+    with text_server(config.output_kib * 1024) as url:
+        async with in_process_worker(client, servers, task_queue, with_bare=False):
+            request = JobRequest(
+                goal=LONG_GOAL.format(url=url),
+                tools=["http_get"],
+                tenant="bench",
+                user="bench",
+                budget=long_budget(config.iterations),
+            )
+            task = progress.add_task(
+                f"long job: {config.iterations} iterations", total=config.iterations
+            )
+            cpu, wall = time.process_time(), time.perf_counter()
+            job_id = await jobs.start(request, request_key=f"bench-long-{tag}")
+            follow = asyncio.create_task(
+                _follow(jobs, job_id, lambda i: progress.update(task, completed=i))
+            )
+            result: JobResult | None = None
+            error: str | None = None
+            try:
+                result = await jobs.result(job_id)
+            except AgentJobError as err:
+                error = f"{type(err).__name__}: {err}"
+            finally:
+                follow.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follow
+            wall_s, cpu_s = time.perf_counter() - wall, time.process_time() - cpu
+            progress.add_task("walking the job's runs", total=None)
+            runs, listed = await _run_chain(client, job_id, result.iterations if result else None)
+    return _long_figures(config, job_id, result, error, runs, listed, wall_s, cpu_s)
+
+
+async def _follow(jobs: AgentJobs, job_id: str, report: Callable[[int], None]) -> None:
+    while True:
+        with contextlib.suppress(AgentJobError):
+            report((await jobs.status(job_id)).iteration)
+        await asyncio.sleep(1.0)
+
+
+@dataclass
+class RunFigures:
+    """One run of a continued-as-new job."""
+
+    run_id: str
+    stats: HistoryStats
+    start_iteration: int | None
+    iterations: int = 0
+
+
+async def _run_chain(
+    client: Client, job_id: str, final_iterations: int | None
+) -> tuple[list[RunFigures], int]:
+    """Every run of the job in order, found by following continue-as-new from the first run.
+
+    Runs are listed by workflow ID; the earliest listed run is walked back (in case visibility
+    lags) to the run that was not continued from another, then forward through each run's
+    ``ContinuedAsNew`` event.
+    """
+    listed = []
+    for _ in range(50):
+        query = f"WorkflowId = '{job_id}'"
+        listed = sorted([e async for e in client.list_workflows(query)], key=lambda e: e.start_time)
+        if listed:
+            break
+        await asyncio.sleep(0.2)
+    cache: dict[str, HistoryStats] = {}
+
+    async def stats_of(run_id: str) -> HistoryStats:
+        if run_id not in cache:
+            cache[run_id] = await history_stats(client, job_id, run_id)
+        return cache[run_id]
+
+    run_id = listed[0].run_id if listed else ""
+    while run_id:
+        started = (await stats_of(run_id)).history[0].workflow_execution_started_event_attributes
+        if not started.continued_execution_run_id or started.continued_execution_run_id in cache:
+            break
+        run_id = started.continued_execution_run_id
+    runs: list[RunFigures] = []
+    while run_id and all(r.run_id != run_id for r in runs):
+        stats = await stats_of(run_id)
+        runs.append(RunFigures(run_id, stats, await _start_iteration(client, stats)))
+        last = stats.history[-1]
+        run_id = last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+    ends = [r.start_iteration for r in runs[1:]] + [final_iterations]
+    for run, end in zip(runs, ends, strict=True):
+        if run.start_iteration is not None and end is not None:
+            run.iterations = end - run.start_iteration
+        else:
+            run.iterations = sum(
+                e.activity_task_scheduled_event_attributes.activity_type.name == "verify_draft"
+                for e in run.stats.history
+            )
+    return runs, len(listed)
+
+
+async def _start_iteration(client: Client, stats: HistoryStats) -> int | None:
+    """The iteration a run started at, from the ``AgentLoopInput`` it was started with."""
+    payloads = stats.history[0].workflow_execution_started_event_attributes.input.payloads
+    try:
+        [inp] = await client.data_converter.decode(payloads, [AgentLoopInput])
+    except Exception:  # noqa: BLE001 - an input this build cannot read falls back to counting
+        return None
+    return inp.state.iteration if inp.state is not None else 0
+
+
+def _long_figures(
+    config: BenchConfig,
+    job_id: str,
+    result: JobResult | None,
+    error: str | None,
+    runs: list[RunFigures],
+    listed: int,
+    wall_s: float,
+    cpu_s: float,
+) -> dict[str, Any]:
+    total_bytes = sum(r.stats.bytes for r in runs)
+    reached = result.iterations if result else sum(r.iterations for r in runs)
+    max_bytes = max((r.stats.bytes for r in runs), default=0)
+    exhausted = result.exhausted_budget if result else None
+    return {
+        "job_id": job_id,
+        "iterations_target": config.iterations,
+        "iterations_reached": reached,
+        "outcome": result.outcome if result else "failed",
+        "exhausted_budget": exhausted,
+        "error": error,
+        "tool_output_bytes": config.output_kib * 1024,
+        "runs": len(runs),
+        "runs_listed": listed,
+        "max_run_history_bytes": max_bytes,
+        "max_run_history_events": max((r.stats.events for r in runs), default=0),
+        "total_history_bytes": total_bytes,
+        "total_history_events": sum(r.stats.events for r in runs),
+        "history_bytes_per_iteration": total_bytes / reached if reached else None,
+        "per_run": [
+            {
+                "run": i + 1,
+                "run_id": r.run_id,
+                "iterations": r.iterations,
+                "events": r.stats.events,
+                "bytes": r.stats.bytes,
+                "bytes_per_iteration": r.stats.bytes / r.iterations if r.iterations else None,
+            }
+            for i, r in enumerate(runs)
+        ],
+        "wall_s": wall_s,
+        "seconds_per_iteration": wall_s / reached if reached else None,
+        "cpu_s": cpu_s,
+        "history_limit_bytes": HISTORY_LIMIT_BYTES,
+        "passed": bool(
+            runs
+            and max_bytes <= HISTORY_LIMIT_BYTES
+            and exhausted == "max_iterations"
+            and reached >= config.iterations
+        ),
+    }
+
+
+async def scale(
+    client: Client, config: BenchConfig, servers: Servers, progress: Progress, children: Children
+) -> dict[str, Any]:
+    """Keel jobs on fleets of ``keel worker`` processes of each size in ``config.fleet``."""
+    target = client.service_client.config.target_host
+    env = worker_env(target, client.namespace, servers.redis_url, servers.sim_url, SIM_MODEL)
+    fleets: list[dict[str, Any]] = []
+    for size in config.fleet:
+        tag = uuid4().hex[:8]
+        task_queue = f"bench-scale-{size}-{tag}"
+        cmd = [sys.executable, "-m", "workers.cli", "worker", "--task-queue", task_queue]
+        # The queue also goes in the environment: settings read KEEL_TASK_QUEUE(S) whichever
+        # way the worker command maps its flag.
+        queue_env = env | {"KEEL_TASK_QUEUE": task_queue, "KEEL_TASK_QUEUES": task_queue}
+        task = progress.add_task(f"{size} worker process(es): starting", total=config.jobs)
+        procs = [
+            children.start(
+                f"worker-{tag}-{i}", [*cmd, "--identity", f"bench-{tag}-{i}"], env=queue_env
+            )
+            for i in range(size)
+        ]
+        try:
+            await wait_for_pollers(client, task_queue, size, procs)
+            jobs = AgentJobs(client, task_queue=task_queue)
+            runner = keel_runner(jobs, OVERHEAD_REQUEST, f"bench-{tag}")
+            progress.update(task, description=f"{size} worker process(es): warm-up")
+            await run_batch(runner, max(config.warmup, size), config.concurrency, "w")
+            progress.update(task, description=f"{size} worker process(es): {config.jobs} jobs")
+            before = [process_cpu_seconds(p.pid) for p in procs]
+            batch = await run_batch(
+                runner, config.jobs, config.concurrency, "t", _advance(progress, task)
+            )
+            after = [process_cpu_seconds(p.pid) for p in procs]
+        finally:
+            await asyncio.to_thread(children.stop, *procs)
+        known = None not in before and None not in after
+        workers_cpu = sum(after) - sum(before) if known else None  # type: ignore[arg-type]
+        figures = batch.summary()
+        # This process only starts jobs and waits for results here; the workers do the work.
+        figures["client_cpu_s"] = figures.pop("cpu_s")
+        figures["client_cpu_ms_per_job"] = figures.pop("cpu_ms_per_job")
+        figures["workers_cpu_s"] = workers_cpu
+        fleets.append({"workers": size, "task_queue": task_queue} | figures)
+    base = fleets[0]["jobs_per_s"] if fleets else None
+    for fleet in fleets:
+        fleet["speedup"] = ratio(fleet["jobs_per_s"], base)
+    return {"fleets": fleets, "fleet_sizes": config.fleet}

@@ -1,0 +1,158 @@
+"""``keel bench``: what Keel costs over bare Temporal, long-job history growth, worker scaling.
+
+This module holds the command and the baseline it compares against: ``BareWorkflow``, a workflow
+of no-op activities in the same shape as Keel's benchmark job. It is kept small on purpose: the
+workflow sandbox re-imports the module of every workflow it runs, so the baseline must not pay
+for importing the benchmark's machinery (that lives in ``workers/_bench_*.py`` and is imported
+only when the command runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+from temporalio import activity, workflow
+
+with workflow.unsafe.imports_passed_through():
+    import typer
+
+BARE_ACTIVITY_TIMEOUT = timedelta(seconds=30)
+"""Start-to-close timeout of the baseline's activities (Temporal requires one)."""
+BARE_FANOUT = 4
+"""Parallel calls in the baseline's act phase, as in Keel's ``[sim: fanout=4]`` job."""
+
+
+@activity.defn(name="bench__noop")
+async def bare_noop(label: str) -> str:
+    """Return the label unchanged: an activity whose cost is Temporal's alone."""
+    return label
+
+
+@workflow.defn(name="BenchBareWorkflow")
+class BareWorkflow:
+    """Eight no-op activities in the shape of Keel's benchmark job, with tiny payloads.
+
+    One config-like call, one plan-like call, four in parallel, then two in sequence (answer and
+    verify): the same activity count and ordering as resolve_models, plan, four calculator
+    calls, answer and verify.
+    """
+
+    @workflow.run
+    async def run(self, tag: str) -> str:
+        """Run the eight calls and return the last result."""
+        await self._call(f"config:{tag}")
+        await self._call(f"plan:{tag}")
+        await asyncio.gather(*(self._call(f"step{i}:{tag}") for i in range(BARE_FANOUT)))
+        await self._call(f"answer:{tag}")
+        return await self._call(f"verify:{tag}")
+
+    async def _call(self, label: str) -> str:
+        return await workflow.execute_activity(
+            bare_noop, label, start_to_close_timeout=BARE_ACTIVITY_TIMEOUT
+        )
+
+
+class ServerMode(StrEnum):
+    """Which Temporal dev server persistence to benchmark against."""
+
+    sqlite = "sqlite"
+    memory = "memory"
+    both = "both"
+
+
+SECTIONS = ("overhead", "long", "scale")
+"""Benchmark sections, in the order they run."""
+
+
+def _csv(value: str, allowed: tuple[str, ...] | None = None) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise typer.BadParameter("give at least one value")
+    unknown = [v for v in items if allowed is not None and v not in allowed]
+    if unknown:
+        raise typer.BadParameter(f"unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(items))
+
+
+def _fleet(value: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in _csv(value)]
+    except ValueError:
+        raise typer.BadParameter("comma-separated worker counts, e.g. 1,2,3") from None
+    if any(n < 1 or n > 32 for n in sizes):
+        raise typer.BadParameter("worker counts must be between 1 and 32")
+    return sizes
+
+
+def bench(
+    server: Annotated[
+        ServerMode, typer.Option(help="Temporal dev server persistence to run against.")
+    ] = ServerMode.both,
+    only: Annotated[
+        str, typer.Option(help="Comma list of sections: overhead,long,scale.")
+    ] = ",".join(SECTIONS),
+    jobs: Annotated[int, typer.Option(min=1, help="Jobs per throughput run.")] = 200,
+    concurrency: Annotated[int, typer.Option(min=1, help="Jobs in flight at most.")] = 16,
+    warmup: Annotated[int, typer.Option(min=0, help="Uncounted jobs before each run.")] = 5,
+    sequential: Annotated[
+        int, typer.Option(min=1, help="Jobs run one at a time for single-job latency.")
+    ] = 20,
+    history_sample: Annotated[
+        int, typer.Option(min=1, help="Completed workflows whose history is measured.")
+    ] = 10,
+    iterations: Annotated[
+        int, typer.Option(min=1, max=10_000, help="Iterations of the long job.")
+    ] = 1000,
+    output_kib: Annotated[
+        int, typer.Option(min=1, max=200, help="KiB of text each long-job tool call returns.")
+    ] = 20,
+    fleet: Annotated[str, typer.Option(help="Worker process counts for the scale run.")] = "1,2,3",
+    transfer_rps: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="history.transferProcessorMaxPollRPS for the dev server "
+            "(default: workers.devstack.TRANSFER_RPS; 20 is Temporal's stock value).",
+        ),
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write every figure to this JSON file.")
+    ] = None,
+) -> None:
+    """Benchmark Keel on servers it starts itself, and print what it measured.
+
+    A benchmark, not a test: the one target it checks is the long job's history.
+    It starts a Temporal dev server per --server mode, Redis (unless REDIS_URL is
+    set) and the LLM simulator (zero latency) on 127.0.0.1, and stops them all
+    at the end, on Ctrl-C too. Tables go to stdout, progress to stderr.
+
+    overhead: Keel jobs vs bare Temporal workflows of the same 8-activity shape.
+    long: one job of --iterations rounds with --output-kib tool outputs; PASS
+    when no run's history exceeds 2 MB and the iteration limit was reached.
+    scale: Keel jobs on 1, 2 and 3 `keel worker` processes (--fleet).
+
+    Reproduce: keel bench --server memory --jobs 50 --concurrency 8 --iterations 30
+    or, full size, one section: keel bench --only overhead --json bench.json
+    Exit code: 0, or 1 on an error or a long-job FAIL, 130 when interrupted.
+    """
+    from workers._bench_run import BenchConfig, run
+
+    config = BenchConfig(
+        servers=["sqlite", "memory"] if server is ServerMode.both else [server.value],
+        sections=[s for s in SECTIONS if s in _csv(only, SECTIONS)],
+        jobs=jobs,
+        concurrency=concurrency,
+        warmup=warmup,
+        sequential=sequential,
+        history_sample=history_sample,
+        iterations=iterations,
+        output_kib=output_kib,
+        fleet=_fleet(fleet),
+        transfer_rps=transfer_rps,
+        json_path=json_path,
+    )
+    raise typer.Exit(run(config))
