@@ -23,7 +23,7 @@ from temporalio.client import Client
 
 from client.jobs import AgentJobs
 from workers.bench import BareWorkflow
-from workflows.types import JobRequest
+from workflows.types import AgentLoopInput, JobRequest
 
 RunOne = Callable[[str], Awaitable[tuple[str, str]]]
 """Runs one job to its end given a unique tag; returns its workflow ID and outcome."""
@@ -186,3 +186,70 @@ async def sample_histories(client: Client, workflow_ids: Sequence[str], count: i
         "history_bytes_per_job": statistics.fmean(s.bytes for s in stats),
         "activities_per_job": statistics.fmean(s.activities for s in stats),
     }
+
+
+@dataclass
+class RunFigures:
+    """One run of a continued-as-new job."""
+
+    run_id: str
+    stats: HistoryStats
+    start_iteration: int | None
+    iterations: int = 0
+
+
+async def run_chain(
+    client: Client, job_id: str, final_iterations: int | None
+) -> tuple[list[RunFigures], int]:
+    """Every run of the job in order, found by following continue-as-new from the first run.
+
+    Runs are listed by workflow ID; the earliest listed run is walked back (in case visibility
+    lags) to the run that was not continued from another, then forward through each run's
+    ``ContinuedAsNew`` event.
+    """
+    listed = []
+    for _ in range(50):
+        query = f"WorkflowId = '{job_id}'"
+        listed = sorted([e async for e in client.list_workflows(query)], key=lambda e: e.start_time)
+        if listed:
+            break
+        await asyncio.sleep(0.2)
+    cache: dict[str, HistoryStats] = {}
+
+    async def stats_of(run_id: str) -> HistoryStats:
+        if run_id not in cache:
+            cache[run_id] = await history_stats(client, job_id, run_id)
+        return cache[run_id]
+
+    run_id = listed[0].run_id if listed else ""
+    while run_id:
+        started = (await stats_of(run_id)).history[0].workflow_execution_started_event_attributes
+        if not started.continued_execution_run_id or started.continued_execution_run_id in cache:
+            break
+        run_id = started.continued_execution_run_id
+    runs: list[RunFigures] = []
+    while run_id and all(r.run_id != run_id for r in runs):
+        stats = await stats_of(run_id)
+        runs.append(RunFigures(run_id, stats, await start_iteration(client, stats)))
+        last = stats.history[-1]
+        run_id = last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+    ends = [r.start_iteration for r in runs[1:]] + [final_iterations]
+    for run, end in zip(runs, ends, strict=True):
+        if run.start_iteration is not None and end is not None:
+            run.iterations = end - run.start_iteration
+        else:
+            run.iterations = sum(
+                e.activity_task_scheduled_event_attributes.activity_type.name == "verify_draft"
+                for e in run.stats.history
+            )
+    return runs, len(listed)
+
+
+async def start_iteration(client: Client, stats: HistoryStats) -> int | None:
+    """The iteration a run started at, from the ``AgentLoopInput`` it was started with."""
+    payloads = stats.history[0].workflow_execution_started_event_attributes.input.payloads
+    try:
+        [inp] = await client.data_converter.decode(payloads, [AgentLoopInput])
+    except Exception:  # noqa: BLE001 - an input this build cannot read falls back to counting
+        return None
+    return inp.state.iteration if inp.state is not None else 0

@@ -25,13 +25,13 @@ from temporalio.worker import Worker
 from client.errors import AgentJobError
 from client.jobs import AgentJobs
 from workers._bench_measure import (
-    HistoryStats,
+    RunFigures,
     bare_runner,
-    history_stats,
     keel_runner,
     median,
     ratio,
     run_batch,
+    run_chain,
     sample_histories,
 )
 from workers._bench_stack import (
@@ -44,7 +44,7 @@ from workers._bench_stack import (
 from workers.bench import BareWorkflow, bare_noop
 from workers.registry import WORKFLOWS, build_activities, build_deps
 from workers.settings import SIM_API_KEY, WorkerSettings
-from workflows.types import AgentLoopInput, Budget, JobRequest, JobResult
+from workflows.types import Budget, JobRequest, JobResult
 
 SIM_MODEL = "sim-small"
 """Model name the simulator answers for, for every role."""
@@ -105,16 +105,20 @@ def _advance(progress: Progress, task: TaskID) -> Callable[[], None]:
 async def in_process_worker(
     client: Client, servers: Servers, task_queue: str, *, with_bare: bool
 ) -> AsyncIterator[None]:
-    """One production-built worker in this process: the registry's workflows and activities.
+    """One worker in this process, built from the registry as a production worker is.
 
-    Default sandboxing and workflow cache, and the tuning ``workers.main.build_worker`` takes
-    from ``WorkerSettings`` (so ``KEEL_*`` variables apply as they do to ``keel worker``).
+    Default sandboxing and workflow cache, and the slot counts and shutdown grace of
+    ``WorkerSettings`` (so ``KEEL_MAX_CONCURRENT_*`` apply as they do to ``keel worker``).
     """
-    settings = WorkerSettings(
-        **{"REDIS_URL": servers.redis_url, "OPENAI_BASE_URL": servers.sim_url},
-        **{"OPENAI_API_KEY": SIM_API_KEY, "model_planner": SIM_MODEL},
-        **{"model_verifier": SIM_MODEL, "model_answerer": SIM_MODEL},
-    )
+    overrides = {  # keyed as the environment spells them (the settings' validation aliases)
+        "REDIS_URL": servers.redis_url,
+        "OPENAI_BASE_URL": servers.sim_url,
+        "OPENAI_API_KEY": SIM_API_KEY,
+        "model_planner": SIM_MODEL,
+        "model_verifier": SIM_MODEL,
+        "model_answerer": SIM_MODEL,
+    }
+    settings = WorkerSettings(**overrides)  # type: ignore[arg-type]
     deps = build_deps(
         redis_url=settings.redis_url,
         openai_base_url=settings.openai_base_url,
@@ -236,7 +240,7 @@ async def long_job(
                     await follow
             wall_s, cpu_s = time.perf_counter() - wall, time.process_time() - cpu
             progress.add_task("walking the job's runs", total=None)
-            runs, listed = await _run_chain(client, job_id, result.iterations if result else None)
+            runs, listed = await run_chain(client, job_id, result.iterations if result else None)
     return _long_figures(config, job_id, result, error, runs, listed, wall_s, cpu_s)
 
 
@@ -245,73 +249,6 @@ async def _follow(jobs: AgentJobs, job_id: str, report: Callable[[int], None]) -
         with contextlib.suppress(AgentJobError):
             report((await jobs.status(job_id)).iteration)
         await asyncio.sleep(1.0)
-
-
-@dataclass
-class RunFigures:
-    """One run of a continued-as-new job."""
-
-    run_id: str
-    stats: HistoryStats
-    start_iteration: int | None
-    iterations: int = 0
-
-
-async def _run_chain(
-    client: Client, job_id: str, final_iterations: int | None
-) -> tuple[list[RunFigures], int]:
-    """Every run of the job in order, found by following continue-as-new from the first run.
-
-    Runs are listed by workflow ID; the earliest listed run is walked back (in case visibility
-    lags) to the run that was not continued from another, then forward through each run's
-    ``ContinuedAsNew`` event.
-    """
-    listed = []
-    for _ in range(50):
-        query = f"WorkflowId = '{job_id}'"
-        listed = sorted([e async for e in client.list_workflows(query)], key=lambda e: e.start_time)
-        if listed:
-            break
-        await asyncio.sleep(0.2)
-    cache: dict[str, HistoryStats] = {}
-
-    async def stats_of(run_id: str) -> HistoryStats:
-        if run_id not in cache:
-            cache[run_id] = await history_stats(client, job_id, run_id)
-        return cache[run_id]
-
-    run_id = listed[0].run_id if listed else ""
-    while run_id:
-        started = (await stats_of(run_id)).history[0].workflow_execution_started_event_attributes
-        if not started.continued_execution_run_id or started.continued_execution_run_id in cache:
-            break
-        run_id = started.continued_execution_run_id
-    runs: list[RunFigures] = []
-    while run_id and all(r.run_id != run_id for r in runs):
-        stats = await stats_of(run_id)
-        runs.append(RunFigures(run_id, stats, await _start_iteration(client, stats)))
-        last = stats.history[-1]
-        run_id = last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
-    ends = [r.start_iteration for r in runs[1:]] + [final_iterations]
-    for run, end in zip(runs, ends, strict=True):
-        if run.start_iteration is not None and end is not None:
-            run.iterations = end - run.start_iteration
-        else:
-            run.iterations = sum(
-                e.activity_task_scheduled_event_attributes.activity_type.name == "verify_draft"
-                for e in run.stats.history
-            )
-    return runs, len(listed)
-
-
-async def _start_iteration(client: Client, stats: HistoryStats) -> int | None:
-    """The iteration a run started at, from the ``AgentLoopInput`` it was started with."""
-    payloads = stats.history[0].workflow_execution_started_event_attributes.input.payloads
-    try:
-        [inp] = await client.data_converter.decode(payloads, [AgentLoopInput])
-    except Exception:  # noqa: BLE001 - an input this build cannot read falls back to counting
-        return None
-    return inp.state.iteration if inp.state is not None else 0
 
 
 def _long_figures(

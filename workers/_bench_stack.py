@@ -74,9 +74,13 @@ class Children:
         log = self.log_path(name)
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
                 cwd=PROJECT_ROOT,
-            )  # fmt: skip
+            )
         self._procs.append((name, proc))
         if port is not None:
             deadline = time.monotonic() + START_TIMEOUT_SECONDS

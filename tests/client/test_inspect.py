@@ -1,0 +1,108 @@
+"""A job explains itself in Temporal's own tools: the `temporal` CLI and the client API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+
+from client import AgentJobs, JobRequest
+from tests.conftest import unique, venv_bin
+
+
+def temporal(env: WorkflowEnvironment, *args: str) -> object:
+    out = subprocess.run(
+        [
+            venv_bin("temporal"),
+            *args,
+            "--address",
+            env.client.service_client.config.target_host,
+            "--namespace",
+            env.client.namespace,
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return (
+        json.loads(out.stdout)
+        if out.stdout.strip().startswith(("{", "["))
+        else [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    )
+
+
+async def wait_listed(env: WorkflowEnvironment, query: str, count: int) -> list[dict]:
+    for _ in range(100):
+        rows = temporal(env, "workflow", "list", "--query", query)
+        if isinstance(rows, list) and len(rows) == count:
+            return rows
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"{query!r} did not list {count} workflows")
+
+
+async def test_search_attributes_summary_and_details(env: WorkflowEnvironment, make_worker) -> None:
+    client: Client = env.client
+    tenant = unique("acme")
+    async with make_worker(client) as worker:
+        jobs = AgentJobs(client, task_queue=worker.task_queue)
+        done = await jobs.start(
+            JobRequest(goal="What is 6 * 7? use calculator", tenant=tenant, mode="batch")
+        )
+        await jobs.result(done, timeout=60)
+        waiting = await jobs.start(JobRequest(goal="Summarise it [sim: ask]", tenant=tenant))
+
+        rows = await wait_listed(env, f"KeelTenant='{tenant}' AND KeelState='waiting_for_input'", 1)
+        assert rows[0]["execution"]["workflowId"] == waiting
+        rows = await wait_listed(env, f"KeelTenant='{tenant}' AND KeelOutcome='completed'", 1)
+        assert rows[0]["execution"]["workflowId"] == done
+        listed = await jobs.list(tenant=tenant, state="waiting_for_input")
+        assert [j.job_id for j in listed] == [waiting]
+
+        described = temporal(env, "workflow", "describe", "--workflow-id", done)
+        text = json.dumps(described)
+        for name in (
+            "KeelTenant",
+            "KeelUser",
+            "KeelState",
+            "KeelOutcome",
+            "KeelMode",
+            "KeelCostUsd",
+            "KeelTokens",
+        ):
+            assert name in text, name
+        desc = await client.get_workflow_handle(done).describe()
+        attrs = {k.name: v for k, v in desc.typed_search_attributes}  # type: ignore[attr-defined]
+        assert attrs["KeelTenant"] == tenant and attrs["KeelMode"] == "batch"
+        assert attrs["KeelState"] == "completed" and attrs["KeelOutcome"] == "completed"
+        assert attrs["KeelTokens"] > 0 and attrs["KeelCostUsd"] > 0
+        assert await desc.static_summary() == "What is 6 * 7? use calculator"
+        details = await desc.static_details() or ""
+        assert tenant in details and "calculator" in details
+        assert "api_key" not in details.lower() and "sim-local-key" not in details
+
+        live = await client.get_workflow_handle(waiting).describe()
+        current = await client.get_workflow_handle(waiting).query("__temporal_workflow_metadata")
+        assert "waiting_for_input" in current.current_details  # type: ignore[attr-defined]
+        assert live.status is not None
+
+        history = await client.get_workflow_handle(done).fetch_history()
+        summaries = set()
+        for event in history.events:
+            if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+                payload = event.user_metadata.summary
+                summaries.add(json.loads(payload.data))
+        assert {
+            "resolve models",
+            "plan · iteration 1",
+            "tool calculator · iteration 1",
+            "answer · iteration 1",
+            "verify · iteration 1",
+        } <= summaries
+        await jobs.cancel(waiting)
