@@ -22,9 +22,11 @@ async def heartbeating(every: float = HEARTBEAT_EVERY_SECONDS) -> AsyncIterator[
     """Heartbeat every ``every`` seconds until the block exits."""
 
     async def beat() -> None:
+        # Sleep first: a call that finishes within one interval (most of them) sends no
+        # heartbeat at all, so fast activities cost the server no extra RPC.
         while True:
-            activity.heartbeat()
             await asyncio.sleep(every)
+            activity.heartbeat()
 
     task = asyncio.create_task(beat())
     try:

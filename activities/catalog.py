@@ -9,6 +9,7 @@ deterministic and safe to import anywhere.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -98,8 +99,17 @@ class ToolInfo:
         return {
             "name": self.name,
             "description": self.description,
-            "parameters": self.args_model.model_json_schema(),
+            "parameters": json_schema(self.args_model),
         }
+
+
+@functools.cache
+def json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's JSON schema, built once per process (building it costs about a millisecond).
+
+    Callers must not mutate the returned dict.
+    """
+    return model.model_json_schema()
 
 
 BUILTIN_TOOLS: dict[str, ToolInfo] = {

@@ -55,7 +55,7 @@ NON_RETRYABLE_TYPES = [
     TOOL_FAILED,
     DOCS_NOT_FOUND,
 ]
-"""Listed in every retry policy too, so a mistaken flag cannot cause a retry storm."""
+"""Every error type raised with ``non_retryable=True``; a test keeps the classifiers honest."""
 
 _MAX_RETRY_AFTER = 300.0
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 from temporalio import activity
 
 from activities._heartbeat import heartbeating
+from activities.catalog import json_schema
 from activities.errors import from_openai
 from activities.store import KeelStore
 from activities.types import (
@@ -83,10 +84,14 @@ class LLMConfig(BaseModel):
     request_timeout_seconds: float = 50.0
     """Kept below LLM_CALL's start-to-close timeout so timeouts are classified, not killed."""
 
+    def price(self, model: str) -> tuple[float, float]:
+        """USD per million prompt and completion tokens; unknown models at the highest price."""
+        fallback = max(self.prices.values(), key=lambda p: p[0] + p[1], default=(0.0, 0.0))
+        return self.prices.get(model, fallback)
+
     def spec(self, role: str, model: str) -> ModelSpec:
         """The ModelSpec for one role, priced from the table."""
-        fallback = max(self.prices.values(), key=lambda p: p[0] + p[1], default=(0.0, 0.0))
-        price_in, price_out = self.prices.get(model, fallback)
+        price_in, price_out = self.price(model)
         return ModelSpec(
             role=role,  # type: ignore[arg-type]
             model=model,
@@ -186,14 +191,14 @@ class LLMActivities:
         schema: type[BaseModel] | None,
     ) -> tuple[str, Usage, str | None]:
         """One chat completion; returns the text, its usage, and why it is unusable if it is."""
-        json_schema = schema.model_json_schema() if schema else _ANSWER_SCHEMA
+        schema_doc = json_schema(schema) if schema else _ANSWER_SCHEMA
         with structlog.contextvars.bound_contextvars(
-            job_id=inp.job_id, tenant=inp.tenant, call=schema_name, model=inp.model.model
+            job_id=activity.info().workflow_id, tenant=inp.tenant, call=schema_name, model=inp.model
         ):
             try:
                 async with heartbeating():
                     response = await self._client.chat.completions.create(
-                        model=inp.model.model,
+                        model=inp.model,
                         messages=[
                             {"role": "system", "content": system},
                             {"role": "user", "content": json.dumps(context, ensure_ascii=False)},
@@ -202,7 +207,7 @@ class LLMActivities:
                             "type": "json_schema",
                             "json_schema": {
                                 "name": schema_name,
-                                "schema": json_schema,
+                                "schema": schema_doc,
                                 "strict": False,
                             },
                         },
@@ -215,7 +220,7 @@ class LLMActivities:
                     "llm call failed", error_type=failure.type, retryable=not failure.non_retryable
                 )
                 raise failure from None
-            usage = _usage(inp.model, response.usage)
+            usage = _usage(self._config.price(inp.model), response.usage)
             log.info(
                 "llm call",
                 prompt_tokens=usage.prompt_tokens,
@@ -238,14 +243,11 @@ _ANSWER_SCHEMA: dict[str, Any] = {
 }
 
 
-def _usage(spec: ModelSpec, usage: Any) -> Usage:
+def _usage(price: tuple[float, float], usage: Any) -> Usage:
     prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
     completion = int(getattr(usage, "completion_tokens", 0) or 0)
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        cost_usd=round(spec.cost(prompt, completion), 8),
-    )
+    cost = (prompt * price[0] + completion * price[1]) / 1_000_000
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, cost_usd=round(cost, 8))
 
 
 M = TypeVar("M", bound=BaseModel)

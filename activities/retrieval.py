@@ -248,7 +248,8 @@ class RetrievalActivities:
         Raises:
             ApplicationError: ``DOCS_NOT_FOUND`` if the folder does not exist on this worker.
         """
-        with structlog.contextvars.bound_contextvars(job_id=q.job_id, tenant=q.tenant):
+        job_id = q.job_id or activity.info().workflow_id
+        with structlog.contextvars.bound_contextvars(job_id=job_id, tenant=q.tenant):
             async with heartbeating():
                 hits = await self._retriever.search(q.docs_dir, q.query, q.top_k, q.filters)
             _log.info("retrieval.searched", hits=len(hits))

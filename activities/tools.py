@@ -201,7 +201,7 @@ class ToolActivities:
                 (non-retryable) before the tool runs, or whatever the tool raised.
         """
         with structlog.contextvars.bound_contextvars(
-            job_id=call.job_id, tenant=call.tenant, tool=call.tool, op_key=call.op_key
+            job_id=_job_id(call.job_id), tenant=call.tenant, tool=call.tool, op_key=call.op_key
         ):
             info, impl, args = self._admit(call)
             if info.side_effecting:
@@ -209,7 +209,7 @@ class ToolActivities:
                 if recorded is not None:
                     _log.info("tool.replayed")
                     return recorded.model_copy(update={"replayed": True})
-            ctx = ToolContext(call.job_id, call.tenant, call.op_key, call.docs_dir)
+            ctx = ToolContext(_job_id(call.job_id), call.tenant, call.op_key, call.docs_dir)
             async with heartbeating():
                 output = await impl(args, ctx)
             result = await self._package(call, output)
@@ -510,3 +510,8 @@ class _SearchDocs:
         if not hits:
             return "no matching documents"
         return "\n".join(f"{h.path} (score {h.score:.2f}): {h.snippet}" for h in hits)
+
+
+def _job_id(given: str) -> str:
+    """The job a call belongs to: as given, or the calling workflow's ID (the job ID)."""
+    return given or activity.info().workflow_id

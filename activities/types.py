@@ -172,13 +172,17 @@ class Verdict(BaseModel):
 
 
 class LLMCallBase(BaseModel):
-    """Fields every LLM activity input carries."""
+    """Fields every LLM activity input carries.
 
-    job_id: str
+    Kept lean on purpose, since three of these are recorded per iteration: the job ID comes
+    from ``activity.info()``, and the model's prices stay in the workflow's roster.
+    """
+
     tenant: str
     goal: str
     iteration: int
-    model: ModelSpec
+    model: str
+    """Model name sent to the endpoint (chosen from the job's ModelRoster)."""
     max_output_tokens: int = Field(ge=1)
     """Completion-token cap the workflow could afford for this call."""
     observations: list[Observation] = Field(default_factory=list)
@@ -236,7 +240,8 @@ class VerifyResult(BaseModel):
 class ToolCall(BaseModel):
     """Input of ``execute_tool``."""
 
-    job_id: str
+    job_id: str = ""
+    """Empty when called from a workflow: the gateway uses the calling workflow's ID."""
     tenant: str
     op_key: str
     """Durable identity (job, iteration, step); side effects are recorded against it."""
@@ -266,7 +271,8 @@ class ToolResult(BaseModel):
 class RetrievalQuery(BaseModel):
     """Input of ``search_corpus``."""
 
-    job_id: str
+    job_id: str = ""
+    """Empty when called from a workflow: the activity logs the calling workflow's ID."""
     tenant: str
     docs_dir: str
     query: str

@@ -13,10 +13,10 @@ import logging
 from datetime import timedelta
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfig
 from temporalio.runtime import Runtime
 
+from activities.converter import DATA_CONVERTER
 from client.errors import ConnectionFailed
 
 __all__ = ["DEFAULT_ADDRESS", "connect"]
@@ -44,7 +44,7 @@ async def connect(
         runtime: SDK runtime to use (workers pass one that exports Prometheus metrics).
 
     Returns:
-        A connected client using ``pydantic_data_converter``.
+        A connected client using ``DATA_CONVERTER``.
 
     Raises:
         ConnectionFailed: If the server cannot be reached; the message names the address.
@@ -69,7 +69,7 @@ async def connect(
     try:
         return await Client.connect(
             **config,
-            data_converter=pydantic_data_converter,
+            data_converter=DATA_CONVERTER,
             connect_timeout=CONNECT_TIMEOUT,
             runtime=runtime,
         )

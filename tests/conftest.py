@@ -88,10 +88,10 @@ from typing import Any  # noqa: E402
 
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest  # noqa: E402
 from temporalio.client import Client  # noqa: E402
-from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
 from temporalio.testing import WorkflowEnvironment  # noqa: E402
 from temporalio.worker import Worker  # noqa: E402
 
+from activities.converter import DATA_CONVERTER  # noqa: E402
 from activities.llm import LLMConfig  # noqa: E402
 from workers.registry import WORKFLOWS, build_activities, build_deps  # noqa: E402
 from workflows import search_attributes as sa  # noqa: E402
@@ -113,12 +113,12 @@ async def env(request: pytest.FixtureRequest) -> AsyncIterator[WorkflowEnvironme
     if target == "local":
         environment = await WorkflowEnvironment.start_local(
             dev_server_existing_path=venv_bin("temporal"),
-            data_converter=pydantic_data_converter,
+            data_converter=DATA_CONVERTER,
             search_attributes=sa.ALL_KEYS,
             dev_server_extra_args=DEV_SERVER_ARGS,
         )
     else:
-        client = await Client.connect(target, data_converter=pydantic_data_converter)
+        client = await Client.connect(target, data_converter=DATA_CONVERTER)
         environment = WorkflowEnvironment.from_client(client)
     yield environment
     await environment.shutdown()
@@ -128,7 +128,7 @@ async def env(request: pytest.FixtureRequest) -> AsyncIterator[WorkflowEnvironme
 async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
     environment = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=venv_bin("temporal-test-server"),
-        data_converter=pydantic_data_converter,
+        data_converter=DATA_CONVERTER,
     )
     await environment.client.operator_service.add_search_attributes(
         AddSearchAttributesRequest(

@@ -25,9 +25,9 @@ from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from activities.converter import DATA_CONVERTER
 from workers.devstack import find_binary, port_open
 from workflows import search_attributes as sa
 
@@ -151,7 +151,7 @@ async def start_temporal(
             dev_server_existing_path=binary,
             dev_server_database_filename=database,
             search_attributes=sa.ALL_KEYS,
-            data_converter=pydantic_data_converter,
+            data_converter=DATA_CONVERTER,
             dev_server_extra_args=[
                 "--dynamic-config-value",
                 f"history.transferProcessorMaxPollRPS={transfer_rps}",

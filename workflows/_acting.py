@@ -17,7 +17,6 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, RetryState, TimeoutError
 
 with workflow.unsafe.imports_passed_through():
-    from activities import errors
     from activities.catalog import BUILTIN_TOOLS
     from activities.retrieval import RetrievalActivities
     from activities.tools import ToolActivities
@@ -91,7 +90,6 @@ class StepRunner:
         if not self._req.docs_dir or not step.query:
             return base.model_copy(update={"content": "retrieval needs a docs folder and a query"})
         query = RetrievalQuery(
-            job_id=workflow.info().workflow_id,
             tenant=self._req.tenant,
             docs_dir=self._req.docs_dir,
             query=step.query,
@@ -117,14 +115,14 @@ class StepRunner:
         info = BUILTIN_TOOLS.get(tool)
         config = policies.TOOL_WRITE if info and info.side_effecting else policies.TOOL_READ
         call = ToolCall(
-            job_id=workflow.info().workflow_id,
             tenant=self._req.tenant,
             op_key=f"{workflow.info().workflow_id}:{self._s.iteration}:{step.id}",
             tool=tool,
             args=step.args,
             allowed_tools=self._req.tools,
-            docs_dir=self._req.docs_dir,
         )
+        if self._req.docs_dir:
+            call.docs_dir = self._req.docs_dir
         ceiling = (config.get("retry_policy") or RetryPolicy()).maximum_attempts or 1_000
         attempts = self._ledger.attempts_for(tool, ceiling)
         try:
@@ -175,6 +173,5 @@ class StepRunner:
                 backoff_coefficient=policy.backoff_coefficient,
                 maximum_interval=policy.maximum_interval,
                 maximum_attempts=attempts,
-                non_retryable_error_types=errors.NON_RETRYABLE_TYPES,
             )
         return capped

@@ -79,6 +79,7 @@ class AgentLoopWorkflow:
         self._s = inp.state or LoopState()
         self._reply: str | None = None
         self._ledger: Ledger | None = None
+        self._upserted_tokens = -1
 
     @workflow.run
     async def run(self, inp: AgentLoopInput) -> JobResult:
@@ -125,14 +126,12 @@ class AgentLoopWorkflow:
             correction: str | None = None
             for _ in range(MAX_CORRECTIONS + 1):
                 inp = PlanInput(
-                    **self._llm_fields("planner"),
+                    **self._llm_fields("planner", critique=self._s.critique, correction=correction),
                     allowed_tools=self._req.tools,
                     retrieval_enabled=self._req.docs_dir is not None,
-                    critique=self._s.critique,
-                    correction=correction,
                     may_ask=self._s.counters.questions < self._req.budget.max_questions,
                 )
-                result = await self._llm(LLMActivities.plan_step, inp, "plan")
+                result = await self._llm(LLMActivities.plan_step, inp, "planner", "plan")
                 if result.plan is not None:
                     break
                 correction = result.invalid_reason or "output did not match the plan schema"
@@ -172,14 +171,14 @@ class AgentLoopWorkflow:
 
     async def _draft(self) -> str:
         self._set_state("verifying")
-        inp = AnswerInput(**self._llm_fields("answerer"), critique=self._s.critique)
-        result = await self._llm(LLMActivities.draft_answer, inp, "answer")
+        inp = AnswerInput(**self._llm_fields("answerer", critique=self._s.critique))
+        result = await self._llm(LLMActivities.draft_answer, inp, "answerer", "answer")
         self._s.draft = result.answer
         return result.answer
 
     async def _verify(self, draft: str) -> Verdict:
         inp = VerifyInput(**self._llm_fields("verifier"), draft=draft)
-        result = await self._llm(LLMActivities.verify_draft, inp, "verify")
+        result = await self._llm(LLMActivities.verify_draft, inp, "verifier", "verify")
         verdict = result.verdict or Verdict(
             passed=False, score=0.0, critique=f"verifier output invalid: {result.invalid_reason}"
         )
@@ -200,10 +199,12 @@ class AgentLoopWorkflow:
         self._event("continue_as_new", f"run {self._s.runs}")
         workflow.continue_as_new(self._inp.model_copy(update={"state": self._s}))
 
-    async def _llm(self, method: Callable[[Any, Any], Awaitable[R]], inp: Any, phase: str) -> R:
+    async def _llm(
+        self, method: Callable[[Any, Any], Awaitable[R]], inp: Any, role: Role, phase: str
+    ) -> R:
         """Run one LLM activity inside the budget: reserve worst case, call, charge actual."""
         ledger = self._ledger_or_fail()
-        spec = inp.model
+        spec = getattr(self._s.models, role)
         afford = ledger.reserve_llm(spec, estimate_prompt_tokens(inp), workflow.now())
         inp = inp.model_copy(update={"max_output_tokens": afford})
         config = policies.LLM_CALL.copy()
@@ -226,24 +227,26 @@ class AgentLoopWorkflow:
         self._show_details()
         return result
 
-    def _llm_fields(self, role: Role) -> dict[str, Any]:
+    def _llm_fields(self, role: Role, **optional: Any) -> dict[str, Any]:
+        """Fields of an LLM input; optional ones only when set, so payloads stay small."""
         if self._s.models is None:
             raise JobFailure("InternalError", "models used before setup")
-        return {
-            "job_id": self._job_id,
+        optional |= {
+            "observations": self._s.observations,
+            "clarifications": self._s.clarifications,
+        }
+        return {k: v for k, v in optional.items() if v} | {
             "tenant": self._req.tenant,
             "goal": self._req.goal,
             "iteration": self._s.iteration,
-            "model": getattr(self._s.models, role),
+            "model": getattr(self._s.models, role).model,
             "max_output_tokens": 1,
-            "observations": self._s.observations,
-            "clarifications": self._s.clarifications,
         }
 
     async def _finish(
         self, outcome: Outcome, exhausted: BudgetName | None = None, error: str | None = None
     ) -> JobResult:
-        self._set_state(outcome)
+        self._set_state(outcome, final=True)
         verified = outcome == "completed"
         answer = self._s.draft if verified else (self._s.best_draft or self._s.draft)
         result = JobResult(
@@ -256,7 +259,6 @@ class AgentLoopWorkflow:
             iterations=self._s.iteration + (1 if verified else 0),
             error=error,
         )
-        workflow.upsert_search_attributes([sa.KEEL_OUTCOME.value_set(outcome)])
         self._event(outcome, f"budget {exhausted} ran out" if exhausted else (error or ""))
         if self._req.notify_workflow:
             await self._notify(self._req.notify_workflow, result)
@@ -276,18 +278,19 @@ class AgentLoopWorkflow:
         lines = [f"[{o.name}] {o.content[:200]}" for o in good[-5:]]
         return "No verified answer yet. Observations so far:\n" + "\n".join(lines)
 
-    def _set_state(self, state: JobState) -> None:
-        """Record a phase change; search attributes carry usage as of the change."""
-        if self._s.state != state:
+    def _set_state(self, state: JobState, *, final: bool = False) -> None:
+        """Record a phase change in one search-attribute upsert, with usage when it changed."""
+        if self._s.state != state or final:
             self._s.state = state
             usage = self._s.counters.usage
-            workflow.upsert_search_attributes(
-                [
-                    sa.KEEL_STATE.value_set(state),
-                    sa.KEEL_COST_USD.value_set(round(usage.cost_usd, 6)),
-                    sa.KEEL_TOKENS.value_set(usage.total_tokens),
-                ]
-            )
+            updates = [sa.KEEL_STATE.value_set(state)]
+            if final:
+                updates.append(sa.KEEL_OUTCOME.value_set(state))
+            if usage.total_tokens != self._upserted_tokens:
+                self._upserted_tokens = usage.total_tokens
+                updates.append(sa.KEEL_COST_USD.value_set(round(usage.cost_usd, 6)))
+                updates.append(sa.KEEL_TOKENS.value_set(usage.total_tokens))
+            workflow.upsert_search_attributes(updates)
         self._show_details()
 
     def _show_details(self) -> None:

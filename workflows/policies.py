@@ -1,6 +1,13 @@
 """Retry policies and timeouts for every kind of activity, declared once.
 
-Deterministic constants only. Call sites splat these (``**policies.LLM_CALL``) and may narrow
+Deterministic constants only.
+
+Non-retryable failures are marked where they are raised (``ApplicationError(non_retryable=True)``
+from the classification helpers in ``activities.errors``, covered by their tests), not repeated
+as ``non_retryable_error_types`` here: a policy is recorded in history with every activity it
+schedules, and that list would add about 140 bytes to each call of every job.
+
+Call sites splat these (``**policies.LLM_CALL``) and may narrow
 them (a shorter ``schedule_to_close_timeout`` near the wall-clock deadline, fewer attempts for a
 tool that has used its retry budget), never widen them.
 """
@@ -9,12 +16,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.workflow import ActivityConfig
-
-with workflow.unsafe.imports_passed_through():
-    from activities import errors
 
 LLM_REQUEST_TIMEOUT_SECONDS = 50.0
 """The openai client's own request timeout; kept inside LLM_CALL's start-to-close timeout so the
@@ -33,7 +36,6 @@ LLM_CALL = ActivityConfig(
         backoff_coefficient=2.0,
         maximum_interval=timedelta(seconds=30),
         maximum_attempts=5,
-        non_retryable_error_types=errors.NON_RETRYABLE_TYPES,
     ),
 )
 
@@ -48,7 +50,6 @@ TOOL_READ = ActivityConfig(
         maximum_interval=timedelta(seconds=10),
         # The job's max_retries_per_tool budget lowers this per call; this is the ceiling.
         maximum_attempts=6,
-        non_retryable_error_types=errors.NON_RETRYABLE_TYPES,
     ),
 )
 
@@ -63,7 +64,6 @@ TOOL_WRITE = ActivityConfig(
         backoff_coefficient=2.0,
         maximum_interval=timedelta(seconds=10),
         maximum_attempts=6,
-        non_retryable_error_types=errors.NON_RETRYABLE_TYPES,
     ),
 )
 
@@ -77,7 +77,6 @@ RETRIEVAL = ActivityConfig(
         initial_interval=timedelta(milliseconds=250),
         maximum_interval=timedelta(seconds=10),
         maximum_attempts=4,
-        non_retryable_error_types=errors.NON_RETRYABLE_TYPES,
     ),
 )
 

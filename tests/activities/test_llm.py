@@ -62,11 +62,10 @@ async def plan_input(acts: LLMActivities) -> PlanInput:
         acts.resolve_models, ResolveModelsInput(tenant="t", job_id="j")
     )
     return PlanInput(
-        job_id="j",
         tenant="t",
         goal="What is 2 + 2?",
         iteration=0,
-        model=roster.planner,
+        model=roster.planner.model,
         max_output_tokens=300,
         allowed_tools=["calculator"],
     )

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from activities.converter import DATA_CONVERTER
 from client import AgentJobs, JobFailed, JobRequest
 from tests.conftest import unique
 from workers.registry import WORKFLOWS
@@ -31,9 +31,7 @@ async def run_job(client: Client, make_worker, req: JobRequest, **kw):  # type: 
 async def replay_own_history(client: Client, job_id: str, record_as: str | None = None) -> None:
     """Replay what the server recorded; optionally keep it as a fixture for the replay test."""
     history = await client.get_workflow_handle(job_id).fetch_history()
-    await Replayer(workflows=WORKFLOWS, data_converter=pydantic_data_converter).replay_workflow(
-        history
-    )
+    await Replayer(workflows=WORKFLOWS, data_converter=DATA_CONVERTER).replay_workflow(history)
     if record_as and (HISTORIES / f"{record_as}.json").exists() is False:
         HISTORIES.mkdir(exist_ok=True)
         (HISTORIES / f"{record_as}.json").write_text(json.dumps(history.to_json_dict(), indent=1))
