@@ -10,8 +10,8 @@ from __future__ import annotations
 from datetime import datetime
 
 from pydantic import BaseModel
-from temporalio.api.enums.v1 import TaskQueueKind, TaskQueueType
-from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.enums.v1 import DescribeTaskQueueMode, TaskQueueKind, TaskQueueType
+from temporalio.api.taskqueue.v1 import PollerInfo, TaskQueue, TaskQueueVersionSelection
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
@@ -58,6 +58,7 @@ async def describe_fleet(client: Client, queues: list[str] | None = None) -> lis
     """
     stats: list[QueueStats] = []
     for name in queues or list(TASK_QUEUES.values()):
+        pollers = await _pollers(client, name)
         for kind, queue_type in KINDS.items():
             resp = await client.workflow_service.describe_task_queue(
                 DescribeTaskQueueRequest(
@@ -68,19 +69,13 @@ async def describe_fleet(client: Client, queues: list[str] | None = None) -> lis
                 )
             )
             s = resp.stats
+            # Union with the root partition's pollers: each view can miss one the other has.
+            found = pollers[queue_type] | {p.identity: _poller(p) for p in resp.pollers}
             stats.append(
                 QueueStats(
                     task_queue=name,
                     kind=kind,
-                    pollers=[
-                        Poller(
-                            identity=p.identity,
-                            last_access=p.last_access_time.ToDatetime()
-                            if p.HasField("last_access_time")
-                            else None,
-                        )
-                        for p in resp.pollers
-                    ],
+                    pollers=sorted(found.values(), key=lambda p: p.identity),
                     backlog=s.approximate_backlog_count,
                     backlog_age_seconds=s.approximate_backlog_age.ToTimedelta().total_seconds(),
                     add_rate=s.tasks_add_rate,
@@ -88,3 +83,32 @@ async def describe_fleet(client: Client, queues: list[str] | None = None) -> lis
                 )
             )
     return stats
+
+
+async def _pollers(client: Client, name: str) -> dict[int, dict[str, Poller]]:
+    """Pollers of every partition and build of a queue, by task type.
+
+    The default describe mode reads the root partition only and can miss workers for a while;
+    the enhanced mode gathers every partition (and every worker build, when versioned).
+    """
+    resp = await client.workflow_service.describe_task_queue(
+        DescribeTaskQueueRequest(
+            namespace=client.namespace,
+            task_queue=TaskQueue(name=name, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL),
+            api_mode=DescribeTaskQueueMode.DESCRIBE_TASK_QUEUE_MODE_ENHANCED,
+            versions=TaskQueueVersionSelection(unversioned=True),
+            task_queue_types=list(KINDS.values()),
+            report_pollers=True,
+        )
+    )
+    found: dict[int, dict[str, Poller]] = {t: {} for t in KINDS.values()}
+    for version in resp.versions_info.values():
+        for queue_type, info in version.types_info.items():
+            for p in info.pollers:
+                found.setdefault(queue_type, {})[p.identity] = _poller(p)
+    return found
+
+
+def _poller(info: PollerInfo) -> Poller:
+    seen = info.last_access_time.ToDatetime() if info.HasField("last_access_time") else None
+    return Poller(identity=info.identity, last_access=seen)

@@ -215,6 +215,26 @@ def make_worker(redis_url: str, sim_url: str) -> WorkerFactory:
     return factory
 
 
+def worker_process_env(
+    env: WorkflowEnvironment, redis_url: str, sim_url: str, **extra: str
+) -> dict[str, str]:
+    """Environment for a `keel worker` subprocess against the test servers and the simulator."""
+    base = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "KEEL_TASK_QUEUE")}
+    return (
+        base
+        | {
+            "TEMPORAL_ADDRESS": env.client.service_client.config.target_host,
+            "TEMPORAL_NAMESPACE": env.client.namespace,
+            "REDIS_URL": redis_url,
+            "OPENAI_BASE_URL": sim_url,
+            "KEEL_MODEL_PLANNER": "sim-small",
+            "KEEL_MODEL_VERIFIER": "sim-small",
+            "KEEL_MODEL_ANSWERER": "sim-small",
+        }
+        | extra
+    )
+
+
 def unique(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 

@@ -151,12 +151,7 @@ def dev(
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    try:
-        stack.start()
-    except (RuntimeError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from None
-    _print_stack(stack)
+    _start(stack)
     while not stopping:
         if (dead := stack.check()) is not None:
             console.print(f"[red]{dead} exited; stopping[/red] (logs in {state_dir / 'logs'})")
@@ -188,12 +183,7 @@ def demo(
         console.print(f"Using the Temporal server already on port {temporal_port}.")
     else:
         with console.status("Starting Temporal, Redis, the LLM simulator and a worker…"):
-            try:
-                stack.start()
-            except (RuntimeError, FileNotFoundError) as err:
-                console.print(f"[red]error:[/red] {err}")
-                raise typer.Exit(1) from None
-        _print_stack(stack)
+            _start(stack)
     os.environ.update(stack.env())
     try:
         job_id = _submit_demo(submit)
@@ -225,6 +215,16 @@ def _submit_demo(submit) -> str:  # type: ignore[no-untyped-def]
             as_json=True,
         )
     return str(json.loads(out.getvalue())["job_id"])
+
+
+def _start(stack) -> None:  # type: ignore[no-untyped-def]
+    """Start the stack and print where its parts listen, or exit 1 with why it could not."""
+    try:
+        stack.start()
+    except (RuntimeError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from None
+    _print_stack(stack)
 
 
 def _print_stack(stack) -> None:  # type: ignore[no-untyped-def]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -13,25 +12,15 @@ import redis.asyncio as aioredis
 from temporalio.testing import WorkflowEnvironment
 
 from client import AgentJobs, JobRequest
-from tests.conftest import unique
+from tests.conftest import unique, worker_process_env
 
 JOBS = 6
 
 
 def start_worker(env: WorkflowEnvironment, task_queue: str, redis_url: str, sim_url: str):  # type: ignore[no-untyped-def]
-    worker_env = os.environ | {
-        "TEMPORAL_ADDRESS": env.client.service_client.config.target_host,
-        "TEMPORAL_NAMESPACE": env.client.namespace,
-        "REDIS_URL": redis_url,
-        "OPENAI_BASE_URL": sim_url,
-        "KEEL_MODEL_PLANNER": "sim-small",
-        "KEEL_MODEL_VERIFIER": "sim-small",
-        "KEEL_MODEL_ANSWERER": "sim-small",
-    }
-    worker_env.pop("OPENAI_API_KEY", None)
     return subprocess.Popen(
         [sys.executable, "-m", "workers.cli", "worker", "--task-queue", task_queue],
-        env=worker_env,
+        env=worker_process_env(env, redis_url, sim_url),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -9,7 +9,6 @@ timeout passes). Real dev server, real Redis, the simulator over HTTP, workers a
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from client import AgentJobError, AgentJobs, JobRequest
-from tests.conftest import unique
+from tests.conftest import unique, worker_process_env
 
 GRACE_SECONDS = 30.0
 """KEEL_GRACEFUL_SHUTDOWN_SECONDS of every worker (the default, stated explicitly)."""
@@ -67,17 +66,9 @@ def start_worker(
 ) -> Iterator[StartWorker]:
     """Start ``python -m workers.cli worker`` subprocesses; any still running are stopped after."""
     started: list[FleetWorker] = []
-    worker_env = os.environ | {
-        "TEMPORAL_ADDRESS": env.client.service_client.config.target_host,
-        "TEMPORAL_NAMESPACE": env.client.namespace,
-        "REDIS_URL": redis_url,
-        "OPENAI_BASE_URL": sim_url,
-        "KEEL_MODEL_PLANNER": "sim-small",
-        "KEEL_MODEL_VERIFIER": "sim-small",
-        "KEEL_MODEL_ANSWERER": "sim-small",
-        "KEEL_GRACEFUL_SHUTDOWN_SECONDS": str(GRACE_SECONDS),
-    }
-    worker_env.pop("OPENAI_API_KEY", None)
+    worker_env = worker_process_env(
+        env, redis_url, sim_url, KEEL_GRACEFUL_SHUTDOWN_SECONDS=str(GRACE_SECONDS)
+    )
 
     def start(task_queue: str, identity: str) -> FleetWorker:
         log = tmp_path / f"worker-{identity}.log"

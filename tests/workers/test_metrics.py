@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import subprocess
@@ -16,22 +15,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from client import AgentJobs, JobRequest
 from client.fleet import describe_fleet
-from tests.conftest import free_port, unique
-
-
-def worker_env(env: WorkflowEnvironment, redis_url: str, sim_url: str) -> dict[str, str]:
-    return {
-        k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "KEEL_TASK_QUEUE")
-    } | {
-        "TEMPORAL_ADDRESS": env.client.service_client.config.target_host,
-        "TEMPORAL_NAMESPACE": env.client.namespace,
-        "REDIS_URL": redis_url,
-        "OPENAI_BASE_URL": sim_url,
-        "KEEL_MODEL_PLANNER": "sim-small",
-        "KEEL_MODEL_VERIFIER": "sim-small",
-        "KEEL_MODEL_ANSWERER": "sim-small",
-        "KEEL_METRICS_POLL_SECONDS": "0.5",
-    }
+from tests.conftest import free_port, unique, worker_process_env
 
 
 async def test_fleet_shows_pollers_and_worker_exports_metrics(
@@ -39,7 +23,7 @@ async def test_fleet_shows_pollers_and_worker_exports_metrics(
 ) -> None:
     log = tmp_path / "worker.log"
     queue, port = unique("tq-fleet"), free_port()
-    proc_env = worker_env(env, redis_url, sim_url)
+    proc_env = worker_process_env(env, redis_url, sim_url, KEEL_METRICS_POLL_SECONDS="0.5")
     worker = subprocess.Popen(
         [
             sys.executable,
@@ -76,7 +60,7 @@ async def test_fleet_shows_pollers_and_worker_exports_metrics(
             (queue, "activity"),
         }
         for row in rows:
-            assert [p["identity"] for p in row["pollers"]] == ["fleet-w1"]
+            assert [p["identity"] for p in row["pollers"]] == ["fleet-w1"], rows
             assert row["backlog"] >= 0  # approximate: the server updates it lazily
 
         deadline = time.monotonic() + 30

@@ -10,8 +10,7 @@ import time
 from temporalio.testing import WorkflowEnvironment
 
 from client import AgentJobs, JobRequest
-from tests.conftest import unique, venv_bin
-from tests.workers.test_metrics import worker_env
+from tests.conftest import unique, venv_bin, worker_process_env
 
 
 async def test_versioned_worker_runs_jobs_pinned_to_its_build(
@@ -33,7 +32,7 @@ async def test_versioned_worker_runs_jobs_pinned_to_its_build(
             "--build-id",
             "build-1",
         ],
-        env=worker_env(env, redis_url, sim_url),
+        env=worker_process_env(env, redis_url, sim_url),
         stdout=subprocess.DEVNULL,
         stderr=log.open("w"),
     )
