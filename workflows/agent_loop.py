@@ -33,12 +33,19 @@ with workflow.unsafe.imports_passed_through():
     from workflows import search_attributes as sa
     from workflows._acting import StepRunner
     from workflows._budget import BudgetExhausted, Ledger, estimate_prompt_tokens
+    from workflows._state import (
+        JobFailure,
+        add_event,
+        details_markdown,
+        history_is_long,
+        observation_summary,
+        status_of,
+    )
     from workflows.types import (
         NOTIFY_SIGNAL,
         AgentLoopInput,
         BudgetName,
         HumanInput,
-        JobEvent,
         JobResult,
         JobState,
         JobStatus,
@@ -47,25 +54,12 @@ with workflow.unsafe.imports_passed_through():
         Outcome,
     )
 
-MAX_EVENTS = 20
 MAX_OBSERVATIONS = 16
 """Observations kept in state and prompts; older ones drop off so history stays bounded."""
 MAX_CORRECTIONS = 2
 """Corrective planner calls after invalid output before the job fails with BadModelOutput."""
-HISTORY_BYTES_LIMIT = 1_000_000
-"""Continue as new past this history size: far under Temporal's 50 MB limit and the 2 MB a
-run of a Keel job is allowed to reach, so replays and worker cache stay cheap."""
-HISTORY_EVENTS_LIMIT = 4_000
 
 R = TypeVar("R", bound=BaseModel)
-
-
-class JobFailure(Exception):
-    """Control flow inside the workflow: the job cannot go on. Becomes an ApplicationError."""
-
-    def __init__(self, error_type: str, message: str) -> None:
-        super().__init__(message)
-        self.error_type = error_type
 
 
 @workflow.defn
@@ -94,7 +88,7 @@ class AgentLoopWorkflow:
                 if verdict.passed:
                     return await self._finish("completed")
                 self._refine(verdict)
-                if self._history_is_long():
+                if history_is_long():
                     break
             await self._continue_as_new()
         except BudgetExhausted as exhausted:
@@ -252,7 +246,7 @@ class AgentLoopWorkflow:
         result = JobResult(
             job_id=self._job_id,
             outcome=outcome,
-            answer=answer or self._observation_summary(),
+            answer=answer or observation_summary(self._s),
             verified=verified,
             exhausted_budget=exhausted,
             usage=JobUsage.of(self._s.counters),
@@ -271,13 +265,6 @@ class AgentLoopWorkflow:
         except Exception as err:  # noqa: BLE001 - a missing listener must not fail the job
             self._event("notify_failed", f"{workflow_id}: {err}"[:200])
 
-    def _observation_summary(self) -> str | None:
-        good = [o for o in self._s.observations if o.ok]
-        if not good:
-            return None
-        lines = [f"[{o.name}] {o.content[:200]}" for o in good[-5:]]
-        return "No verified answer yet. Observations so far:\n" + "\n".join(lines)
-
     def _set_state(self, state: JobState, *, final: bool = False) -> None:
         """Record a phase change in one search-attribute upsert, with usage when it changed."""
         if self._s.state != state or final:
@@ -294,27 +281,11 @@ class AgentLoopWorkflow:
         self._show_details()
 
     def _show_details(self) -> None:
-        """Current details in the Temporal UI: phase, iteration and budget use (no events)."""
-        b, c = self._req.budget, self._s.counters
-        workflow.set_current_details(
-            f"**{self._s.state}** · iteration {self._s.iteration + 1}/{b.max_iterations}\n\n"
-            f"steps {c.steps}/{b.max_steps} · tool calls {c.tool_calls}/{b.max_tool_calls} · "
-            f"tokens {c.usage.total_tokens}/{b.max_tokens} · "
-            f"${c.usage.cost_usd:.4f}/${b.max_cost_usd:.2f}"
-        )
-
-    def _history_is_long(self) -> bool:
-        info = workflow.info()
-        return (
-            info.is_continue_as_new_suggested()
-            or info.get_current_history_size() > HISTORY_BYTES_LIMIT
-            or info.get_current_history_length() > HISTORY_EVENTS_LIMIT
-        )
+        """Current details in the Temporal UI (metadata only: no history events)."""
+        workflow.set_current_details(details_markdown(self._req, self._s))
 
     def _event(self, kind: str, detail: str = "") -> None:
-        self._s.events = [*self._s.events, JobEvent(at=workflow.now(), kind=kind, detail=detail)][
-            -MAX_EVENTS:
-        ]
+        add_event(self._s, workflow.now(), kind, detail)
 
     def _ledger_or_fail(self) -> Ledger:
         if self._ledger is None:
@@ -328,18 +299,7 @@ class AgentLoopWorkflow:
     @workflow.query
     def get_status(self) -> JobStatus:
         """A snapshot of the job; never mutates state."""
-        return JobStatus(
-            job_id=self._job_id,
-            state=self._s.state,
-            tenant=self._req.tenant,
-            goal=self._req.goal,
-            iteration=self._s.iteration,
-            budget=self._req.budget,
-            usage=JobUsage.of(self._s.counters),
-            pending_question=self._s.pending_question,
-            events=list(self._s.events),
-            runs=self._s.runs,
-        )
+        return status_of(self._job_id, self._req, self._s)
 
     @workflow.update
     def answer(self, inp: HumanInput) -> str:
