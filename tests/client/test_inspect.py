@@ -106,3 +106,13 @@ async def test_search_attributes_summary_and_details(env: WorkflowEnvironment, m
             "verify · iteration 1",
         } <= summaries
         await jobs.cancel(waiting)
+
+
+async def test_mode_picks_the_task_queue(env: WorkflowEnvironment) -> None:
+    jobs = AgentJobs(env.client)  # no fixed queue: each job's mode decides
+    batch = await jobs.start(JobRequest(goal="What is 1 + 1?", mode="batch"))
+    interactive = await jobs.start(JobRequest(goal="What is 1 + 1?"))
+    for job_id, queue in ((batch, "keel-batch"), (interactive, "keel-interactive")):
+        handle = env.client.get_workflow_handle(job_id)
+        assert (await handle.describe()).task_queue == queue
+        await handle.terminate("test cleanup")
