@@ -54,7 +54,8 @@ OVERHEAD_REQUEST = JobRequest(
     tenant="bench",
     user="bench",
 )
-"""resolve_models, plan, four parallel calculator calls, answer, verify: eight activities."""
+"""plan, four parallel calculator calls, answer, verify: seven activities (plus the local
+activity that reads the model table)."""
 LONG_GOAL = "Fetch {url} with http_get [sim: replan, fail_verify=1000000]"
 """Plans an http_get on every iteration and never passes verification."""
 HISTORY_LIMIT_BYTES = 2_000_000

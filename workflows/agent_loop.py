@@ -107,7 +107,9 @@ class AgentLoopWorkflow:
             self._event("started", f"goal: {self._req.goal[:80]}")
         self._ledger = Ledger(self._req.budget, self._s.counters, self._s.started_at)
         if self._s.models is None:
-            self._s.models = await workflow.execute_activity_method(
+            # A local activity: reading the worker's model table is quick and local, so it
+            # needs no task-queue round trip; its result is still recorded (a marker event).
+            self._s.models = await workflow.execute_local_activity_method(
                 LLMActivities.resolve_models,
                 ResolveModelsInput(tenant=self._req.tenant, job_id=self._job_id),
                 **policies.CONFIG_READ,

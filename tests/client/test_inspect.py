@@ -99,7 +99,6 @@ async def test_search_attributes_summary_and_details(env: WorkflowEnvironment, m
                 payload = event.user_metadata.summary
                 summaries.add(json.loads(payload.data))
         assert {
-            "resolve models",
             "plan · iteration 1",
             "tool calculator · iteration 1",
             "answer · iteration 1",
