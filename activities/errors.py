@@ -41,6 +41,9 @@ TOOL_FAILED = "ToolFailed"
 DOCS_NOT_FOUND = "DocsNotFound"
 """The job's document folder does not exist on the worker."""
 
+BUDGET_EXHAUSTED = "BudgetExhausted"
+"""An LLM call could not be paid for from the dollars the job has left (non-retryable)."""
+
 # Raised by the workflow itself.
 BAD_MODEL_OUTPUT = "BadModelOutput"
 """The model kept returning output that failed validation after corrective steps."""
@@ -54,6 +57,7 @@ NON_RETRYABLE_TYPES = [
     TOOL_PERMISSION,
     TOOL_FAILED,
     DOCS_NOT_FOUND,
+    BUDGET_EXHAUSTED,
 ]
 """Every error type raised with ``non_retryable=True``; a test keeps the classifiers honest."""
 

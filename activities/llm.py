@@ -17,12 +17,15 @@ import openai
 import structlog
 from pydantic import BaseModel, Field, ValidationError
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities._heartbeat import heartbeating
 from activities.catalog import json_schema
-from activities.errors import from_openai
+from activities.errors import BUDGET_EXHAUSTED, from_openai
 from activities.store import KeelStore
 from activities.types import (
+    CHARS_PER_TOKEN,
+    MIN_OUTPUT_TOKENS,
     PROMPT_CHARS_PER_OBSERVATION,
     AnswerInput,
     AnswerResult,
@@ -33,6 +36,7 @@ from activities.types import (
     PlanInput,
     PlanResult,
     ResolveModelsInput,
+    Role,
     Usage,
     Verdict,
     VerifyInput,
@@ -89,6 +93,14 @@ class LLMConfig(BaseModel):
         fallback = max(self.prices.values(), key=lambda p: p[0] + p[1], default=(0.0, 0.0))
         return self.prices.get(model, fallback)
 
+    def model_for(self, role: Role) -> str:
+        """The model that serves ``role``: the single seam where routing between tiers goes."""
+        return {
+            "planner": self.planner_model,
+            "verifier": self.verifier_model,
+            "answerer": self.answerer_model,
+        }[role]
+
     def spec(self, role: str, model: str) -> ModelSpec:
         """The ModelSpec for one role, priced from the table."""
         price_in, price_out = self.price(model)
@@ -118,12 +130,16 @@ class LLMActivities:
 
     @activity.defn(name="resolve_models")
     async def resolve_models(self, inp: ResolveModelsInput) -> ModelRoster:
-        """Choose the model for each role: the single seam where routing between tiers goes."""
+        """The model and prices per role, for runs started before the ``lean-history`` patch.
+
+        Newer runs never call this: each LLM activity picks its model (``LLMConfig.model_for``)
+        and prices the call against ``max_cost_usd`` itself. Kept while such runs may replay.
+        """
         c = self._config
         return ModelRoster(
-            planner=c.spec("planner", c.planner_model),
-            verifier=c.spec("verifier", c.verifier_model),
-            answerer=c.spec("answerer", c.answerer_model),
+            planner=c.spec("planner", c.model_for("planner")),
+            verifier=c.spec("verifier", c.model_for("verifier")),
+            answerer=c.spec("answerer", c.model_for("answerer")),
         )
 
     @activity.defn(name="plan_step")
@@ -136,7 +152,9 @@ class LLMActivities:
             "correction": inp.correction,
             "may_ask": inp.may_ask,
         }
-        text, usage, reason = await self._complete(inp, PLANNER_PROMPT, context, "keel_plan", Plan)
+        text, usage, reason = await self._complete(
+            inp, "planner", PLANNER_PROMPT, context, "keel_plan", Plan
+        )
         plan, reason = _parse(Plan, text, reason)
         return PlanResult(plan=plan, invalid_reason=reason, usage=usage)
 
@@ -144,7 +162,9 @@ class LLMActivities:
     async def draft_answer(self, inp: AnswerInput) -> AnswerResult:
         """Write a draft answer from the observations."""
         context = await self._context(inp) | {"critique": inp.critique}
-        text, usage, reason = await self._complete(inp, ANSWER_PROMPT, context, "keel_answer", None)
+        text, usage, reason = await self._complete(
+            inp, "answerer", ANSWER_PROMPT, context, "keel_answer", None
+        )
         try:
             answer = str(json.loads(text)["answer"])
         except (ValueError, KeyError, TypeError):
@@ -156,7 +176,7 @@ class LLMActivities:
         """Judge a draft against the goal and observations."""
         context = await self._context(inp) | {"draft": inp.draft}
         text, usage, reason = await self._complete(
-            inp, VERIFY_PROMPT, context, "keel_verdict", Verdict
+            inp, "verifier", VERIFY_PROMPT, context, "keel_verdict", Verdict
         )
         verdict, reason = _parse(Verdict, text, reason)
         return VerifyResult(verdict=verdict, invalid_reason=reason, usage=usage)
@@ -185,23 +205,32 @@ class LLMActivities:
     async def _complete(
         self,
         inp: LLMCallBase,
+        role: Role,
         system: str,
         context: dict[str, Any],
         schema_name: str,
         schema: type[BaseModel] | None,
     ) -> tuple[str, Usage, str | None]:
-        """One chat completion; returns the text, its usage, and why it is unusable if it is."""
+        """One chat completion; returns the text, its usage, and why it is unusable if it is.
+
+        Raises:
+            ApplicationError: ``BUDGET_EXHAUSTED`` (non-retryable) when ``max_cost_usd`` cannot
+                pay for the prompt and MIN_OUTPUT_TOKENS of output at the model's price.
+        """
         schema_doc = json_schema(schema) if schema else _ANSWER_SCHEMA
+        model = inp.model or self._config.model_for(role)
+        user = json.dumps(context, ensure_ascii=False)
         with structlog.contextvars.bound_contextvars(
-            job_id=activity.info().workflow_id, tenant=inp.tenant, call=schema_name, model=inp.model
+            job_id=activity.info().workflow_id, tenant=inp.tenant, call=schema_name, model=model
         ):
+            max_tokens = self._affordable(inp, model, len(system) + len(user))
             try:
                 async with heartbeating():
                     response = await self._client.chat.completions.create(
-                        model=inp.model,
+                        model=model,
                         messages=[
                             {"role": "system", "content": system},
-                            {"role": "user", "content": json.dumps(context, ensure_ascii=False)},
+                            {"role": "user", "content": user},
                         ],
                         response_format={
                             "type": "json_schema",
@@ -211,7 +240,7 @@ class LLMActivities:
                                 "strict": False,
                             },
                         },
-                        max_tokens=inp.max_output_tokens,
+                        max_tokens=max_tokens,
                         timeout=self._config.request_timeout_seconds,
                     )
             except openai.OpenAIError as err:
@@ -220,7 +249,7 @@ class LLMActivities:
                     "llm call failed", error_type=failure.type, retryable=not failure.non_retryable
                 )
                 raise failure from None
-            usage = _usage(self._config.price(inp.model), response.usage)
+            usage = _usage(self._config.price(model), response.usage)
             log.info(
                 "llm call",
                 prompt_tokens=usage.prompt_tokens,
@@ -235,6 +264,35 @@ class LLMActivities:
         )
         return text, usage, reason
 
+    def _affordable(self, inp: LLMCallBase, model: str, prompt_chars: int) -> int:
+        """Completion tokens this call may use: the workflow's cap, the worker's, and the money.
+
+        The prompt is priced at one token per CHARS_PER_TOKEN characters plus the schema
+        allowance, the same conservative estimate the workflow budgets tokens with.
+        """
+        cap = min(inp.max_output_tokens, self._config.max_output_tokens)
+        if inp.max_cost_usd is None:
+            return cap
+        price_in, price_out = self._config.price(model)
+        prompt_tokens = prompt_chars // CHARS_PER_TOKEN + SCHEMA_ALLOWANCE_TOKENS
+        spare_usd = inp.max_cost_usd - prompt_tokens * price_in / 1_000_000
+        if price_out > 0:
+            cap = min(cap, int(spare_usd * 1_000_000 / price_out))
+        elif spare_usd < 0:
+            cap = 0
+        if cap < MIN_OUTPUT_TOKENS:
+            log.info("llm call refused by cost budget", usd_left=inp.max_cost_usd)
+            raise ApplicationError(
+                f"max_cost_usd: ${inp.max_cost_usd:.6f} left cannot pay for a {model} call "
+                f"of ~{prompt_tokens} prompt tokens and {MIN_OUTPUT_TOKENS} output tokens",
+                type=BUDGET_EXHAUSTED,
+                non_retryable=True,
+            )
+        return cap
+
+
+SCHEMA_ALLOWANCE_TOKENS = 600
+"""Tokens the response-format schema and tool specs may add beyond the prompt's characters."""
 
 _ANSWER_SCHEMA: dict[str, Any] = {
     "type": "object",

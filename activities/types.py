@@ -21,6 +21,12 @@ this much of them is recorded, so history per step stays flat whatever a tool re
 PROMPT_CHARS_PER_OBSERVATION = 4000
 """How much of an observation stored by reference an LLM activity puts in its prompt."""
 
+CHARS_PER_TOKEN = 3
+"""Conservative: real tokenisers average about four characters per token on English text."""
+
+MIN_OUTPUT_TOKENS = 64
+"""A model call that cannot afford this many completion tokens is not worth making."""
+
 
 class Usage(BaseModel):
     """Tokens and money one call (or a whole job) consumed."""
@@ -91,16 +97,16 @@ class Observation(BaseModel):
     """What one plan step produced, as the planner, answerer and verifier see it."""
 
     step_id: str
-    kind: Literal["tool", "retrieve"]
+    kind: Literal["tool", "retrieve"] = "tool"
     name: str
     """Tool name, or ``"retrieve"``."""
-    ok: bool
+    ok: bool = True
     content: str = ""
     """Output preview (at most PREVIEW_CHARS), or the error message when not ok."""
     ref: str | None = None
     """Redis key of the full output when it was too large to keep in history."""
     size: int = 0
-    """Length of the full output; with ``ref`` it bounds what the prompt will hold."""
+    """Length of the full output when ``ref`` is set; it bounds what the prompt will hold."""
     error_type: str | None = None
     """Error type constant from activities.errors when the step failed for good."""
 
@@ -175,16 +181,21 @@ class LLMCallBase(BaseModel):
     """Fields every LLM activity input carries.
 
     Kept lean on purpose, since three of these are recorded per iteration: the job ID comes
-    from ``activity.info()``, and the model's prices stay in the workflow's roster.
+    from ``activity.info()``, and the model and its prices from the worker's configuration.
     """
 
     tenant: str
     goal: str
     iteration: int
-    model: str
-    """Model name sent to the endpoint (chosen from the job's ModelRoster)."""
+    model: str | None = None
+    """Model name for runs that resolved a ModelRoster up front (jobs started before the
+    ``lean-history`` patch); None lets the activity choose the model for its role."""
     max_output_tokens: int = Field(ge=1)
     """Completion-token cap the workflow could afford for this call."""
+    max_cost_usd: float | None = None
+    """Dollars the job has left; the activity, which knows the model's price, lowers its
+    completion-token cap to fit and refuses the call (``BudgetExhausted``) when even
+    MIN_OUTPUT_TOKENS would not fit. None: the workflow already priced the call."""
     observations: list[Observation] = Field(default_factory=list)
     clarifications: list[Clarification] = Field(default_factory=list)
 

@@ -295,7 +295,7 @@ class AgentJobs:
                     [
                         SearchAttributePair(KEEL_TENANT, request.tenant),
                         SearchAttributePair(KEEL_USER, request.user),
-                        SearchAttributePair(KEEL_STATE, "queued"),
+                        SearchAttributePair(KEEL_STATE, "running"),
                         SearchAttributePair(KEEL_MODE, request.mode),
                     ]
                 ),

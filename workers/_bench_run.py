@@ -170,11 +170,21 @@ def _title(section: str, mode: str, rps: int) -> str:
     return f"{section} · server {mode} · transferProcessorMaxPollRPS={rps}"
 
 
+OVERHEAD_COLUMNS = (
+    ("keel", "keel"),
+    ("bare", "bare (SDK defaults)"),
+    ("bare_unsandboxed", "bare (unsandboxed)"),
+)
+
+
 def _overhead_table(mode: str, rps: int, config: BenchConfig, data: dict[str, Any]) -> Table:
-    keel, bare, ratios = data["keel"], data["bare"], data["ratio_keel_over_bare"]
     table = Table(title=_title("Overhead: Keel job vs bare Temporal workflow", mode, rps))
-    for column in ("metric", "keel", "bare", "keel/bare"):
-        table.add_column(column, justify="left" if column == "metric" else "right")
+    ratios = [(name, data.get(f"ratio_keel_over_{name}", {})) for name, _ in OVERHEAD_COLUMNS[1:]]
+    table.add_column("metric")
+    for _, header in OVERHEAD_COLUMNS:
+        table.add_column(header, justify="right")
+    for name, _ in ratios:
+        table.add_column(f"keel/{name}", justify="right")
     rows: list[tuple[str, str, str, float]] = [
         ("throughput (jobs/s)", "jobs_per_s", ",.1f", 1.0),
         ("latency p50 (ms)", "latency_p50_s", ",.0f", 1000.0),
@@ -187,22 +197,23 @@ def _overhead_table(mode: str, rps: int, config: BenchConfig, data: dict[str, An
         ("process CPU per job (ms)", "cpu_ms_per_job", ",.1f", 1.0),
         ("wall (s)", "wall_s", ",.2f", 1.0),
     ]
+    columns = [data[name] for name, _ in OVERHEAD_COLUMNS]
     table.add_row(
         f"jobs completed (concurrency {config.concurrency})",
-        f"{keel['completed']}/{keel['jobs']}",
-        f"{bare['completed']}/{bare['jobs']}",
-        "",
+        *(f"{c['completed']}/{c['jobs']}" for c in columns),
+        *("" for _ in ratios),
     )
     for label, key, fmt, factor in rows:
         table.add_row(
             label,
-            _f(keel.get(key), fmt, factor),
-            _f(bare.get(key), fmt, factor),
-            _f(ratios.get(key), ".2f") if key in ratios else "",
+            *(_f(c.get(key), fmt, factor) for c in columns),
+            *(_f(r.get(key), ".2f") if key in r else "" for _, r in ratios),
         )
+    sandbox = "sandboxed" if data.get("keel_workflow_sandbox") else "unsandboxed"
     table.caption = (
-        f"history: mean over {keel.get('history_sampled', 0)} keel and "
-        f"{bare.get('history_sampled', 0)} bare workflows; CPU: this process (worker + client)"
+        f"history: mean over {columns[0].get('history_sampled', 0)} workflows of each kind; "
+        f"CPU: this process (its workers and the client); Keel's worker runs {sandbox}, "
+        "as `keel worker` does"
     )
     return table
 

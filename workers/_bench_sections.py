@@ -13,14 +13,13 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
 from rich.progress import Progress, TaskID
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
 
 from client.errors import AgentJobError
 from client.jobs import AgentJobs
@@ -42,7 +41,8 @@ from workers._bench_stack import (
     worker_env,
 )
 from workers.bench import BareWorkflow, bare_noop
-from workers.registry import WORKFLOWS, build_activities, build_deps
+from workers.main import build_worker
+from workers.registry import build_activities, build_deps
 from workers.settings import SIM_API_KEY, WorkerSettings
 from workflows.types import Budget, JobRequest, JobResult
 
@@ -104,12 +104,12 @@ def _advance(progress: Progress, task: TaskID) -> Callable[[], None]:
 
 @contextlib.asynccontextmanager
 async def in_process_worker(
-    client: Client, servers: Servers, task_queue: str, *, with_bare: bool
+    client: Client, servers: Servers, task_queue: str
 ) -> AsyncIterator[None]:
-    """One worker in this process, built from the registry as a production worker is.
+    """One Keel worker in this process, built as ``keel worker`` builds its own.
 
-    Default sandboxing and workflow cache, and the slot counts and shutdown grace of
-    ``WorkerSettings`` (so ``KEEL_MAX_CONCURRENT_*`` apply as they do to ``keel worker``).
+    ``workers.main.build_worker`` with the worker's settings: the same workflow runner
+    (unsandboxed unless ``KEEL_WORKFLOW_SANDBOX`` is set), slot counts and shutdown grace.
     """
     overrides = {  # keyed as the environment spells them (the settings' validation aliases)
         "REDIS_URL": servers.redis_url,
@@ -130,53 +130,68 @@ async def in_process_worker(
     )
     try:
         await deps.store.ping()
-        worker = Worker(
-            client,
-            task_queue=task_queue,
-            workflows=[*WORKFLOWS, BareWorkflow] if with_bare else WORKFLOWS,
-            activities=[*build_activities(deps), *([bare_noop] if with_bare else [])],
-            max_concurrent_activities=settings.max_concurrent_activities,
-            max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
-            graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
-        )
-        async with worker:
+        async with build_worker(client, settings, build_activities(deps), task_queue):
             yield
     finally:
         await deps.aclose()
 
 
+BARE_RUNNERS: dict[str, WorkflowRunner | None] = {
+    "bare": None,
+    "bare_unsandboxed": UnsandboxedWorkflowRunner(),
+}
+"""The baselines: the SDK's defaults (its sandboxed runner), and the runner Keel's workers use."""
+
+
+@contextlib.asynccontextmanager
+async def bare_worker(
+    client: Client, task_queue: str, runner: WorkflowRunner | None
+) -> AsyncIterator[None]:
+    """A plain SDK worker for ``BareWorkflow``; ``runner`` None keeps the SDK's default."""
+    extra = {} if runner is None else {"workflow_runner": runner}
+    async with Worker(
+        client, task_queue=task_queue, workflows=[BareWorkflow], activities=[bare_noop], **extra
+    ):
+        yield
+
+
 async def overhead(
     client: Client, config: BenchConfig, servers: Servers, progress: Progress
 ) -> dict[str, Any]:
-    """Keel jobs beside bare workflows of the same shape, on one in-process worker."""
+    """Keel jobs beside bare workflows of the same shape, each kind on its own worker here."""
     tag = uuid4().hex[:8]
-    task_queue = f"bench-overhead-{tag}"
+    queues = {name: f"bench-{name}-{tag}" for name in ("keel", *BARE_RUNNERS)}
     runners = {
         "keel": keel_runner(
-            AgentJobs(client, task_queue=task_queue), OVERHEAD_REQUEST, f"bench-{tag}"
+            AgentJobs(client, task_queue=queues["keel"]), OVERHEAD_REQUEST, f"bench-{tag}"
         ),
-        "bare": bare_runner(client, task_queue, f"bench-bare-{tag}"),
+        **{name: bare_runner(client, queues[name], f"bench-{name}-{tag}") for name in BARE_RUNNERS},
     }
-    figures: dict[str, Any] = {"task_queue": task_queue}
-    async with in_process_worker(client, servers, task_queue, with_bare=True):
+    figures: dict[str, Any] = {"task_queues": queues}
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(in_process_worker(client, servers, queues["keel"]))
+        for name, runner in BARE_RUNNERS.items():
+            await stack.enter_async_context(bare_worker(client, queues[name], runner))
         if config.warmup:
-            warm = progress.add_task("warm-up (not counted)", total=2 * config.warmup)
-            for runner in runners.values():
+            warm = progress.add_task("warm-up (not counted)", total=len(runners) * config.warmup)
+            for run_one in runners.values():
                 await run_batch(
-                    runner, config.warmup, config.concurrency, "w", _advance(progress, warm)
+                    run_one, config.warmup, config.concurrency, "w", _advance(progress, warm)
                 )
         batches = {}
-        for name, runner in runners.items():
+        for name, run_one in runners.items():
             label = f"{name}: {config.jobs} jobs, {config.concurrency} in flight"
             task = progress.add_task(label, total=config.jobs)
             batches[name] = await run_batch(
-                runner, config.jobs, config.concurrency, "t", _advance(progress, task)
+                run_one, config.jobs, config.concurrency, "t", _advance(progress, task)
             )
         singles: dict[str, list[float]] = {name: [] for name in runners}
-        task = progress.add_task("single jobs, one at a time", total=2 * config.sequential)
+        task = progress.add_task(
+            "single jobs, one at a time", total=len(runners) * config.sequential
+        )
         for i in range(config.sequential):
-            for name, runner in runners.items():
-                single = await run_batch(runner, 1, 1, f"s{i}-", _advance(progress, task))
+            for name, run_one in runners.items():
+                single = await run_batch(run_one, 1, 1, f"s{i}-", _advance(progress, task))
                 if single.completed_ids:
                     singles[name] += single.latencies
         progress.add_task("fetching histories", total=None)
@@ -186,9 +201,11 @@ async def overhead(
                 | {"single_median_s": median(singles[name]), "single_samples": len(singles[name])}
                 | await sample_histories(client, batch.completed_ids, config.history_sample)
             )
-    figures["ratio_keel_over_bare"] = {
-        key: ratio(figures["keel"].get(key), figures["bare"].get(key)) for key in RATIO_KEYS
-    }
+    for name in BARE_RUNNERS:
+        figures[f"ratio_keel_over_{name}"] = {
+            key: ratio(figures["keel"].get(key), figures[name].get(key)) for key in RATIO_KEYS
+        }
+    figures["keel_workflow_sandbox"] = WorkerSettings().workflow_sandbox
     return figures
 
 
@@ -213,7 +230,7 @@ async def long_job(
     task_queue = f"bench-long-{tag}"
     jobs = AgentJobs(client, task_queue=task_queue)
     with text_server(config.output_kib * 1024) as url:
-        async with in_process_worker(client, servers, task_queue, with_bare=False):
+        async with in_process_worker(client, servers, task_queue):
             request = JobRequest(
                 goal=LONG_GOAL.format(url=url),
                 tools=["http_get"],

@@ -53,6 +53,13 @@ def worker(
         str | None, typer.Option(help="Build ID; with --deployment-name enables versioning.")
     ] = None,
     deployment_name: Annotated[str | None, typer.Option(help="Worker Deployment name.")] = None,
+    sandbox: Annotated[
+        bool | None,
+        typer.Option(
+            "--sandbox/--no-sandbox",
+            help="Run workflows in Temporal's sandbox (default off; KEEL_WORKFLOW_SANDBOX).",
+        ),
+    ] = None,
 ) -> None:
     """Run a worker until SIGTERM or Ctrl-C; start as many as you like, anywhere."""
     from workers.main import run_worker
@@ -69,6 +76,7 @@ def worker(
         "graceful_shutdown_seconds": graceful_shutdown_seconds,
         "build_id": build_id,
         "deployment_name": deployment_name,
+        "workflow_sandbox": sandbox,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
     try:

@@ -19,7 +19,12 @@ import structlog
 from temporalio.client import Client
 from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
-from temporalio.worker import Worker, WorkerDeploymentConfig, WorkerTuner
+from temporalio.worker import (
+    UnsandboxedWorkflowRunner,
+    Worker,
+    WorkerDeploymentConfig,
+    WorkerTuner,
+)
 
 from client.connect import connect
 from client.fleet import describe_fleet
@@ -54,6 +59,8 @@ def build_worker(
             use_worker_versioning=True,
             default_versioning_behavior=BEHAVIORS[settings.versioning_behavior],
         )
+    if not settings.workflow_sandbox:
+        tuning["workflow_runner"] = UnsandboxedWorkflowRunner()
     return Worker(
         client,
         task_queue=queue,

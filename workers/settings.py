@@ -40,6 +40,12 @@ class WorkerSettings(BaseSettings):
     graceful_shutdown_seconds: float = Field(default=30.0, ge=0)
     """On SIGTERM: stop polling, give running activities this long to finish, then exit."""
     identity: str | None = None
+    workflow_sandbox: bool = False
+    """Run workflow code in Temporal's sandbox. Off by default for throughput: the sandbox
+    re-imports the workflow module per run and re-enters itself for every activation and payload
+    (about a third of a small job's worker CPU). Determinism is guarded instead by the ruff bans
+    in ``workflows/ruff.toml``, the replay tests, and the test suite, whose workers run
+    sandboxed. Turn it on for workflow code you have not vetted."""
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     """Serve Prometheus metrics (SDK runtime metrics and queue backlog gauges) on this port."""
     metrics_poll_seconds: float = Field(default=10.0, gt=0)

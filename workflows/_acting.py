@@ -107,7 +107,7 @@ class StepRunner:
             return self._failed(base, err)
         lines = [f"{h.path} (score {h.score:.2f}): {h.snippet}" for h in result.hits]
         content = "\n".join(lines) or "no matches"
-        return base.model_copy(update={"ok": True, "content": content, "size": len(content)})
+        return base.model_copy(update={"ok": True, "content": content})
 
     async def _tool(self, step: PlanStep) -> Observation:
         tool = step.tool or ""
@@ -130,12 +130,14 @@ class StepRunner:
                 ToolActivities.execute_tool,
                 call,
                 **self._capped(config, attempts),
-                summary=f"tool {tool} · iteration {self._s.iteration + 1}",
+                summary=f"tool {tool}",
             )
         except ActivityError as err:
             return self._failed(base, err, tool, attempts)
         self._ledger.charge_retries(tool, result.attempt - 1)
-        update = {"ok": True, "content": result.content, "ref": result.ref, "size": result.size}
+        update = {"ok": True, "content": result.content}
+        if result.ref:
+            update |= {"ref": result.ref, "size": result.size}
         return base.model_copy(update=update)
 
     def _failed(

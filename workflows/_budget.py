@@ -9,18 +9,19 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from activities.types import PROMPT_CHARS_PER_OBSERVATION, LLMCallBase, ModelSpec, Usage
+from activities.types import (
+    CHARS_PER_TOKEN,
+    MIN_OUTPUT_TOKENS,
+    PROMPT_CHARS_PER_OBSERVATION,
+    LLMCallBase,
+    ModelSpec,
+    Usage,
+)
 from workflows.types import Budget, BudgetName, LoopCounters
-
-MIN_OUTPUT_TOKENS = 64
-"""A model call that cannot afford this many completion tokens is not worth making."""
 
 PROMPT_OVERHEAD_TOKENS = 1500
 """Upper bound on the tokens an LLM activity adds around its input: system prompt and tool
 schemas. A test in tests/activities keeps the real prompts under it."""
-
-CHARS_PER_TOKEN = 3
-"""Conservative: real tokenisers average about four characters per token on English text."""
 
 
 class BudgetExhausted(Exception):
@@ -89,6 +90,27 @@ class Ledger:
                 raise BudgetExhausted("max_cost_usd")
         self.counters.steps += 1
         return afford
+
+    def reserve_llm_unpriced(self, prompt_tokens: int, now: datetime) -> tuple[int, float]:
+        """Reserve one LLM call whose price the activity applies (see ``max_cost_usd``).
+
+        Returns:
+            The completion tokens the token budget allows, and the dollars left.
+
+        Raises:
+            BudgetExhausted: when time, steps or tokens do not fit, or no money is left.
+        """
+        self.remaining(now)
+        self._reserve_step()
+        used = self.counters.usage
+        afford = self.budget.max_tokens - used.total_tokens - prompt_tokens
+        if afford < MIN_OUTPUT_TOKENS:
+            raise BudgetExhausted("max_tokens")
+        money_left = round(self.budget.max_cost_usd - used.cost_usd, 8)
+        if money_left <= 0:
+            raise BudgetExhausted("max_cost_usd")
+        self.counters.steps += 1
+        return afford, money_left
 
     def reserve_tools(self, wanted: int, now: datetime) -> tuple[int, BudgetName | None]:
         """Reserve up to ``wanted`` tool or retrieval calls.

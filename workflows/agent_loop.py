@@ -58,6 +58,12 @@ MAX_OBSERVATIONS = 16
 """Observations kept in state and prompts; older ones drop off so history stays bounded."""
 MAX_CORRECTIONS = 2
 """Corrective planner calls after invalid output before the job fails with BadModelOutput."""
+LEAN_HISTORY = "lean-history"
+"""Patch: LLM activities choose and price their model (no model-table local activity), and
+search attributes are upserted on coarse state changes and once per iteration, not per phase.
+Runs recorded before it replay the old commands."""
+RUNNING = "running"
+"""``KeelState`` while a lean-history job works (its phase is in the current details)."""
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -74,6 +80,8 @@ class AgentLoopWorkflow:
         self._reply: str | None = None
         self._ledger: Ledger | None = None
         self._upserted_tokens = -1
+        self._lean = False
+        self._upserted_state: str = RUNNING
 
     @workflow.run
     async def run(self, inp: AgentLoopInput) -> JobResult:
@@ -106,9 +114,9 @@ class AgentLoopWorkflow:
             self._s.started_at = workflow.now()
             self._event("started", f"goal: {self._req.goal[:80]}")
         self._ledger = Ledger(self._req.budget, self._s.counters, self._s.started_at)
-        if self._s.models is None:
-            # A local activity: reading the worker's model table is quick and local, so it
-            # needs no task-queue round trip; its result is still recorded (a marker event).
+        if self._s.models is None and workflow.patched(LEAN_HISTORY):
+            self._lean = True
+        elif self._s.models is None:
             self._s.models = await workflow.execute_local_activity_method(
                 LLMActivities.resolve_models,
                 ResolveModelsInput(tenant=self._req.tenant, job_id=self._job_id),
@@ -188,6 +196,8 @@ class AgentLoopWorkflow:
         self._s.iteration += 1
         if self._s.iteration >= self._req.budget.max_iterations:
             raise BudgetExhausted("max_iterations")
+        if self._lean:
+            self._upsert(self._upserted_state)
 
     async def _continue_as_new(self) -> NoReturn:
         await workflow.wait_condition(workflow.all_handlers_finished)
@@ -200,9 +210,14 @@ class AgentLoopWorkflow:
     ) -> R:
         """Run one LLM activity inside the budget: reserve worst case, call, charge actual."""
         ledger = self._ledger_or_fail()
-        spec = getattr(self._s.models, role)
-        afford = ledger.reserve_llm(spec, estimate_prompt_tokens(inp), workflow.now())
-        inp = inp.model_copy(update={"max_output_tokens": afford})
+        prompt_tokens = estimate_prompt_tokens(inp)
+        if self._s.models is None:
+            afford, usd_left = ledger.reserve_llm_unpriced(prompt_tokens, workflow.now())
+            update = {"max_output_tokens": afford, "max_cost_usd": usd_left}
+        else:
+            spec = getattr(self._s.models, role)
+            update = {"max_output_tokens": ledger.reserve_llm(spec, prompt_tokens, workflow.now())}
+        inp = inp.model_copy(update=update)
         config = policies.LLM_CALL.copy()
         config["schedule_to_close_timeout"] = min(
             policies.LLM_CALL["schedule_to_close_timeout"], ledger.remaining(workflow.now())
@@ -216,6 +231,8 @@ class AgentLoopWorkflow:
                 raise BudgetExhausted("max_seconds") from None
             cause = err.cause
             kind = cause.type if isinstance(cause, ApplicationError) and cause.type else None
+            if kind == errors.BUDGET_EXHAUSTED:
+                raise BudgetExhausted("max_cost_usd") from None
             raise JobFailure(
                 kind or errors.LLM_TRANSIENT, f"{phase} call failed: {cause}"
             ) from None
@@ -225,17 +242,15 @@ class AgentLoopWorkflow:
 
     def _llm_fields(self, role: Role, **optional: Any) -> dict[str, Any]:
         """Fields of an LLM input; optional ones only when set, so payloads stay small."""
-        if self._s.models is None:
-            raise JobFailure("InternalError", "models used before setup")
         optional |= {
             "observations": self._s.observations,
             "clarifications": self._s.clarifications,
+            "model": self._s.models and getattr(self._s.models, role).model,
         }
         return {k: v for k, v in optional.items() if v} | {
             "tenant": self._req.tenant,
             "goal": self._req.goal,
             "iteration": self._s.iteration,
-            "model": getattr(self._s.models, role).model,
             "max_output_tokens": 1,
         }
 
@@ -268,19 +283,29 @@ class AgentLoopWorkflow:
             self._event("notify_failed", f"{workflow_id}: {err}"[:200])
 
     def _set_state(self, state: JobState, *, final: bool = False) -> None:
-        """Record a phase change in one search-attribute upsert, with usage when it changed."""
-        if self._s.state != state or final:
+        """Record a phase change; upsert search attributes when visibility should see it."""
+        if self._lean:
             self._s.state = state
-            usage = self._s.counters.usage
-            updates = [sa.KEEL_STATE.value_set(state)]
-            if final:
-                updates.append(sa.KEEL_OUTCOME.value_set(state))
-            if usage.total_tokens != self._upserted_tokens:
-                self._upserted_tokens = usage.total_tokens
-                updates.append(sa.KEEL_COST_USD.value_set(round(usage.cost_usd, 6)))
-                updates.append(sa.KEEL_TOKENS.value_set(usage.total_tokens))
-            workflow.upsert_search_attributes(updates)
+            coarse = state if final or state == "waiting_for_input" else RUNNING
+            if coarse != self._upserted_state or final:
+                self._upsert(coarse, final=final)
+        elif self._s.state != state or final:  # runs recorded before LEAN_HISTORY
+            self._s.state = state
+            self._upsert(state, final=final)
         self._show_details()
+
+    def _upsert(self, state: str, *, final: bool = False) -> None:
+        """One upsert: ``KeelState``, the outcome when final, and usage when it changed."""
+        self._upserted_state = state
+        usage = self._s.counters.usage
+        updates = [sa.KEEL_STATE.value_set(state)]
+        if final:
+            updates.append(sa.KEEL_OUTCOME.value_set(state))
+        if usage.total_tokens != self._upserted_tokens:
+            self._upserted_tokens = usage.total_tokens
+            updates.append(sa.KEEL_COST_USD.value_set(round(usage.cost_usd, 6)))
+            updates.append(sa.KEEL_TOKENS.value_set(usage.total_tokens))
+        workflow.upsert_search_attributes(updates)
 
     def _show_details(self) -> None:
         """Current details in the Temporal UI (metadata only: no history events)."""

@@ -43,6 +43,7 @@ WorkflowIdStr = Annotated[str, AfterValidator(_workflow_id)]
 
 JobState = Literal[
     "queued",
+    "running",
     "planning",
     "acting",
     "verifying",

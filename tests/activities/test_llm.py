@@ -175,3 +175,32 @@ def test_real_client_is_built_with_vendor_retries_off(redis_url: str) -> None:
         http_allowed_hosts=[],
     )
     assert deps.llm.max_retries == 0
+
+
+async def test_activity_chooses_its_model_and_caps_output_by_money_left() -> None:
+    acts, seen = activities(lambda _: httpx.Response(200, json=completion('{"answer": "4"}')))
+    # gpt-4.1-mini: $0.40 / $1.60 per million tokens. $0.0008 pays for the prompt and a few
+    # hundred output tokens, fewer than the 300 the token budget would allow.
+    inp = PlanInput(
+        tenant="t", goal="What is 2 + 2?", iteration=0, max_output_tokens=300, max_cost_usd=0.0008
+    )
+    await ActivityEnvironment().run(acts.plan_step, inp)
+    body = json.loads(seen[0].content)
+    assert body["model"] == "gpt-4.1-mini"
+    prompt_chars = sum(len(m["content"]) for m in body["messages"])
+    prompt_usd = (prompt_chars // CHARS_PER_TOKEN + 600) * 0.40 / 1_000_000
+    assert body["max_tokens"] == min(300, int((0.0008 - prompt_usd) * 1_000_000 / 1.60))
+    assert body["max_tokens"] < 300
+
+
+async def test_activity_refuses_a_call_the_money_left_cannot_pay_for() -> None:
+    acts, seen = activities(lambda _: httpx.Response(200, json=completion('{"answer": "4"}')))
+    inp = PlanInput(
+        tenant="t", goal="What is 2 + 2?", iteration=0, max_output_tokens=300, max_cost_usd=1e-5
+    )
+    with pytest.raises(ApplicationError) as caught:
+        await ActivityEnvironment().run(acts.plan_step, inp)
+    assert caught.value.type == errors.BUDGET_EXHAUSTED
+    assert caught.value.non_retryable
+    assert "max_cost_usd" in str(caught.value)
+    assert seen == []  # refused before any request was sent

@@ -94,13 +94,22 @@ async def test_search_attributes_summary_and_details(env: WorkflowEnvironment, m
 
         history = await client.get_workflow_handle(done).fetch_history()
         summaries = set()
+        upserted: list[set[str]] = []
         for event in history.events:
             if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
                 payload = event.user_metadata.summary
                 summaries.add(json.loads(payload.data))
+            if event.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
+                fields = event.upsert_workflow_search_attributes_event_attributes.search_attributes
+                upserted.append(set(fields.indexed_fields) - {"TemporalChangeVersion"})
+        # A one-iteration job upserts once, at the end: KeelState stays "running" while it
+        # works (its phase is in the current details) and usage is written with the outcome.
+        assert [u for u in upserted if u] == [
+            {"KeelState", "KeelOutcome", "KeelCostUsd", "KeelTokens"}
+        ]
         assert {
             "plan · iteration 1",
-            "tool calculator · iteration 1",
+            "tool calculator",
             "answer · iteration 1",
             "verify · iteration 1",
         } <= summaries

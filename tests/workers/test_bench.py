@@ -64,7 +64,7 @@ def test_bench_smoke_run_measures_overhead_and_long_job(tmp_path: Path) -> None:
     results = report["results"]["memory"]
     assert set(results) >= {"overhead", "long"} and "scale" not in results
     overhead = results["overhead"]
-    for kind in ("keel", "bare"):
+    for kind in ("keel", "bare", "bare_unsandboxed"):
         figures = overhead[kind]
         assert figures["completed"] == JOBS, figures["outcomes"]
         assert figures["jobs_per_s"] > 0
@@ -74,10 +74,12 @@ def test_bench_smoke_run_measures_overhead_and_long_job(tmp_path: Path) -> None:
         assert figures["history_bytes_per_job"] > 0
         # Same shape on both sides: plan, four parallel calls, answer, verify.
         assert figures["activities_per_job"] == 7
-    ratios = overhead["ratio_keel_over_bare"]
-    for key in ("jobs_per_s", "latency_p50_s", "single_median_s", "history_bytes_per_job"):
-        expected = overhead["keel"][key] / overhead["bare"][key]
-        assert math.isclose(ratios[key], expected, rel_tol=1e-9), key
+    for baseline in ("bare", "bare_unsandboxed"):
+        ratios = overhead[f"ratio_keel_over_{baseline}"]
+        for key in ("jobs_per_s", "latency_p50_s", "single_median_s", "history_bytes_per_job"):
+            expected = overhead["keel"][key] / overhead[baseline][key]
+            assert math.isclose(ratios[key], expected, rel_tol=1e-9), key
+    assert overhead["keel_workflow_sandbox"] is False
 
     long = results["long"]
     assert long["iterations_reached"] == ITERATIONS

@@ -1,8 +1,10 @@
 """Replay recorded histories of every loop path: a change that breaks determinism fails here.
 
 The histories were recorded by the end-to-end tests (``replay_own_history(..., record_as=...)``
-writes one when it is missing). Re-record only on purpose, together with a ``workflow.patched``
-change: delete the file and run the test that records it.
+writes one when it is missing). Never re-record one that a running job may still match: when a
+change alters the commands a run issues, put it behind ``workflow.patched``, keep the old files
+under a prefix naming the patch (``before-lean-history.*`` were recorded before the
+``lean-history`` patch and must keep replaying while such runs may exist), and record new ones.
 """
 
 from __future__ import annotations
@@ -19,10 +21,26 @@ from workers.registry import WORKFLOWS
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 EXPECTED = {"happy_path", "refine_x2", "budget_exhausted", "ask_answered", "cancelled"}
+PATCHES = ("before-lean-history",)
+"""Prefixes of histories recorded by older workflow code that new code must still replay."""
 
 
 def test_every_loop_path_has_a_recorded_history() -> None:
-    assert {p.stem for p in HISTORIES} >= EXPECTED
+    stems = {p.stem for p in HISTORIES}
+    assert stems >= EXPECTED
+    for patch in PATCHES:
+        assert stems >= {f"{patch}.{name}" for name in EXPECTED}
+
+
+def test_current_histories_are_lean() -> None:
+    """Histories recorded by current code carry the patch marker and no local activity."""
+    for name in EXPECTED:
+        text = (HISTORIES[0].parent / f"{name}.json").read_text()
+        assert '"core_patch"' in text, name
+        assert '"core_local_activity"' not in text, name
+    for name in EXPECTED:
+        old = (HISTORIES[0].parent / f"before-lean-history.{name}.json").read_text()
+        assert '"core_local_activity"' in old, name
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
