@@ -215,7 +215,7 @@ class ToolActivities:
             result = await self._package(call, output)
             if info.side_effecting:
                 await self._store.put_record(call.tenant, call.op_key, result)
-            _log.info("tool.executed", size=result.size, ref=result.ref)
+            _log.info("tool.executed", size=result.size or len(result.content), ref=result.ref)
             return result
 
     def _admit(self, call: ToolCall) -> tuple[ToolInfo, ToolImpl, BaseModel]:
@@ -249,11 +249,11 @@ class ToolActivities:
         """Keep small outputs inline; move large ones to a blob and keep a preview."""
         attempt = activity.info().attempt
         if len(output) <= PREVIEW_CHARS:
-            return ToolResult(tool=call.tool, content=output, size=len(output), attempt=attempt)
+            # Inline: the content is the whole output, so its length is the size.
+            return ToolResult(content=output, attempt=attempt)
         # Workflow history has a 2 MB payload limit, so only a preview and the ref go there.
         ref = await self._store.put_blob(call.tenant, call.op_key, output)
         return ToolResult(
-            tool=call.tool,
             content=output[:PREVIEW_CHARS],
             ref=ref,
             size=len(output),

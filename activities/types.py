@@ -267,12 +267,14 @@ class ToolCall(BaseModel):
 class ToolResult(BaseModel):
     """Output of ``execute_tool``."""
 
-    tool: str
+    tool: str = ""
+    """Left empty by the gateway (the caller knows which tool it called); kept so results
+    recorded before it was dropped still read."""
     content: str
     """Output, or its first PREVIEW_CHARS characters when ``ref`` is set."""
     ref: str | None = None
     size: int = 0
-    """Length of the full output in characters."""
+    """Length of the full output in characters when ``ref`` is set (0: ``len(content)``)."""
     attempt: int = 1
     """Activity attempt that produced this result; the workflow charges retries to the tool."""
     replayed: bool = False

@@ -170,11 +170,8 @@ def _title(section: str, mode: str, rps: int) -> str:
     return f"{section} · server {mode} · transferProcessorMaxPollRPS={rps}"
 
 
-OVERHEAD_COLUMNS = (
-    ("keel", "keel"),
-    ("bare", "bare (SDK defaults)"),
-    ("bare_unsandboxed", "bare (unsandboxed)"),
-)
+OVERHEAD_COLUMNS = (("keel", "keel"), ("bare", "bare"), ("bare_unsandboxed", "bare-u"))
+"""Result keys and column headers: Keel, bare on the SDK's defaults, bare unsandboxed."""
 
 
 def _overhead_table(mode: str, rps: int, config: BenchConfig, data: dict[str, Any]) -> Table:
@@ -184,7 +181,8 @@ def _overhead_table(mode: str, rps: int, config: BenchConfig, data: dict[str, An
     for _, header in OVERHEAD_COLUMNS:
         table.add_column(header, justify="right")
     for name, _ in ratios:
-        table.add_column(f"keel/{name}", justify="right")
+        header = dict(OVERHEAD_COLUMNS)[name]
+        table.add_column(f"keel/{header}", justify="right")
     rows: list[tuple[str, str, str, float]] = [
         ("throughput (jobs/s)", "jobs_per_s", ",.1f", 1.0),
         ("latency p50 (ms)", "latency_p50_s", ",.0f", 1000.0),
@@ -211,9 +209,10 @@ def _overhead_table(mode: str, rps: int, config: BenchConfig, data: dict[str, An
         )
     sandbox = "sandboxed" if data.get("keel_workflow_sandbox") else "unsandboxed"
     table.caption = (
-        f"history: mean over {columns[0].get('history_sampled', 0)} workflows of each kind; "
-        f"CPU: this process (its workers and the client); Keel's worker runs {sandbox}, "
-        "as `keel worker` does"
+        "bare: the SDK's default worker (sandboxed); bare-u: unsandboxed, like Keel's worker "
+        f"(which runs {sandbox}, as `keel worker` does). History: mean over "
+        f"{columns[0].get('history_sampled', 0)} workflows of each kind; CPU: this process "
+        "(its workers and the client)"
     )
     return table
 

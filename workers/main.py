@@ -24,7 +24,9 @@ from temporalio.worker import (
     Worker,
     WorkerDeploymentConfig,
     WorkerTuner,
+    WorkflowRunner,
 )
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from client.connect import connect
 from client.fleet import describe_fleet
@@ -59,17 +61,21 @@ def build_worker(
             use_worker_versioning=True,
             default_versioning_behavior=BEHAVIORS[settings.versioning_behavior],
         )
-    if not settings.workflow_sandbox:
-        tuning["workflow_runner"] = UnsandboxedWorkflowRunner()
     return Worker(
         client,
         task_queue=queue,
+        workflow_runner=workflow_runner(settings),
         workflows=WORKFLOWS,
         activities=activities,
         graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
         identity=settings.identity,
         **tuning,
     )
+
+
+def workflow_runner(settings: WorkerSettings) -> WorkflowRunner:
+    """Temporal's sandbox only when ``KEEL_WORKFLOW_SANDBOX`` asks for it (see the setting)."""
+    return SandboxedWorkflowRunner() if settings.workflow_sandbox else UnsandboxedWorkflowRunner()
 
 
 def metrics_runtime(port: int | None) -> Runtime | None:

@@ -53,7 +53,14 @@ def build_deps(
     tools = ToolRegistry.builtin(
         store, retriever, http_allowed_hosts=http_allowed_hosts, http_max_bytes=http_max_bytes
     )
-    llm = openai.AsyncOpenAI(base_url=openai_base_url, api_key=openai_api_key, max_retries=0)
+    # aiohttp under the openai client (its supported ``aiohttp`` extra): about half the CPU and
+    # wall time per call of the default httpx transport, measured against the simulator.
+    llm = openai.AsyncOpenAI(
+        base_url=openai_base_url,
+        api_key=openai_api_key,
+        max_retries=0,
+        http_client=openai.DefaultAioHttpClient(),
+    )
     return Deps(llm=llm, llm_config=llm_config, store=store, tools=tools, retriever=retriever)
 
 

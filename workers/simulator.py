@@ -369,7 +369,15 @@ def serve(config: SimConfig, host: str = "127.0.0.1", port: int = 8089) -> None:
     app = create_app(config)
     server = uvicorn.Server(
         uvicorn.Config(
-            app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            http="httptools",  # C parser: a third less CPU per request than h11
+            # A request stalled by a ``timeout`` fault must not hold up shutdown for long.
+            timeout_graceful_shutdown=2,
         )
     )
 

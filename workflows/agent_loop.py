@@ -30,7 +30,6 @@ with workflow.unsafe.imports_passed_through():
         VerifyInput,
     )
     from workflows import policies
-    from workflows import search_attributes as sa
     from workflows._acting import StepRunner
     from workflows._budget import BudgetExhausted, Ledger, estimate_prompt_tokens
     from workflows._state import (
@@ -41,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
         observation_summary,
         status_of,
     )
+    from workflows._visibility import Visibility
     from workflows.types import (
         NOTIFY_SIGNAL,
         AgentLoopInput,
@@ -60,10 +60,8 @@ MAX_CORRECTIONS = 2
 """Corrective planner calls after invalid output before the job fails with BadModelOutput."""
 LEAN_HISTORY = "lean-history"
 """Patch: LLM activities choose and price their model (no model-table local activity), and
-search attributes are upserted on coarse state changes and once per iteration, not per phase.
-Runs recorded before it replay the old commands."""
-RUNNING = "running"
-"""``KeelState`` while a lean-history job works (its phase is in the current details)."""
+search attributes are upserted on coarse state changes and once per iteration, not per phase
+(see ``workflows._visibility``). Runs recorded before it replay the old commands."""
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -79,9 +77,7 @@ class AgentLoopWorkflow:
         self._s = inp.state or LoopState()
         self._reply: str | None = None
         self._ledger: Ledger | None = None
-        self._upserted_tokens = -1
-        self._lean = False
-        self._upserted_state: str = RUNNING
+        self._visibility = Visibility(self._s)
 
     @workflow.run
     async def run(self, inp: AgentLoopInput) -> JobResult:
@@ -115,7 +111,7 @@ class AgentLoopWorkflow:
             self._event("started", f"goal: {self._req.goal[:80]}")
         self._ledger = Ledger(self._req.budget, self._s.counters, self._s.started_at)
         if self._s.models is None and workflow.patched(LEAN_HISTORY):
-            self._lean = True
+            self._visibility.lean = True
         elif self._s.models is None:
             self._s.models = await workflow.execute_local_activity_method(
                 LLMActivities.resolve_models,
@@ -196,8 +192,7 @@ class AgentLoopWorkflow:
         self._s.iteration += 1
         if self._s.iteration >= self._req.budget.max_iterations:
             raise BudgetExhausted("max_iterations")
-        if self._lean:
-            self._upsert(self._upserted_state)
+        self._visibility.iteration_done()
 
     async def _continue_as_new(self) -> NoReturn:
         await workflow.wait_condition(workflow.all_handlers_finished)
@@ -283,29 +278,8 @@ class AgentLoopWorkflow:
             self._event("notify_failed", f"{workflow_id}: {err}"[:200])
 
     def _set_state(self, state: JobState, *, final: bool = False) -> None:
-        """Record a phase change; upsert search attributes when visibility should see it."""
-        if self._lean:
-            self._s.state = state
-            coarse = state if final or state == "waiting_for_input" else RUNNING
-            if coarse != self._upserted_state or final:
-                self._upsert(coarse, final=final)
-        elif self._s.state != state or final:  # runs recorded before LEAN_HISTORY
-            self._s.state = state
-            self._upsert(state, final=final)
+        self._visibility.phase(state, final=final)
         self._show_details()
-
-    def _upsert(self, state: str, *, final: bool = False) -> None:
-        """One upsert: ``KeelState``, the outcome when final, and usage when it changed."""
-        self._upserted_state = state
-        usage = self._s.counters.usage
-        updates = [sa.KEEL_STATE.value_set(state)]
-        if final:
-            updates.append(sa.KEEL_OUTCOME.value_set(state))
-        if usage.total_tokens != self._upserted_tokens:
-            self._upserted_tokens = usage.total_tokens
-            updates.append(sa.KEEL_COST_USD.value_set(round(usage.cost_usd, 6)))
-            updates.append(sa.KEEL_TOKENS.value_set(usage.total_tokens))
-        workflow.upsert_search_attributes(updates)
 
     def _show_details(self) -> None:
         """Current details in the Temporal UI (metadata only: no history events)."""

@@ -204,3 +204,11 @@ async def test_activity_refuses_a_call_the_money_left_cannot_pay_for() -> None:
     assert caught.value.non_retryable
     assert "max_cost_usd" in str(caught.value)
     assert seen == []  # refused before any request was sent
+
+
+async def test_a_body_that_is_not_a_completion_is_a_retryable_failure() -> None:
+    acts, _ = activities(lambda _: httpx.Response(200, text="<html>gateway hiccup</html>"))
+    with pytest.raises(ApplicationError) as caught:
+        await ActivityEnvironment().run(acts.plan_step, await plan_input(acts))
+    assert caught.value.type == errors.LLM_TRANSIENT
+    assert not caught.value.non_retryable

@@ -180,7 +180,7 @@ async def test_bad_args_name_the_field(acts: ToolActivities, tenant: str) -> Non
 
 async def test_attempt_comes_from_activity_info(acts: ToolActivities, tenant: str) -> None:
     result = await run(acts, make_call(tenant, "calculator", {"expression": "1+1"}), attempt=3)
-    assert result == ToolResult(tool="calculator", content="2", size=1, attempt=3)
+    assert result == ToolResult(content="2", attempt=3)
 
 
 # --- calculator -------------------------------------------------------------------------------
@@ -337,7 +337,7 @@ async def test_custom_tool_output_at_the_limit_stays_inline(store: KeelStore, te
     body = "x" * PREVIEW_CHARS
     call = make_call(tenant, "echo", {"title": "t", "body": body}, allowed_tools=["echo"])
     result = await run(acts, call)
-    assert (result.content, result.ref, result.size) == (body, None, PREVIEW_CHARS)
+    assert (result.content, result.ref, result.size) == (body, None, 0)  # inline: whole output
 
 
 # --- write_note -------------------------------------------------------------------------------

@@ -1,0 +1,23 @@
+"""Which workflow runner a worker uses: unsandboxed unless KEEL_WORKFLOW_SANDBOX asks."""
+
+from __future__ import annotations
+
+import pytest
+from temporalio.worker import UnsandboxedWorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
+
+from workers.main import workflow_runner
+from workers.settings import WorkerSettings
+
+
+def test_workers_run_unsandboxed_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KEEL_WORKFLOW_SANDBOX", raising=False)
+    assert isinstance(workflow_runner(WorkerSettings()), UnsandboxedWorkflowRunner)
+
+
+def test_the_sandbox_is_one_setting_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_WORKFLOW_SANDBOX", "true")
+    assert isinstance(workflow_runner(WorkerSettings()), SandboxedWorkflowRunner)
+    assert isinstance(
+        workflow_runner(WorkerSettings(workflow_sandbox=False)), UnsandboxedWorkflowRunner
+    )

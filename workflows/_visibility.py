@@ -1,0 +1,59 @@
+"""What a job tells Temporal's visibility store, and when: its search-attribute upserts.
+
+Deterministic workflow code. Every upsert is a history event and a visibility write on the
+server, so jobs started under the ``lean-history`` patch upsert only what an operator filters
+on: ``KeelState`` when it starts or stops waiting for an answer, cost and tokens once per
+iteration, and everything once at the end. Their phase within an iteration (planning, acting,
+verifying) is in the workflow's current details instead. Runs recorded before the patch
+upserted on every phase change and keep doing so when they replay.
+"""
+
+from __future__ import annotations
+
+from temporalio import workflow
+
+from workflows import search_attributes as sa
+from workflows.types import JobState, LoopState
+
+RUNNING = "running"
+"""``KeelState`` while a lean-history job works; the client sets it when it starts the job."""
+
+
+class Visibility:
+    """The search-attribute upserts of one workflow run."""
+
+    def __init__(self, state: LoopState) -> None:
+        self._s = state
+        self.lean = False
+        """Set once the run has taken the ``lean-history`` patch."""
+        self._state = RUNNING
+        self._tokens = -1
+
+    def phase(self, state: JobState, *, final: bool = False) -> None:
+        """The job entered ``state``; upsert if visibility should see it."""
+        if self.lean:
+            self._s.state = state
+            coarse = state if final or state == "waiting_for_input" else RUNNING
+            if coarse != self._state or final:
+                self._upsert(coarse, final=final)
+        elif self._s.state != state or final:  # runs recorded before the lean-history patch
+            self._s.state = state
+            self._upsert(state, final=final)
+
+    def iteration_done(self) -> None:
+        """An iteration ended without an answer: publish cost and tokens so far."""
+        if self.lean:
+            self._upsert(self._state)
+
+    def _upsert(self, state: str, *, final: bool = False) -> None:
+        """One upsert: ``KeelState``, the outcome when final, and usage when it changed."""
+        self._state = state
+        usage = self._s.counters.usage
+        updates = [sa.KEEL_STATE.value_set(state)]
+        if final:
+            updates.append(sa.KEEL_OUTCOME.value_set(state))
+        if usage.total_tokens != self._tokens:
+            self._tokens = usage.total_tokens
+            updates.append(sa.KEEL_COST_USD.value_set(round(usage.cost_usd, 6)))
+            updates.append(sa.KEEL_TOKENS.value_set(usage.total_tokens))
+        workflow.upsert_search_attributes(updates)
