@@ -22,7 +22,7 @@ from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client
 
 from client.jobs import AgentJobs
-from workers.bench import BareWorkflow
+from workers._bench_bare import BareWorkflow
 from workflows.types import AgentLoopInput, JobRequest
 
 RunOne = Callable[[str], Awaitable[tuple[str, str]]]

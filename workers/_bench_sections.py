@@ -23,6 +23,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
 
 from client.errors import AgentJobError
 from client.jobs import AgentJobs
+from workers._bench_bare import BareWorkflow, bare_noop
 from workers._bench_measure import (
     RunFigures,
     bare_runner,
@@ -40,7 +41,6 @@ from workers._bench_stack import (
     wait_for_pollers,
     worker_env,
 )
-from workers.bench import BareWorkflow, bare_noop
 from workers.main import build_worker
 from workers.registry import build_activities, build_deps
 from workers.settings import SIM_API_KEY, WorkerSettings
@@ -54,8 +54,7 @@ OVERHEAD_REQUEST = JobRequest(
     tenant="bench",
     user="bench",
 )
-"""plan, four parallel calculator calls, answer, verify: seven activities (plus the local
-activity that reads the model table)."""
+"""plan, four parallel calculator calls, answer, verify: seven activities."""
 LONG_GOAL = "Fetch {url} with http_get [sim: replan, fail_verify=1000000]"
 """Plans an http_get on every iteration and never passes verification."""
 HISTORY_LIMIT_BYTES = 2_000_000

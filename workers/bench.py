@@ -1,58 +1,16 @@
 """``keel bench``: what Keel costs over bare Temporal, long-job history growth, worker scaling.
 
-This module holds the command and the baseline it compares against: ``BareWorkflow``, a workflow
-of no-op activities in the same shape as Keel's benchmark job. It is kept small on purpose: the
-workflow sandbox re-imports the module of every workflow it runs, so the baseline must not pay
-for importing the benchmark's machinery (that lives in ``workers/_bench_*.py`` and is imported
-only when the command runs).
+This module holds the command; the baseline it compares against is ``workers._bench_bare``, and
+the machinery lives in ``workers/_bench_*.py``, imported only when the command runs.
 """
 
 from __future__ import annotations
 
-import asyncio
-from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-from temporalio import activity, workflow
-
-with workflow.unsafe.imports_passed_through():
-    import typer
-
-BARE_ACTIVITY_TIMEOUT = timedelta(seconds=30)
-"""Start-to-close timeout of the baseline's activities (Temporal requires one)."""
-BARE_FANOUT = 4
-"""Parallel calls in the baseline's act phase, as in Keel's ``[sim: fanout=4]`` job."""
-
-
-@activity.defn(name="bench__noop")
-async def bare_noop(label: str) -> str:
-    """Return the label unchanged: an activity whose cost is Temporal's alone."""
-    return label
-
-
-@workflow.defn(name="BenchBareWorkflow")
-class BareWorkflow:
-    """Seven no-op activities in the shape of Keel's benchmark job, with tiny payloads.
-
-    One plan-like call, four in parallel, then two in sequence (answer and verify): the same
-    activity count and ordering as Keel's plan, four calculator calls, answer and verify.
-    (Keel also reads its model table, as a local activity; that is part of what it costs.)
-    """
-
-    @workflow.run
-    async def run(self, tag: str) -> str:
-        """Run the seven calls and return the last result."""
-        await self._call(f"plan:{tag}")
-        await asyncio.gather(*(self._call(f"step{i}:{tag}") for i in range(BARE_FANOUT)))
-        await self._call(f"answer:{tag}")
-        return await self._call(f"verify:{tag}")
-
-    async def _call(self, label: str) -> str:
-        return await workflow.execute_activity(
-            bare_noop, label, start_to_close_timeout=BARE_ACTIVITY_TIMEOUT
-        )
+import typer
 
 
 class ServerMode(StrEnum):
@@ -129,7 +87,8 @@ def bench(
     set) and the LLM simulator (zero latency) on 127.0.0.1, and stops them all
     at the end, on Ctrl-C too. Tables go to stdout, progress to stderr.
 
-    overhead: Keel jobs vs bare Temporal workflows of the same 8-activity shape.
+    overhead: Keel jobs vs bare Temporal workflows of the same 7-activity shape,
+    on the SDK's default (sandboxed) worker and unsandboxed, like `keel worker`.
     long: one job of --iterations rounds with --output-kib tool outputs; PASS
     when no run's history exceeds 2 MB and the iteration limit was reached.
     scale: Keel jobs on 1, 2 and 3 `keel worker` processes (--fleet).
