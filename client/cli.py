@@ -338,7 +338,7 @@ def list_jobs(
     ] = None,
     state: Annotated[
         str | None,
-        typer.Option(metavar="S", help="Only jobs in this state (queued, acting, completed, ...)."),
+        typer.Option(metavar="S", help="Only jobs in this state (running, waiting_for_input, completed, ...)."),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
