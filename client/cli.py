@@ -338,7 +338,9 @@ def list_jobs(
     ] = None,
     state: Annotated[
         str | None,
-        typer.Option(metavar="S", help="Only jobs in this state (running, waiting_for_input, completed, ...)."),
+        typer.Option(
+            metavar="S", help="Only jobs in this state (running, waiting_for_input, completed...)."
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
