@@ -14,12 +14,15 @@ from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowHistory
-from temporalio.worker import Replayer
+from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, WorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
+from temporalio.workflow import NondeterminismError
 
 from activities.converter import DATA_CONVERTER
 from workers.registry import WORKFLOWS
 
-HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+HISTORY_DIR = Path(__file__).parent / "histories"
+HISTORIES = sorted(HISTORY_DIR.glob("*.json"))
 EXPECTED = {"happy_path", "refine_x2", "budget_exhausted", "ask_answered", "cancelled"}
 PATCHES = ("before-lean-history",)
 """Prefixes of histories recorded by older workflow code that new code must still replay."""
@@ -35,16 +38,47 @@ def test_every_loop_path_has_a_recorded_history() -> None:
 def test_current_histories_are_lean() -> None:
     """Histories recorded by current code carry the patch marker and no local activity."""
     for name in EXPECTED:
-        text = (HISTORIES[0].parent / f"{name}.json").read_text()
+        text = (HISTORY_DIR / f"{name}.json").read_text()
         assert '"core_patch"' in text, name
         assert '"core_local_activity"' not in text, name
     for name in EXPECTED:
-        old = (HISTORIES[0].parent / f"before-lean-history.{name}.json").read_text()
+        old = (HISTORY_DIR / f"before-lean-history.{name}.json").read_text()
         assert '"core_local_activity"' in old, name
 
 
+RUNNERS: dict[str, WorkflowRunner] = {
+    "sandboxed": SandboxedWorkflowRunner(),
+    "unsandboxed": UnsandboxedWorkflowRunner(),  # how `keel worker` runs workflows by default
+}
+
+
+@pytest.mark.parametrize("runner", RUNNERS.values(), ids=list(RUNNERS))
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
-async def test_replay(path: Path) -> None:
+async def test_replay(path: Path, runner: WorkflowRunner) -> None:
     history = WorkflowHistory.from_json(path.stem, json.loads(path.read_text()))
-    replayer = Replayer(workflows=WORKFLOWS, data_converter=DATA_CONVERTER)
+    replayer = Replayer(workflows=WORKFLOWS, data_converter=DATA_CONVERTER, workflow_runner=runner)
     await replayer.replay_workflow(history)
+
+
+async def test_the_patch_is_what_keeps_old_histories_replaying(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without ``workflow.patched("lean-history")``, a pre-patch history no longer replays.
+
+    The replay tests above can fail: code that takes the new branch unconditionally issues
+    different commands than a pre-patch run recorded, and the replayer says so.
+    """
+    from workflows import agent_loop
+
+    name = "before-lean-history.happy_path"
+    history = WorkflowHistory.from_json(
+        name, json.loads((HISTORY_DIR / f"{name}.json").read_text())
+    )
+    monkeypatch.setattr(agent_loop.workflow, "patched", lambda _patch_id: True)
+    replayer = Replayer(
+        workflows=WORKFLOWS,
+        data_converter=DATA_CONVERTER,
+        workflow_runner=UnsandboxedWorkflowRunner(),
+    )
+    with pytest.raises(NondeterminismError):
+        await replayer.replay_workflow(history)
