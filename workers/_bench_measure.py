@@ -66,6 +66,15 @@ class Batch:
     completed_ids: list[str] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
 
+    def absorb(self, other: Batch) -> None:
+        """Add another batch of the same kind of job (a later round) to this one."""
+        self.jobs += other.jobs
+        self.wall_s += other.wall_s
+        self.cpu_s += other.cpu_s
+        self.latencies += other.latencies
+        self.completed_ids += other.completed_ids
+        self.outcomes += other.outcomes
+
     def summary(self) -> dict[str, Any]:
         """The batch's figures, as written to JSON."""
         return {
@@ -78,7 +87,7 @@ class Batch:
             "latency_p95_s": percentile(self.latencies, 95),
             "latency_mean_s": statistics.fmean(self.latencies) if self.latencies else None,
             "cpu_s": self.cpu_s,
-            "cpu_ms_per_job": 1000 * self.cpu_s / self.jobs,
+            "cpu_ms_per_job": 1000 * self.cpu_s / self.jobs if self.jobs else None,
         }
 
 

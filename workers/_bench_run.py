@@ -147,6 +147,7 @@ def _settings(config: BenchConfig, rps: int) -> dict[str, Any]:
         "transfer_rps_stock": STOCK_TRANSFER_RPS,
         "jobs": config.jobs,
         "concurrency": config.concurrency,
+        "rounds": config.rounds,
         "warmup": config.warmup,
         "sequential": config.sequential,
         "history_sample": config.history_sample,
@@ -209,6 +210,7 @@ def _overhead_table(mode: str, rps: int, config: BenchConfig, data: dict[str, An
         )
     sandbox = "sandboxed" if data.get("keel_workflow_sandbox") else "unsandboxed"
     table.caption = (
+        f"{config.jobs} jobs of each kind in {config.rounds} rounds, the kinds taking turns. "
         "bare: the SDK's default worker (sandboxed); bare-u: unsandboxed, like Keel's worker "
         f"(which runs {sandbox}, as `keel worker` does). History: mean over "
         f"{columns[0].get('history_sampled', 0)} workflows of each kind; CPU: this process "

@@ -25,6 +25,7 @@ from client.errors import AgentJobError
 from client.jobs import AgentJobs
 from workers._bench_bare import BareWorkflow, bare_noop
 from workers._bench_measure import (
+    Batch,
     RunFigures,
     bare_runner,
     keel_runner,
@@ -78,6 +79,9 @@ class BenchConfig:
     sections: list[str]
     jobs: int = 200
     concurrency: int = 16
+    rounds: int = 4
+    """The overhead section's jobs of each kind run in this many rounds, the kinds taking turns,
+    so a machine whose speed drifts during the run favours no kind."""
     warmup: int = 5
     sequential: int = 20
     history_sample: int = 10
@@ -177,13 +181,23 @@ async def overhead(
                 await run_batch(
                     run_one, config.warmup, config.concurrency, "w", _advance(progress, warm)
                 )
-        batches = {}
-        for name, run_one in runners.items():
-            label = f"{name}: {config.jobs} jobs, {config.concurrency} in flight"
-            task = progress.add_task(label, total=config.jobs)
-            batches[name] = await run_batch(
-                run_one, config.jobs, config.concurrency, "t", _advance(progress, task)
+        batches = {name: Batch(jobs=0) for name in runners}
+        tasks = {
+            name: progress.add_task(
+                f"{name}: {config.jobs} jobs, {config.concurrency} in flight", total=config.jobs
             )
+            for name in runners
+        }
+        for round_no, size in enumerate(round_sizes(config.jobs, config.rounds)):
+            for name, run_one in runners.items():
+                batch = await run_batch(
+                    run_one,
+                    size,
+                    config.concurrency,
+                    f"t{round_no}-",
+                    _advance(progress, tasks[name]),
+                )
+                batches[name].absorb(batch)
         singles: dict[str, list[float]] = {name: [] for name in runners}
         task = progress.add_task(
             "single jobs, one at a time", total=len(runners) * config.sequential
@@ -206,6 +220,12 @@ async def overhead(
         }
     figures["keel_workflow_sandbox"] = WorkerSettings().workflow_sandbox
     return figures
+
+
+def round_sizes(jobs: int, rounds: int) -> list[int]:
+    """``jobs`` split into at most ``rounds`` near-equal, non-empty rounds."""
+    count = max(1, min(rounds, jobs))
+    return [jobs // count + (1 if i < jobs % count else 0) for i in range(count)]
 
 
 def long_budget(iterations: int) -> Budget:

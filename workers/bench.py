@@ -54,6 +54,12 @@ def bench(
     ] = ",".join(SECTIONS),
     jobs: Annotated[int, typer.Option(min=1, help="Jobs per throughput run.")] = 200,
     concurrency: Annotated[int, typer.Option(min=1, help="Jobs in flight at most.")] = 16,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Overhead: run each kind's jobs in this many rounds, taking turns."
+        ),
+    ] = 4,
     warmup: Annotated[int, typer.Option(min=0, help="Uncounted jobs before each run.")] = 5,
     sequential: Annotated[
         int, typer.Option(min=1, help="Jobs run one at a time for single-job latency.")
@@ -104,6 +110,7 @@ def bench(
         sections=[s for s in SECTIONS if s in _csv(only, SECTIONS)],
         jobs=jobs,
         concurrency=concurrency,
+        rounds=rounds,
         warmup=warmup,
         sequential=sequential,
         history_sample=history_sample,

@@ -13,9 +13,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+from workers._bench_sections import round_sizes
+
 JOBS = 6
 ITERATIONS = 6
 HISTORY_LIMIT = 2_000_000
+
+
+def test_rounds_split_the_jobs_evenly() -> None:
+    assert round_sizes(200, 4) == [50, 50, 50, 50]
+    assert round_sizes(6, 4) == [2, 2, 1, 1]
+    assert round_sizes(3, 4) == [1, 1, 1]
+    assert sum(round_sizes(101, 7)) == 101
 
 
 def test_bench_smoke_run_measures_overhead_and_long_job(tmp_path: Path) -> None:
@@ -34,6 +43,8 @@ def test_bench_smoke_run_measures_overhead_and_long_job(tmp_path: Path) -> None:
             str(JOBS),
             "--concurrency",
             "3",
+            "--rounds",
+            "2",
             "--iterations",
             str(ITERATIONS),
             "--only",
@@ -58,6 +69,7 @@ def test_bench_smoke_run_measures_overhead_and_long_job(tmp_path: Path) -> None:
         3,
         ITERATIONS,
     )
+    assert settings["rounds"] == 2
     assert settings["transfer_rps"] > 0
     assert settings["cpu_count"] >= 1
 
