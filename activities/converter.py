@@ -34,17 +34,20 @@ class CompactJSONConverter(PydanticJSONPlainPayloadConverter):
         return super().to_payload(value)
 
 
+_CONVERTERS = tuple(
+    CompactJSONConverter() if isinstance(c, JSONPlainPayloadConverter) else c
+    for c in DefaultPayloadConverter.default_encoding_payload_converters
+)
+"""Built once: the SDK instantiates the payload converter class every time it derives a data
+converter for a serialization context (several times per workflow task), and the pydantic
+converter's type-adapter cache is worth keeping. None of them holds per-context state."""
+
+
 class KeelPayloadConverter(CompositePayloadConverter):
     """The SDK's default converters with JSON replaced by CompactJSONConverter."""
 
     def __init__(self) -> None:
-        compact = CompactJSONConverter()
-        super().__init__(
-            *(
-                compact if isinstance(c, JSONPlainPayloadConverter) else c
-                for c in DefaultPayloadConverter.default_encoding_payload_converters
-            )
-        )
+        super().__init__(*_CONVERTERS)
 
 
 DATA_CONVERTER = DataConverter(payload_converter_class=KeelPayloadConverter)
