@@ -67,20 +67,16 @@ class Ledger:
         return left
 
     def reserve_llm(self, spec: ModelSpec, prompt_tokens: int, now: datetime) -> int:
-        """Reserve one LLM call and return the completion tokens it may use.
+        """Reserve one LLM call priced here (runs from before the ``lean-history`` patch).
+
+        Returns:
+            The completion tokens the call may use.
 
         Raises:
             BudgetExhausted: when the call's worst case does not fit.
         """
-        self.remaining(now)
-        self._reserve_step()
-        used = self.counters.usage
-        afford = min(
-            spec.max_output_tokens, self.budget.max_tokens - used.total_tokens - prompt_tokens
-        )
-        if afford < MIN_OUTPUT_TOKENS:
-            raise BudgetExhausted("max_tokens")
-        money_left = self.budget.max_cost_usd - used.cost_usd
+        afford = self._tokens_for_call(spec.max_output_tokens, prompt_tokens, now)
+        money_left = self.budget.max_cost_usd - self.counters.usage.cost_usd
         if spec.cost(prompt_tokens, afford) > money_left:
             if spec.output_usd_per_mtok <= 0:
                 raise BudgetExhausted("max_cost_usd")
@@ -100,17 +96,22 @@ class Ledger:
         Raises:
             BudgetExhausted: when time, steps or tokens do not fit, or no money is left.
         """
-        self.remaining(now)
-        self._reserve_step()
-        used = self.counters.usage
-        afford = self.budget.max_tokens - used.total_tokens - prompt_tokens
-        if afford < MIN_OUTPUT_TOKENS:
-            raise BudgetExhausted("max_tokens")
-        money_left = round(self.budget.max_cost_usd - used.cost_usd, 8)
+        afford = self._tokens_for_call(self.budget.max_tokens, prompt_tokens, now)
+        money_left = round(self.budget.max_cost_usd - self.counters.usage.cost_usd, 8)
         if money_left <= 0:
             raise BudgetExhausted("max_cost_usd")
         self.counters.steps += 1
         return afford, money_left
+
+    def _tokens_for_call(self, cap: int, prompt_tokens: int, now: datetime) -> int:
+        """Check time and steps, then the completion tokens left after the prompt, up to cap."""
+        self.remaining(now)
+        self._reserve_step()
+        left = self.budget.max_tokens - self.counters.usage.total_tokens - prompt_tokens
+        afford = min(cap, left)
+        if afford < MIN_OUTPUT_TOKENS:
+            raise BudgetExhausted("max_tokens")
+        return afford
 
     def reserve_tools(self, wanted: int, now: datetime) -> tuple[int, BudgetName | None]:
         """Reserve up to ``wanted`` tool or retrieval calls.
