@@ -514,4 +514,4 @@ class _SearchDocs:
 
 def _job_id(given: str) -> str:
     """The job a call belongs to: as given, or the calling workflow's ID (the job ID)."""
-    return given or activity.info().workflow_id
+    return given or activity.info().workflow_id or ""

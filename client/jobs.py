@@ -17,7 +17,7 @@ import re
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, cast, get_args
 from uuid import uuid4
 
 from pydantic import BaseModel, ValidationError
@@ -519,7 +519,7 @@ class AgentJobs:
             raise self._rpc_error(err, job_id, "describe") from None
         if desc.status is None or desc.status not in _EXECUTION_STATE:
             return None
-        outcome = desc.typed_search_attributes.get(KEEL_OUTCOME)
+        outcome = _job_state(desc.typed_search_attributes.get(KEEL_OUTCOME))
         if desc.status == WorkflowExecutionStatus.COMPLETED and outcome in TERMINAL_STATES:
             return outcome
         return _EXECUTION_STATE[desc.status]
@@ -616,11 +616,16 @@ def _cause(err: BaseException) -> tuple[str, str]:
     return type(err).__name__, _failure_message(err)
 
 
+def _job_state(value: str | None) -> JobState | None:
+    """A search-attribute value as a JobState; None for a value this build does not know."""
+    return cast(JobState, value) if value in _JOB_STATES else None
+
+
 def _summarise(execution: WorkflowExecution) -> JobSummary:
     attrs = execution.typed_search_attributes
     return JobSummary(
         job_id=execution.id,
-        state=attrs.get(KEEL_STATE),
+        state=_job_state(attrs.get(KEEL_STATE)),
         outcome=attrs.get(KEEL_OUTCOME),
         tenant=attrs.get(KEEL_TENANT),
         user=attrs.get(KEEL_USER),

@@ -20,6 +20,7 @@ from uuid import uuid4
 from rich.progress import Progress, TaskID
 from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from client.errors import AgentJobError
 from client.jobs import AgentJobs
@@ -139,8 +140,8 @@ async def in_process_worker(
         await deps.aclose()
 
 
-BARE_RUNNERS: dict[str, WorkflowRunner | None] = {
-    "bare": None,
+BARE_RUNNERS: dict[str, WorkflowRunner] = {
+    "bare": SandboxedWorkflowRunner(),  # what Worker uses when given no runner
     "bare_unsandboxed": UnsandboxedWorkflowRunner(),
 }
 """The baselines: the SDK's defaults (its sandboxed runner), and the runner Keel's workers use."""
@@ -148,12 +149,15 @@ BARE_RUNNERS: dict[str, WorkflowRunner | None] = {
 
 @contextlib.asynccontextmanager
 async def bare_worker(
-    client: Client, task_queue: str, runner: WorkflowRunner | None
+    client: Client, task_queue: str, runner: WorkflowRunner
 ) -> AsyncIterator[None]:
-    """A plain SDK worker for ``BareWorkflow``; ``runner`` None keeps the SDK's default."""
-    extra = {} if runner is None else {"workflow_runner": runner}
+    """A plain SDK worker for ``BareWorkflow``, with every setting at its default but the runner."""
     async with Worker(
-        client, task_queue=task_queue, workflows=[BareWorkflow], activities=[bare_noop], **extra
+        client,
+        task_queue=task_queue,
+        workflows=[BareWorkflow],
+        activities=[bare_noop],
+        workflow_runner=runner,
     ):
         yield
 

@@ -203,7 +203,14 @@ def _plan(decision: str, rationale: str, steps: list[dict[str, Any]]) -> dict[st
 
 
 def _step(index: int, kind: str, **fields: Any) -> dict[str, Any]:
-    step = {"id": f"s{index}", "kind": kind, "tool": None, "args": {}, "query": None, "top_k": 3}
+    step: dict[str, Any] = {
+        "id": f"s{index}",
+        "kind": kind,
+        "tool": None,
+        "args": {},
+        "query": None,
+        "top_k": 3,
+    }
     return step | {"filters": {}, "depends_on": []} | fields
 
 

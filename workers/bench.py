@@ -31,7 +31,9 @@ def _csv(value: str, allowed: tuple[str, ...] | None = None) -> list[str]:
         raise typer.BadParameter("give at least one value")
     unknown = [v for v in items if allowed is not None and v not in allowed]
     if unknown:
-        raise typer.BadParameter(f"unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
+        raise typer.BadParameter(
+            f"unknown {', '.join(unknown)}; choose from {', '.join(allowed or ())}"
+        )
     return list(dict.fromkeys(items))
 
 

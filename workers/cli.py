@@ -14,14 +14,18 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from client.cli import app
 from workers.logs import configure_logging
+
+if TYPE_CHECKING:  # imported where used: the dev stack is not needed by most commands
+    from workers.devstack import DevStack
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -123,7 +127,9 @@ def sim_llm(
     serve(config, host=host, port=port)
 
 
-def _stack(state_dir: Path, temporal_port: int, ui_port: int, redis_port: int, sim_port: int):  # type: ignore[no-untyped-def]
+def _stack(
+    state_dir: Path, temporal_port: int, ui_port: int, redis_port: int, sim_port: int
+) -> DevStack:
     from workers.devstack import DevStack
 
     return DevStack(
@@ -208,7 +214,7 @@ def demo(
             stack.stop()
 
 
-def _submit_demo(submit) -> str:  # type: ignore[no-untyped-def]
+def _submit_demo(submit: Callable[..., None]) -> str:
     """Submit the demo job through the same code path as ``keel submit --json``."""
     import io
     import json
@@ -225,7 +231,7 @@ def _submit_demo(submit) -> str:  # type: ignore[no-untyped-def]
     return str(json.loads(out.getvalue())["job_id"])
 
 
-def _start(stack) -> None:  # type: ignore[no-untyped-def]
+def _start(stack: DevStack) -> None:
     """Start the stack and print where its parts listen, or exit 1 with why it could not."""
     try:
         stack.start()
@@ -235,7 +241,7 @@ def _start(stack) -> None:  # type: ignore[no-untyped-def]
     _print_stack(stack)
 
 
-def _print_stack(stack) -> None:  # type: ignore[no-untyped-def]
+def _print_stack(stack: DevStack) -> None:
     env = stack.env()
     console.print(f"[bold]Temporal[/bold]  grpc {stack.temporal_address}   UI {stack.ui_url}")
     console.print(f"[bold]Redis[/bold]     {env['REDIS_URL']}")

@@ -61,7 +61,7 @@ class SimConfig(BaseModel):
     """Uniform extra delay in ``[0, jitter)`` drawn from the seeded RNG."""
     fault_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     """Probability that a chat or embeddings request gets a random fault."""
-    fault_kinds: list[FaultKind] = Field(default_factory=lambda: ["503"])
+    fault_kinds: list[FaultKind] = Field(default_factory=lambda: list[FaultKind](["503"]))
     """Faults the random fault rate picks from, uniformly."""
     retry_after_seconds: float = Field(default=1.0, ge=0.0)
     """Retry-After header value on 429."""
@@ -321,7 +321,8 @@ def create_app(config: SimConfig) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def on_http_error(_request: Request, exc: HTTPException) -> Response:
-        return _error(exc.status_code, str(exc.detail), _INVALID, None, exc.headers)
+        headers = dict(exc.headers) if exc.headers else None
+        return _error(exc.status_code, str(exc.detail), _INVALID, None, headers)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -100,8 +99,11 @@ class StepRunner:
             result = await workflow.execute_activity_method(
                 RetrievalActivities.search_corpus,
                 query,
-                **self._capped(policies.RETRIEVAL, None),
-                summary=f"retrieve · {step.query[:40]}",
+                **policies.capped(
+                    policies.RETRIEVAL,
+                    self._ledger.remaining(workflow.now()),
+                    summary=f"retrieve · {step.query[:40]}",
+                ),
             )
         except ActivityError as err:
             return self._failed(base, err)
@@ -129,8 +131,12 @@ class StepRunner:
             result = await workflow.execute_activity_method(
                 ToolActivities.execute_tool,
                 call,
-                **self._capped(config, attempts),
-                summary=f"tool {tool}",
+                **policies.capped(
+                    config,
+                    self._ledger.remaining(workflow.now()),
+                    attempts,
+                    summary=f"tool {tool}",
+                ),
             )
         except ActivityError as err:
             return self._failed(base, err, tool, attempts)
@@ -160,20 +166,3 @@ class StepRunner:
         kind = cause.type if isinstance(cause, ApplicationError) else type(cause).__name__
         message = str(cause) if not isinstance(cause, TimeoutError) else "timed out"
         return base.model_copy(update={"content": message, "error_type": kind})
-
-    def _capped(
-        self, config: workflow.ActivityConfig, attempts: int | None
-    ) -> workflow.ActivityConfig:
-        """The policy narrowed to the wall-clock budget and, for tools, the tool's retry budget."""
-        capped = config.copy()
-        limit = config.get("schedule_to_close_timeout") or timedelta(minutes=5)
-        capped["schedule_to_close_timeout"] = min(limit, self._ledger.remaining(workflow.now()))
-        policy = config.get("retry_policy") or RetryPolicy()
-        if attempts is not None:
-            capped["retry_policy"] = RetryPolicy(
-                initial_interval=policy.initial_interval,
-                backoff_coefficient=policy.backoff_coefficient,
-                maximum_interval=policy.maximum_interval,
-                maximum_attempts=attempts,
-            )
-        return capped

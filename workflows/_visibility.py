@@ -10,7 +10,10 @@ upserted on every phase change and keep doing so when they replay.
 
 from __future__ import annotations
 
+from typing import Any
+
 from temporalio import workflow
+from temporalio.common import SearchAttributeUpdate
 
 from workflows import search_attributes as sa
 from workflows.types import JobState, LoopState
@@ -49,7 +52,7 @@ class Visibility:
         """One upsert: ``KeelState``, the outcome when final, and usage when it changed."""
         self._state = state
         usage = self._s.counters.usage
-        updates = [sa.KEEL_STATE.value_set(state)]
+        updates: list[SearchAttributeUpdate[Any]] = [sa.KEEL_STATE.value_set(state)]
         if final:
             updates.append(sa.KEEL_OUTCOME.value_set(state))
         if usage.total_tokens != self._tokens:

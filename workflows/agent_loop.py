@@ -116,8 +116,7 @@ class AgentLoopWorkflow:
             self._s.models = await workflow.execute_local_activity_method(
                 LLMActivities.resolve_models,
                 ResolveModelsInput(tenant=self._req.tenant, job_id=self._job_id),
-                **policies.CONFIG_READ,
-                summary="resolve models",
+                **workflow.LocalActivityConfig(**policies.CONFIG_READ, summary="resolve models"),
             )
 
     async def _plan(self) -> Plan:
@@ -213,14 +212,13 @@ class AgentLoopWorkflow:
             spec = getattr(self._s.models, role)
             update = {"max_output_tokens": ledger.reserve_llm(spec, prompt_tokens, workflow.now())}
         inp = inp.model_copy(update=update)
-        config = policies.LLM_CALL.copy()
-        config["schedule_to_close_timeout"] = min(
-            policies.LLM_CALL["schedule_to_close_timeout"], ledger.remaining(workflow.now())
+        config = policies.capped(
+            policies.LLM_CALL,
+            ledger.remaining(workflow.now()),
+            summary=f"{phase} · iteration {self._s.iteration + 1}",
         )
         try:
-            result = await workflow.execute_activity_method(
-                method, inp, **config, summary=f"{phase} · iteration {self._s.iteration + 1}"
-            )
+            result = await workflow.execute_activity_method(method, inp, **config)
         except ActivityError as err:
             if workflow.now() >= ledger.deadline():
                 raise BudgetExhausted("max_seconds") from None

@@ -80,6 +80,35 @@ RETRIEVAL = ActivityConfig(
     ),
 )
 
+
+def capped(
+    config: ActivityConfig,
+    remaining: timedelta,
+    attempts: int | None = None,
+    *,
+    summary: str | None = None,
+) -> ActivityConfig:
+    """``config`` narrowed, never widened, for one call (with its UI ``summary``).
+
+    Schedule-to-close is cut to the wall-clock time the job has left and, when ``attempts`` is
+    given (a tool's retry budget), the retry policy allows at most that many attempts.
+    """
+    narrowed = config.copy()
+    if summary is not None:
+        narrowed["summary"] = summary
+    limit = config.get("schedule_to_close_timeout") or timedelta(minutes=5)
+    narrowed["schedule_to_close_timeout"] = min(limit, remaining)
+    if attempts is not None:
+        policy = config.get("retry_policy") or RetryPolicy()
+        narrowed["retry_policy"] = RetryPolicy(
+            initial_interval=policy.initial_interval,
+            backoff_coefficient=policy.backoff_coefficient,
+            maximum_interval=policy.maximum_interval,
+            maximum_attempts=attempts,
+        )
+    return narrowed
+
+
 CONFIG_READ = LocalActivityConfig(
     # A local activity reading the worker's model roster; no network, so failures are bugs or
     # deploys in progress.
