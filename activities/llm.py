@@ -185,16 +185,23 @@ class LLMActivities:
     async def _context(self, inp: LLMCallBase) -> dict[str, Any]:
         """The prompt's JSON context.
 
-        Observations stored by reference are read back from Redis, up to
+        Observations stored by reference arrive without their preview (the tool's result in
+        history has it) and are read back from Redis in one round trip, up to
         PROMPT_CHARS_PER_OBSERVATION each, which is what the workflow budgeted for.
         """
+        refs = [obs.ref for obs in inp.observations if obs.ref]
+        stored = await self._store.get_blobs(refs) if refs and self._store is not None else []
+        blobs = dict(zip(refs, stored, strict=True))
         observations = []
         for obs in inp.observations:
             doc = obs.model_dump(mode="json", exclude={"size"})
-            if obs.ref and self._store is not None:
-                full = await self._store.get_blob(obs.ref)
-                if full is not None:
-                    doc["content"] = full[:PROMPT_CHARS_PER_OBSERVATION]
+            if obs.ref:
+                full = blobs.get(obs.ref)
+                doc["content"] = (
+                    full[:PROMPT_CHARS_PER_OBSERVATION]
+                    if full is not None
+                    else obs.content or f"(output of {obs.size} characters no longer stored)"
+                )
             observations.append(doc)
         return {
             "goal": inp.goal,

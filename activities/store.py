@@ -120,10 +120,22 @@ class KeelStore:
         Raises:
             ValueError: If ``ref`` is not a blob key (refs must not reach other keys).
         """
-        if not ref.startswith(_BLOB_PREFIX):
-            raise ValueError(f"not a blob ref: {ref!r}")
-        value = await self._redis.get(ref)
-        return None if value is None else _text(value)
+        [value] = await self.get_blobs([ref])
+        return value
+
+    async def get_blobs(self, refs: list[str]) -> list[str | None]:
+        """Read several blobs in one round trip; None for each that expired or never existed.
+
+        Raises:
+            ValueError: If any ref is not a blob key (refs must not reach other keys).
+        """
+        for ref in refs:
+            if not ref.startswith(_BLOB_PREFIX):
+                raise ValueError(f"not a blob ref: {ref!r}")
+        if not refs:
+            return []
+        values = await self._redis.mget(refs)
+        return [None if value is None else _text(value) for value in values]
 
     async def get_record(self, tenant: str, op_key: str) -> ToolResult | None:
         """Read the recorded result of a side-effecting call.

@@ -236,7 +236,11 @@ class AgentLoopWorkflow:
     def _llm_fields(self, role: Role, **optional: Any) -> dict[str, Any]:
         """Fields of an LLM input; optional ones only when set, so payloads stay small."""
         optional |= {
-            "observations": self._s.observations,
+            # Stored outputs go by reference only: the activity reads them from Redis, and the
+            # tool's result in history already holds their preview.
+            "observations": [
+                o.model_copy(update={"content": ""}) if o.ref else o for o in self._s.observations
+            ],
             "clarifications": self._s.clarifications,
             "model": self._s.models and getattr(self._s.models, role).model,
         }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -16,7 +16,8 @@ from temporalio.testing import ActivityEnvironment
 from activities import errors
 from activities.catalog import BUILTIN_TOOLS, tool_schema
 from activities.llm import PLANNER_PROMPT, LLMActivities, LLMConfig
-from activities.types import PlanInput, ResolveModelsInput, VerifyInput
+from activities.store import KeelStore
+from activities.types import AnswerInput, Observation, PlanInput, ResolveModelsInput, VerifyInput
 from workers.registry import build_deps
 from workflows._budget import CHARS_PER_TOKEN, PROMPT_OVERHEAD_TOKENS
 
@@ -40,7 +41,9 @@ def completion(content: str, finish: str = "stop") -> dict[str, Any]:
     }
 
 
-def activities(handler: Handler) -> tuple[LLMActivities, list[httpx.Request]]:
+def activities(
+    handler: Handler, store: KeelStore | None = None
+) -> tuple[LLMActivities, list[httpx.Request]]:
     seen: list[httpx.Request] = []
 
     def record(request: httpx.Request) -> httpx.Response:
@@ -54,7 +57,11 @@ def activities(handler: Handler) -> tuple[LLMActivities, list[httpx.Request]]:
         http_client=httpx.AsyncClient(transport=httpx.MockTransport(record)),
     )
     config = LLMConfig(planner_model="gpt-4.1-mini")
-    return LLMActivities(client, config, lambda names: [tool_schema(n) for n in names]), seen
+
+    def specs(names: Sequence[str]) -> list[dict[str, Any]]:
+        return [tool_schema(n) for n in names]
+
+    return LLMActivities(client, config, specs, store), seen
 
 
 async def plan_input(acts: LLMActivities) -> PlanInput:
@@ -212,3 +219,29 @@ async def test_a_body_that_is_not_a_completion_is_a_retryable_failure() -> None:
         await ActivityEnvironment().run(acts.plan_step, await plan_input(acts))
     assert caught.value.type == errors.LLM_TRANSIENT
     assert not caught.value.non_retryable
+
+
+async def test_stored_observations_reach_the_prompt_from_redis(redis_url: str) -> None:
+    """Outputs stored by reference travel without their preview and are read back in one go."""
+    store = KeelStore.from_url(redis_url)
+    reply = completion('{"answer": "ok"}')
+    acts, seen = activities(lambda _: httpx.Response(200, json=reply), store)
+    try:
+        kept = await store.put_blob("t", "j:0:s1", "A" * 5000)
+        gone = "keel:blob:t:never-written"
+        observations = [
+            Observation(step_id="s1", name="http_get", ref=kept, size=5000),
+            Observation(step_id="s2", name="http_get", ref=gone, size=900),
+            Observation(step_id="s3", name="calculator", content="4"),
+        ]
+        inp = AnswerInput(
+            tenant="t", goal="g", iteration=0, max_output_tokens=100, observations=observations
+        )
+        await ActivityEnvironment().run(acts.draft_answer, inp)
+    finally:
+        await store.aclose()
+    context = json.loads(json.loads(seen[0].content)["messages"][1]["content"])
+    contents = [o["content"] for o in context["observations"]]
+    assert contents[0] == "A" * 4000  # PROMPT_CHARS_PER_OBSERVATION of the stored output
+    assert contents[1] == "(output of 900 characters no longer stored)"
+    assert contents[2] == "4"

@@ -35,6 +35,8 @@ MAX_BYTES = 50_000
 
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server API)
+        # Recorded before answering: the client may check hits as soon as it has the response.
+        self.server.hits.append(self.path)  # type: ignore[attr-defined]
         routes: dict[str, tuple[int, dict[str, str], str]] = {
             "/ok": (200, {}, "hello keel"),
             "/large": (200, {}, LARGE_BODY),
@@ -56,7 +58,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
-        self.server.hits.append(self.path)  # type: ignore[attr-defined]
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
