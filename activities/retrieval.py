@@ -60,7 +60,10 @@ class _Index:
 
 
 def _tokenize(texts: list[str]) -> list[list[str]]:
-    return bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
+    tokens: list[list[str]] = bm25s.tokenize(
+        texts, stopwords="en", return_ids=False, show_progress=False
+    )
+    return tokens
 
 
 def _scan(folder: Path) -> list[tuple[Path, str, int, int]]:

@@ -299,9 +299,11 @@ def _failed(message: str) -> ApplicationError:
     return ApplicationError(message, type=TOOL_FAILED, non_retryable=True)
 
 
-def _check_size(value: Any) -> Any:
+def _check_size(value: object) -> int | float:
     if isinstance(value, complex):
         raise _failed("the result is a complex number")
+    if not isinstance(value, int | float):
+        raise _invalid(f"unsupported value {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise _failed("the result is too large")
     if isinstance(value, int) and value.bit_length() > _MAX_DIGITS * 3.33:
@@ -340,19 +342,19 @@ _FUNCTIONS: dict[str, Callable[..., Any]] = {
 }
 
 
-def _eval(node: ast.AST) -> Any:
+def _eval(node: ast.AST) -> int | float:
     if isinstance(node, ast.Expression):
         return _eval(node.body)
     if isinstance(node, ast.Constant):
         if isinstance(node.value, bool) or not isinstance(node.value, int | float):
             raise _invalid(f"unsupported constant {node.value!r}")
-        return node.value
+        return _check_size(node.value)
     if isinstance(node, ast.Name):
         if node.id not in _CONSTANTS:
             raise _invalid(f"unknown name {node.id!r}")
         return _CONSTANTS[node.id]
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-        return _UNARY[type(node.op)](_eval(node.operand))
+        return _check_size(_UNARY[type(node.op)](_eval(node.operand)))
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left, right = _eval(node.left), _eval(node.right)
         if isinstance(node.op, ast.Pow):

@@ -183,7 +183,9 @@ async def history_stats(
     )
 
 
-async def sample_histories(client: Client, workflow_ids: Sequence[str], count: int) -> dict:
+async def sample_histories(
+    client: Client, workflow_ids: Sequence[str], count: int
+) -> dict[str, float]:
     """Mean history size per job over ``count`` of the given (single-run) workflows."""
     chosen = spread(workflow_ids, count)
     stats = await asyncio.gather(*(history_stats(client, wid) for wid in chosen))

@@ -117,8 +117,8 @@ def parse_goal(goal: str) -> tuple[str, Directives]:
 
 def find_expression(text: str) -> str | None:
     """The first arithmetic expression in ``text`` (digits, ``+ - * / ( )``, one operator+)."""
-    for candidate in _EXPR.findall(text):
-        expr = candidate.strip()
+    for match in _EXPR.finditer(text):
+        expr = match.group().strip()
         while expr.endswith(")") and expr.count(")") > expr.count("("):
             expr = expr[:-1].rstrip()
         while expr.startswith("(") and expr.count("(") > expr.count(")"):

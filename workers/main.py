@@ -87,7 +87,9 @@ def metrics_runtime(port: int | None) -> Runtime | None:
     )
 
 
-async def export_fleet_gauges(client: Client, runtime: Runtime, queues: list[str], every: float):
+async def export_fleet_gauges(
+    client: Client, runtime: Runtime, queues: list[str], every: float
+) -> None:
     """Publish each queue's backlog and poller count as gauges, the autoscaling signal."""
     meter = runtime.metric_meter
     backlog = meter.create_gauge("keel_task_queue_backlog", "Tasks waiting for a worker")
