@@ -2,7 +2,8 @@
 
 Every figure here is computed from samples taken during the run: latencies with
 ``time.perf_counter``, process CPU with ``time.process_time``, history sizes from
-``fetch_history`` (the sum of each event's protobuf ``ByteSize()``).
+``fetch_history`` (the sum of each event's protobuf ``ByteSize()``), split into parts by
+``history_parts``.
 """
 
 from __future__ import annotations
@@ -157,6 +158,49 @@ def spread(items: Sequence[str], count: int) -> list[str]:
     return [items[round(k * (len(items) - 1) / (count - 1))] for k in range(count)]
 
 
+HISTORY_PARTS = ("payloads", "metadata", "markers", "events")
+"""How ``history_parts`` splits a history's bytes (see there)."""
+_PAYLOADS_TYPE = "temporal.api.common.v1.Payloads"
+
+
+def history_parts(events: Sequence[HistoryEvent]) -> dict[str, int]:
+    """Split a history's bytes into what the workflow sent and what Temporal records anyway.
+
+    - ``payloads``: workflow and activity inputs and results (and failure details);
+    - ``metadata``: what an operator reads in the UI: summaries and details
+      (``user_metadata``), search attributes at start and every upsert event;
+    - ``markers``: marker events (``workflow.patched``, local activities);
+    - ``events``: everything else, the bookkeeping every workflow of that shape pays.
+
+    Sizes are each part's ``ByteSize()``, so a field's own few bytes of protobuf framing
+    count under ``events``.
+    """
+    parts = dict.fromkeys(HISTORY_PARTS, 0)
+    for event in events:
+        size = event.ByteSize()
+        if event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED:
+            parts["markers"] += size
+            continue
+        if event.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
+            parts["metadata"] += size
+            continue
+        attrs = getattr(event, event.WhichOneof("attributes") or "", None)
+        metadata = event.user_metadata.ByteSize()
+        payloads = 0
+        if attrs is not None:
+            for fd, value in attrs.ListFields():
+                if fd.message_type is None:
+                    continue
+                if fd.message_type.full_name == _PAYLOADS_TYPE:
+                    payloads += value.ByteSize()
+                elif fd.name == "search_attributes":
+                    metadata += value.ByteSize()
+        parts["payloads"] += payloads
+        parts["metadata"] += metadata
+        parts["events"] += size - payloads - metadata
+    return parts
+
+
 @dataclass
 class HistoryStats:
     """Size of one run's history."""
@@ -165,6 +209,8 @@ class HistoryStats:
     bytes: int
     activities: int
     history: Sequence[HistoryEvent]
+    parts: dict[str, int] = field(default_factory=dict)
+    """``history_parts`` of the history."""
 
 
 async def history_stats(
@@ -180,6 +226,7 @@ async def history_stats(
             e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED for e in events
         ),
         history=events,
+        parts=history_parts(events),
     )
 
 
@@ -196,6 +243,9 @@ async def sample_histories(
         "history_events_per_job": statistics.fmean(s.events for s in stats),
         "history_bytes_per_job": statistics.fmean(s.bytes for s in stats),
         "activities_per_job": statistics.fmean(s.activities for s in stats),
+    } | {
+        f"history_{part}_bytes_per_job": statistics.fmean(s.parts[part] for s in stats)
+        for part in HISTORY_PARTS
     }
 
 

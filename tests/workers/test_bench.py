@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from workers._bench_measure import HISTORY_PARTS
 from workers._bench_sections import round_sizes
 
 JOBS = 6
@@ -86,6 +87,15 @@ def test_bench_smoke_run_measures_overhead_and_long_job(tmp_path: Path) -> None:
         assert figures["history_bytes_per_job"] > 0
         # Same shape on both sides: plan, four parallel calls, answer, verify.
         assert figures["activities_per_job"] == 7
+        parts = {p: figures[f"history_{p}_bytes_per_job"] for p in HISTORY_PARTS}
+        assert math.isclose(sum(parts.values()), figures["history_bytes_per_job"]), parts
+        assert parts["payloads"] > 0 and parts["events"] > 0
+    # The bare workflow sets no summaries, details or search attributes and records no marker;
+    # Keel names every activity, describes the job and upserts its search attributes.
+    bare_parts = overhead["bare"]
+    assert bare_parts["history_metadata_bytes_per_job"] == 0
+    assert bare_parts["history_markers_bytes_per_job"] == 0
+    assert overhead["keel"]["history_metadata_bytes_per_job"] > 0
     for baseline in ("bare", "bare_unsandboxed"):
         ratios = overhead[f"ratio_keel_over_{baseline}"]
         for key in ("jobs_per_s", "latency_p50_s", "single_median_s", "history_bytes_per_job"):
