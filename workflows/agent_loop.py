@@ -8,15 +8,12 @@ of budget is an outcome (``budget_exhausted``), not an error.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import NoReturn
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from pydantic import BaseModel
-
     from activities import errors
     from activities.llm import LLMActivities
     from activities.types import (
@@ -25,13 +22,13 @@ with workflow.unsafe.imports_passed_through():
         Plan,
         PlanInput,
         ResolveModelsInput,
-        Role,
         Verdict,
         VerifyInput,
     )
     from workflows import policies
     from workflows._acting import StepRunner
-    from workflows._budget import BudgetExhausted, Ledger, estimate_prompt_tokens
+    from workflows._budget import BudgetExhausted, Ledger
+    from workflows._calling import ModelCaller
     from workflows._state import (
         JobFailure,
         add_event,
@@ -63,8 +60,6 @@ LEAN_HISTORY = "lean-history"
 search attributes are upserted on coarse state changes and once per iteration, not per phase
 (see ``workflows._visibility``). Runs recorded before it replay the old commands."""
 
-R = TypeVar("R", bound=BaseModel)
-
 
 @workflow.defn
 class AgentLoopWorkflow:
@@ -76,8 +71,10 @@ class AgentLoopWorkflow:
         self._inp = inp
         self._s = inp.state or LoopState()
         self._reply: str | None = None
-        self._ledger: Ledger | None = None
         self._visibility = Visibility(self._s)
+        # Set by _setup, before any phase runs; handlers never use them.
+        self._ledger: Ledger
+        self._calls: ModelCaller
 
     @workflow.run
     async def run(self, inp: AgentLoopInput) -> JobResult:
@@ -110,6 +107,7 @@ class AgentLoopWorkflow:
             self._s.started_at = workflow.now()
             self._event("started", f"goal: {self._req.goal[:80]}")
         self._ledger = Ledger(self._req.budget, self._s.counters, self._s.started_at)
+        self._calls = ModelCaller(self._req, self._s, self._ledger, self._show_details)
         if self._s.models is None and workflow.patched(LEAN_HISTORY):
             self._visibility.lean = True
         elif self._s.models is None:
@@ -125,12 +123,14 @@ class AgentLoopWorkflow:
             correction: str | None = None
             for _ in range(MAX_CORRECTIONS + 1):
                 inp = PlanInput(
-                    **self._llm_fields("planner", critique=self._s.critique, correction=correction),
+                    **self._calls.fields(
+                        "planner", critique=self._s.critique, correction=correction
+                    ),
                     allowed_tools=self._req.tools,
                     retrieval_enabled=self._req.docs_dir is not None,
                     may_ask=self._s.counters.questions < self._req.budget.max_questions,
                 )
-                result = await self._llm(LLMActivities.plan_step, inp, "planner", "plan")
+                result = await self._calls.call(LLMActivities.plan_step, inp, "planner", "plan")
                 if result.plan is not None:
                     break
                 correction = result.invalid_reason or "output did not match the plan schema"
@@ -164,20 +164,20 @@ class AgentLoopWorkflow:
 
     async def _act(self, plan: Plan) -> None:
         self._set_state("acting")
-        runner = StepRunner(self._req, self._s, self._ledger_or_fail(), self._event)
+        runner = StepRunner(self._req, self._s, self._ledger, self._event)
         observations = await runner.run(plan.steps)
         self._s.observations = (self._s.observations + observations)[-MAX_OBSERVATIONS:]
 
     async def _draft(self) -> str:
         self._set_state("verifying")
-        inp = AnswerInput(**self._llm_fields("answerer", critique=self._s.critique))
-        result = await self._llm(LLMActivities.draft_answer, inp, "answerer", "answer")
+        inp = AnswerInput(**self._calls.fields("answerer", critique=self._s.critique))
+        result = await self._calls.call(LLMActivities.draft_answer, inp, "answerer", "answer")
         self._s.draft = result.answer
         return result.answer
 
     async def _verify(self, draft: str) -> Verdict:
-        inp = VerifyInput(**self._llm_fields("verifier"), draft=draft)
-        result = await self._llm(LLMActivities.verify_draft, inp, "verifier", "verify")
+        inp = VerifyInput(**self._calls.fields("verifier"), draft=draft)
+        result = await self._calls.call(LLMActivities.verify_draft, inp, "verifier", "verify")
         verdict = result.verdict or Verdict(
             passed=False, score=0.0, critique=f"verifier output invalid: {result.invalid_reason}"
         )
@@ -198,58 +198,6 @@ class AgentLoopWorkflow:
         self._s.runs += 1
         self._event("continue_as_new", f"run {self._s.runs}")
         workflow.continue_as_new(self._inp.model_copy(update={"state": self._s}))
-
-    async def _llm(
-        self, method: Callable[[Any, Any], Awaitable[R]], inp: Any, role: Role, phase: str
-    ) -> R:
-        """Run one LLM activity inside the budget: reserve worst case, call, charge actual."""
-        ledger = self._ledger_or_fail()
-        prompt_tokens = estimate_prompt_tokens(inp)
-        if self._s.models is None:
-            afford, usd_left = ledger.reserve_llm_unpriced(prompt_tokens, workflow.now())
-            update = {"max_output_tokens": afford, "max_cost_usd": usd_left}
-        else:
-            spec = getattr(self._s.models, role)
-            update = {"max_output_tokens": ledger.reserve_llm(spec, prompt_tokens, workflow.now())}
-        inp = inp.model_copy(update=update)
-        config = policies.capped(
-            policies.LLM_CALL,
-            ledger.remaining(workflow.now()),
-            summary=f"{phase} · iteration {self._s.iteration + 1}",
-        )
-        try:
-            result = await workflow.execute_activity_method(method, inp, **config)
-        except ActivityError as err:
-            if workflow.now() >= ledger.deadline():
-                raise BudgetExhausted("max_seconds") from None
-            cause = err.cause
-            kind = cause.type if isinstance(cause, ApplicationError) and cause.type else None
-            if kind == errors.BUDGET_EXHAUSTED:
-                raise BudgetExhausted("max_cost_usd") from None
-            raise JobFailure(
-                kind or errors.LLM_TRANSIENT, f"{phase} call failed: {cause}"
-            ) from None
-        ledger.charge_llm(result.usage)  # type: ignore[attr-defined]
-        self._show_details()
-        return result
-
-    def _llm_fields(self, role: Role, **optional: Any) -> dict[str, Any]:
-        """Fields of an LLM input; optional ones only when set, so payloads stay small."""
-        optional |= {
-            # Stored outputs go by reference only: the activity reads them from Redis, and the
-            # tool's result in history already holds their preview.
-            "observations": [
-                o.model_copy(update={"content": ""}) if o.ref else o for o in self._s.observations
-            ],
-            "clarifications": self._s.clarifications,
-            "model": self._s.models and getattr(self._s.models, role).model,
-        }
-        return {k: v for k, v in optional.items() if v} | {
-            "tenant": self._req.tenant,
-            "goal": self._req.goal,
-            "iteration": self._s.iteration,
-            "max_output_tokens": 1,
-        }
 
     async def _finish(
         self, outcome: Outcome, exhausted: BudgetName | None = None, error: str | None = None
@@ -289,11 +237,6 @@ class AgentLoopWorkflow:
 
     def _event(self, kind: str, detail: str = "") -> None:
         add_event(self._s, workflow.now(), kind, detail)
-
-    def _ledger_or_fail(self) -> Ledger:
-        if self._ledger is None:
-            raise JobFailure("InternalError", "ledger used before setup")
-        return self._ledger
 
     @property
     def _job_id(self) -> str:

@@ -1,0 +1,101 @@
+"""Model calls inside the budget: build an LLM activity's input, reserve, call, charge.
+
+Deterministic orchestration. Before every call the ledger reserves the worst case (prompt
+estimate plus the completion cap it can afford, and the time it needs); the activity gets that
+cap and, for runs under the ``lean-history`` patch, the dollars left, so it can refuse a call it
+cannot afford before sending anything. Afterwards the workflow charges what the call used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import BaseModel
+
+    from activities import errors
+    from activities.types import Role
+    from workflows import policies
+    from workflows._budget import BudgetExhausted, Ledger, estimate_prompt_tokens
+    from workflows._state import JobFailure
+    from workflows.types import JobRequest, LoopState
+
+R = TypeVar("R", bound=BaseModel)
+
+
+class ModelCaller:
+    """Runs one job's LLM activities against its ledger."""
+
+    def __init__(
+        self, req: JobRequest, state: LoopState, ledger: Ledger, charged: Callable[[], None]
+    ) -> None:
+        """Bind the caller to a job.
+
+        Args:
+            req: The job's request (tenant and goal go into every input).
+            state: The loop state (iteration, observations, clarifications, models).
+            ledger: The job's budget ledger.
+            charged: Called after each call is charged, to refresh what the UI shows.
+        """
+        self._req, self._s, self._ledger, self._charged = req, state, ledger, charged
+
+    def fields(self, role: Role, **optional: Any) -> dict[str, Any]:
+        """Fields of an LLM input; optional ones only when set, so payloads stay small."""
+        optional |= {
+            # Stored outputs go by reference only: the activity reads them from Redis, and the
+            # tool's result in history already holds their preview.
+            "observations": [
+                o.model_copy(update={"content": ""}) if o.ref else o for o in self._s.observations
+            ],
+            "clarifications": self._s.clarifications,
+            "model": self._s.models and getattr(self._s.models, role).model,
+        }
+        return {k: v for k, v in optional.items() if v} | {
+            "tenant": self._req.tenant,
+            "goal": self._req.goal,
+            "iteration": self._s.iteration,
+            "max_output_tokens": 1,
+        }
+
+    async def call(
+        self, method: Callable[[Any, Any], Awaitable[R]], inp: Any, role: Role, phase: str
+    ) -> R:
+        """Run one LLM activity inside the budget: reserve the worst case, call, charge actual.
+
+        Raises:
+            BudgetExhausted: A budget cannot cover the call, or ran out while it was retried.
+            JobFailure: The call failed for good (its retries spent, or non-retryable).
+        """
+        ledger = self._ledger
+        prompt_tokens = estimate_prompt_tokens(inp)
+        if self._s.models is None:
+            afford, usd_left = ledger.reserve_llm_unpriced(prompt_tokens, workflow.now())
+            update = {"max_output_tokens": afford, "max_cost_usd": usd_left}
+        else:
+            spec = getattr(self._s.models, role)
+            update = {"max_output_tokens": ledger.reserve_llm(spec, prompt_tokens, workflow.now())}
+        inp = inp.model_copy(update=update)
+        config = policies.capped(
+            policies.LLM_CALL,
+            ledger.remaining(workflow.now()),
+            summary=f"{phase} · iteration {self._s.iteration + 1}",
+        )
+        try:
+            result = await workflow.execute_activity_method(method, inp, **config)
+        except ActivityError as err:
+            if workflow.now() >= ledger.deadline():
+                raise BudgetExhausted("max_seconds") from None
+            cause = err.cause
+            kind = cause.type if isinstance(cause, ApplicationError) and cause.type else None
+            if kind == errors.BUDGET_EXHAUSTED:
+                raise BudgetExhausted("max_cost_usd") from None
+            raise JobFailure(
+                kind or errors.LLM_TRANSIENT, f"{phase} call failed: {cause}"
+            ) from None
+        ledger.charge_llm(result.usage)  # type: ignore[attr-defined]
+        self._charged()
+        return result
