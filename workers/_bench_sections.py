@@ -145,6 +145,9 @@ BARE_RUNNERS: dict[str, WorkflowRunner] = {
     "bare_unsandboxed": UnsandboxedWorkflowRunner(),
 }
 """The baselines: the SDK's defaults (its sandboxed runner), and the runner Keel's workers use."""
+KIND_CODES = {"keel": "keel", "bare": "bare", "bare_unsandboxed": "unsb"}
+"""Each kind's code in its task queue and workflow IDs: all of one length, because both names
+are recorded in many history events and the kinds' history sizes are compared byte for byte."""
 
 
 @contextlib.asynccontextmanager
@@ -167,12 +170,16 @@ async def overhead(
 ) -> dict[str, Any]:
     """Keel jobs beside bare workflows of the same shape, each kind on its own worker here."""
     tag = uuid4().hex[:8]
-    queues = {name: f"bench-{name}-{tag}" for name in ("keel", *BARE_RUNNERS)}
+    queues = {name: f"bench-{code}-{tag}" for name, code in KIND_CODES.items()}
     runners = {
+        # Job IDs are "agent-job-" + the request key, so every kind's IDs are as long as these.
         "keel": keel_runner(
-            AgentJobs(client, task_queue=queues["keel"]), OVERHEAD_REQUEST, f"bench-{tag}"
+            AgentJobs(client, task_queue=queues["keel"]), OVERHEAD_REQUEST, f"keel-{tag}"
         ),
-        **{name: bare_runner(client, queues[name], f"bench-{name}-{tag}") for name in BARE_RUNNERS},
+        **{
+            name: bare_runner(client, queues[name], f"bench-job-{KIND_CODES[name]}-{tag}")
+            for name in BARE_RUNNERS
+        },
     }
     figures: dict[str, Any] = {"task_queues": queues}
     async with contextlib.AsyncExitStack() as stack:

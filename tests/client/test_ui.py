@@ -19,10 +19,8 @@ from html.parser import HTMLParser
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from activities.converter import DATA_CONVERTER
 from client import AgentJobs, JobRequest
-from tests.conftest import DEV_SERVER_ARGS, free_port, unique, venv_bin
-from workflows import search_attributes as sa
+from tests.conftest import free_port, start_dev_server, unique
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 RENDER_ATTEMPTS = 3
@@ -88,14 +86,7 @@ def page_text(url: str, must_show: list[str]) -> str:
 async def ui_env() -> AsyncIterator[tuple[WorkflowEnvironment, str]]:
     """A dev server of its own, with the Web UI on a free port."""
     port = free_port()
-    environment = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=venv_bin("temporal"),
-        data_converter=DATA_CONVERTER,
-        search_attributes=sa.ALL_KEYS,
-        dev_server_extra_args=DEV_SERVER_ARGS,
-        ui=True,
-        ui_port=port,
-    )
+    environment = await start_dev_server(ui=True, ui_port=port)
     yield environment, f"http://127.0.0.1:{port}/namespaces/{environment.client.namespace}"
     await environment.shutdown()
 
