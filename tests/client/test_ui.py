@@ -61,6 +61,7 @@ def page_text(url: str, must_show: list[str]) -> str:
                 "--headless",
                 "--no-sandbox",
                 "--disable-gpu",
+                "--disable-dev-shm-usage",  # containers often give /dev/shm only 64 MB
                 "--no-first-run",
                 "--disable-background-networking",
                 "--window-size=1600,1000",
