@@ -223,15 +223,14 @@ class LLMActivities:
 
         Raises:
             ApplicationError: ``BUDGET_EXHAUSTED`` (non-retryable) when ``max_cost_usd`` cannot
-                pay for the prompt and MIN_OUTPUT_TOKENS of output at the model's price.
+                pay for the prompt and MIN_OUTPUT_TOKENS of output at the model's price, or the
+                classified failure of the HTTP call (see ``_post``).
         """
-        schema_doc = json_schema(schema) if schema else _ANSWER_SCHEMA
         model = inp.model or self._config.model_for(role)
         user = json.dumps(context, ensure_ascii=False)
         with structlog.contextvars.bound_contextvars(
             job_id=activity.info().workflow_id, tenant=inp.tenant, call=schema_name, model=model
         ):
-            max_tokens = self._affordable(inp, model, len(system) + len(user))
             body = {
                 "model": model,
                 "messages": [
@@ -240,35 +239,15 @@ class LLMActivities:
                 ],
                 "response_format": {
                     "type": "json_schema",
-                    "json_schema": {"name": schema_name, "schema": schema_doc, "strict": False},
+                    "json_schema": {
+                        "name": schema_name,
+                        "schema": json_schema(schema) if schema else _ANSWER_SCHEMA,
+                        "strict": False,
+                    },
                 },
-                "max_tokens": max_tokens,
+                "max_tokens": self._affordable(inp, model, len(system) + len(user)),
             }
-            try:
-                async with heartbeating():
-                    # The client's own POST (same auth, base URL, timeout, vendor retries off
-                    # and error types as ``chat.completions.create``) without the typed
-                    # method's walk of every parameter against its TypedDicts, which is
-                    # about a third of this activity's CPU; the body is plain JSON already.
-                    raw = await self._client.post(
-                        "/chat/completions",
-                        body=body,
-                        cast_to=str,
-                        options={"timeout": self._config.request_timeout_seconds},
-                    )
-                response = _Completion.model_validate_json(raw)
-            except openai.OpenAIError as err:
-                failure = from_openai(err)
-                log.warning(
-                    "llm call failed", error_type=failure.type, retryable=not failure.non_retryable
-                )
-                raise failure from None
-            except ValidationError as err:
-                log.warning("llm call returned a malformed body", error_type=errors.LLM_TRANSIENT)
-                raise ApplicationError(
-                    f"malformed chat completion: {err.error_count()} error(s)",
-                    type=errors.LLM_TRANSIENT,
-                ) from None
+            response = await self._post(body)
             usage = _usage(self._config.price(model), response.usage)
             log.info(
                 "llm call",
@@ -283,6 +262,39 @@ class LLMActivities:
             else None
         )
         return text, usage, reason
+
+    async def _post(self, body: dict[str, Any]) -> _Completion:
+        """Send one chat completion request and parse the reply, heartbeating while it runs.
+
+        Raises:
+            ApplicationError: The vendor error, classified by ``from_openai`` (retryable or
+                not), or a retryable ``LLM_TRANSIENT`` when the body is not a chat completion.
+        """
+        try:
+            async with heartbeating():
+                # The client's own POST (same auth, base URL, timeout, vendor retries off and
+                # error types as ``chat.completions.create``) without the typed method's walk
+                # of every parameter against its TypedDicts, which is about a third of this
+                # activity's CPU; the body is plain JSON already.
+                raw = await self._client.post(
+                    "/chat/completions",
+                    body=body,
+                    cast_to=str,
+                    options={"timeout": self._config.request_timeout_seconds},
+                )
+            return _Completion.model_validate_json(raw)
+        except openai.OpenAIError as err:
+            failure = from_openai(err)
+            log.warning(
+                "llm call failed", error_type=failure.type, retryable=not failure.non_retryable
+            )
+            raise failure from None
+        except ValidationError as err:
+            log.warning("llm call returned a malformed body", error_type=errors.LLM_TRANSIENT)
+            raise ApplicationError(
+                f"malformed chat completion: {err.error_count()} error(s)",
+                type=errors.LLM_TRANSIENT,
+            ) from None
 
     def _affordable(self, inp: LLMCallBase, model: str, prompt_chars: int) -> int:
         """Completion tokens this call may use: the workflow's cap, the worker's, and the money.
