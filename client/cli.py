@@ -33,7 +33,7 @@ from client.jobs import (
     validate_request,
     validate_request_key,
 )
-from workflows.types import HumanInput, JobEvent, JobResult, JobStatus
+from workflows.types import HumanInput, JobEvent, JobResult, JobStatus, current_iteration
 
 __all__ = ["app"]
 
@@ -220,7 +220,8 @@ def status(job_id: JobArg, as_json: JsonOpt = False) -> None:
         Text.assemble(
             ("state  ", "bold"),
             (snap.state, _state_style(snap.state)),
-            f"   iteration {snap.iteration}/{snap.budget.max_iterations}",
+            f"   iteration {current_iteration(snap.iteration, snap.budget)}"
+            f"/{snap.budget.max_iterations}",
             f"   run {snap.runs}" if snap.runs > 1 else "",
         )
     )
@@ -422,7 +423,7 @@ def _budget_table(snap: JobStatus) -> Table:
     table.add_row("tool calls", str(u.tool_calls), str(b.max_tool_calls))
     table.add_row("tokens", f"{u.tokens:,}", f"{b.max_tokens:,}")
     table.add_row("cost", f"${u.cost_usd:.4f}", f"${b.max_cost_usd:g}")
-    table.add_row("iterations", str(snap.iteration), str(b.max_iterations))
+    table.add_row("iterations", str(current_iteration(snap.iteration, b)), str(b.max_iterations))
     table.add_row("seconds", "", f"{b.max_seconds:g}")
     return table
 
@@ -439,7 +440,7 @@ def _progress(snap: JobStatus) -> Group:
     b, u = snap.budget, snap.usage
     line = Text.assemble(
         (snap.state, _state_style(snap.state)),
-        f"  iteration {snap.iteration}/{b.max_iterations}",
+        f"  iteration {current_iteration(snap.iteration, b)}/{b.max_iterations}",
         f"  steps {u.steps}/{b.max_steps}",
         f"  tools {u.tool_calls}/{b.max_tool_calls}",
         f"  tokens {u.tokens:,}/{b.max_tokens:,}",

@@ -9,7 +9,14 @@ from datetime import datetime
 
 from temporalio import workflow
 
-from workflows.types import JobEvent, JobRequest, JobStatus, JobUsage, LoopState
+from workflows.types import (
+    JobEvent,
+    JobRequest,
+    JobStatus,
+    JobUsage,
+    LoopState,
+    current_iteration,
+)
 
 MAX_EVENTS = 20
 """Recent events kept in state for ``keel status`` and ``keel watch``."""
@@ -62,7 +69,8 @@ def details_markdown(req: JobRequest, state: LoopState) -> str:
     """Current details for the Temporal UI: phase, iteration and budget use."""
     b, c = req.budget, state.counters
     return (
-        f"**{state.state}** · iteration {state.iteration + 1}/{b.max_iterations}\n\n"
+        f"**{state.state}** · "
+        f"iteration {current_iteration(state.iteration, b)}/{b.max_iterations}\n\n"
         f"steps {c.steps}/{b.max_steps} · tool calls {c.tool_calls}/{b.max_tool_calls} · "
         f"tokens {c.usage.total_tokens}/{b.max_tokens} · "
         f"${c.usage.cost_usd:.4f}/${b.max_cost_usd:.2f}"

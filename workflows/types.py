@@ -231,6 +231,16 @@ class JobStatus(BaseModel):
     runs: int = 1
 
 
+def current_iteration(iteration: int, budget: Budget) -> int:
+    """The iteration a job is in (or ended in), counted from 1, for people to read.
+
+    ``iteration`` is ``LoopState.iteration``: the iterations that ended in a refine, so the one
+    in progress is the next. A job that ran out of iterations has counted past its limit and
+    is shown at the limit.
+    """
+    return min(iteration + 1, budget.max_iterations)
+
+
 class JobResult(BaseModel):
     """How a job ended. Returned by the workflow; budget exhaustion is an outcome, not an error."""
 

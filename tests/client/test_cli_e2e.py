@@ -67,6 +67,8 @@ async def test_submit_status_result_list_in_json(env: WorkflowEnvironment, make_
 
             code, out, _ = await keel(env, "status", job_id)
             assert code == 0 and job_id in out  # human output never truncates the ID
+            # Iterations count from 1, as in the UI's summaries: verified in the first of five.
+            assert "iteration 1/5" in out
 
             async def listed() -> list[dict[str, object]]:
                 while True:

@@ -15,7 +15,7 @@ from client import AgentJobs, Budget, JobRequest
 from tests.conftest import unique
 from tests.workflows.test_agent_loop import replay_own_history
 from workflows._budget import BudgetExhausted, Ledger
-from workflows.types import LoopCounters
+from workflows.types import LoopCounters, current_iteration
 
 
 async def exhaust(client: Client, make_worker, goal: str, budget: Budget, record_as=None, **req):  # type: ignore[no-untyped-def]
@@ -72,6 +72,12 @@ async def test_max_iterations_returns_best_draft(client: Client, make_worker) ->
     assert result.exhausted_budget == "max_iterations"
     assert result.iterations == 2
     assert result.answer and "12" in result.answer
+
+
+def test_the_iteration_shown_counts_from_one_and_stops_at_the_limit() -> None:
+    # A job in its first iteration shows 1/2; one that ran out of iterations shows 2/2, not 3/2.
+    budget = Budget(max_iterations=2)
+    assert [current_iteration(done, budget) for done in (0, 1, 2)] == [1, 2, 2]
 
 
 async def test_max_seconds(client: Client, make_worker) -> None:
