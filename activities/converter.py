@@ -10,6 +10,8 @@ default of a field that running jobs may replay; add a new field instead.
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -20,6 +22,7 @@ from temporalio.converter import (
     DataConverter,
     DefaultPayloadConverter,
     JSONPlainPayloadConverter,
+    PayloadCodec,
 )
 
 
@@ -50,5 +53,145 @@ class KeelPayloadConverter(CompositePayloadConverter):
         super().__init__(*_CONVERTERS)
 
 
-DATA_CONVERTER = DataConverter(payload_converter_class=KeelPayloadConverter)
+_ZDICT_V1 = "".join(
+    (
+        '"docs_dir":"',
+        '"filters":{"ext":"',
+        '"depends_on":["s1"]',
+        '"kind":"retrieve","query":"',
+        '"top_k":',
+        '"retrieval_enabled":true',
+        '"may_ask":false',
+        '"correction":"',
+        '"clarifications":[{"question":"',
+        '"assumed":true}',
+        '"default_assumption":"',
+        '{"plan":{"decision":"ask","question":"',
+        '"invalid_reason":"',
+        '"error_type":"',
+        '"ok":false',
+        '"replayed":true',
+        '"attempt":2',
+        '"ref":"keel:blob:',
+        '"size":',
+        '"events":[{"at":"2026-',
+        '"kind":"started","detail":"goal: ',
+        '"runs":',
+        '"state":{"state":"running","iteration":',
+        '"started_at":"2026-',
+        '"counters":{',
+        '"retries_by_tool":{',
+        '"questions":',
+        '"waited_seconds":',
+        '"best_draft":"',
+        '"best_score":0.',
+        '"continue_as_new_after":',
+        '"budget":{"max_steps":',
+        '"max_tool_calls":',
+        '"max_retries_per_tool":',
+        '"max_tokens":',
+        '"max_seconds":',
+        '"max_iterations":',
+        '"max_questions":',
+        '"ask_timeout_seconds":',
+        '"notify_workflow":"',
+        '"mode":"batch"',
+        '{"request":{"goal":"',
+        '"user":"',
+        '"tools":["calculator","http_get","write_note","search_docs"]',
+        '{"job_id":"agent-job-',
+        '"outcome":"budget_exhausted","exhausted_budget":"max_',
+        '"outcome":"completed","answer":"',
+        '"verified":true',
+        '"iterations":',
+        '"usage":{"tokens":',
+        '"steps":',
+        '"tool_calls":',
+        '{"hits":[{"doc_id":"',
+        '"path":"',
+        '"score":0.',
+        '"snippet":"',
+        '"metadata":{',
+        '{"tool":"http_get",',
+        '"args":{"url":"https://',
+        '"args":{"query":"',
+        '"args":{"title":"',
+        '"body":"',
+        '{"verdict":{"passed":false,"score":0.',
+        '"critique":"',
+        '{"answer":"',
+        '"draft":"',
+        '"observations":[{"step_id":"s1","kind":"retrieve","name":"retrieve",',
+        '{"step_id":"s2","name":"calculator","content":"',
+        '{"plan":{"decision":"act","rationale":"',
+        '"steps":[{"id":"s1","kind":"tool","tool":"calculator","args":{"expression":"',
+        '{"id":"s2","kind":"tool","tool":"http_get","args":{"url":"https://',
+        '"op_key":"agent-job-',
+        '"allowed_tools":["calculator"',
+        '{"content":"',
+        '"usage":{"prompt_tokens":',
+        '"completion_tokens":',
+        '"cost_usd":0.000',
+        '{"tenant":"',
+        '"goal":"',
+        '"iteration":',
+        '"max_output_tokens":',
+        '"max_cost_usd":',
+    )
+).encode()
+"""zlib's preset dictionary for ``binary/keel-z1`` payloads: fragments of Keel's JSON, the
+most common last (zlib reaches those with the shortest distances). Part of the wire format:
+every history written with it needs it to be read, so it never changes. A better dictionary
+gets a new encoding name (``binary/keel-z2``) beside this one."""
+
+
+class CompressionCodec(PayloadCodec):
+    """Compress structured JSON payloads with zlib and a preset dictionary.
+
+    Only ``json/plain`` payloads holding a JSON object are compressed: activity and workflow
+    inputs and results. Strings stay as they are, so the summaries, details and current
+    details an operator reads in the Temporal UI and CLI need no codec server; search
+    attributes never pass through a codec. A payload is kept as it is when compression would
+    not make it smaller. Decoding passes every other encoding through, so histories written
+    before this codec, or by other SDKs, read as before.
+    """
+
+    async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        """Compress what is worth compressing; see the class docstring."""
+        return [compress_payload(p) for p in payloads]
+
+    async def decode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        """Restore ``binary/keel-z1`` payloads to ``json/plain``; pass the rest through."""
+        return [decompress_payload(p) for p in payloads]
+
+
+def compress_payload(payload: Payload) -> Payload:
+    """``payload`` as ``binary/keel-z1`` when it is a JSON object that shrinks; else itself."""
+    if payload.metadata.get("encoding") != _JSON or not payload.data.startswith(b"{"):
+        return payload
+    if len(payload.metadata) != 1:
+        return payload
+    packer = zlib.compressobj(level=6, wbits=-15, zdict=_ZDICT_V1)
+    data = packer.compress(payload.data) + packer.flush()
+    if len(data) + len(_Z1) - len(_JSON) >= len(payload.data):
+        return payload
+    return Payload(metadata={"encoding": _Z1}, data=data)
+
+
+def decompress_payload(payload: Payload) -> Payload:
+    """The ``json/plain`` payload a ``binary/keel-z1`` one was made from; others unchanged."""
+    if payload.metadata.get("encoding") != _Z1:
+        return payload
+    unpacker = zlib.decompressobj(wbits=-15, zdict=_ZDICT_V1)
+    data = unpacker.decompress(payload.data) + unpacker.flush()
+    return Payload(metadata={"encoding": _JSON}, data=data)
+
+
+_JSON = b"json/plain"
+_Z1 = b"binary/keel-z1"
+
+
+DATA_CONVERTER = DataConverter(
+    payload_converter_class=KeelPayloadConverter, payload_codec=CompressionCodec()
+)
 """Pass as ``data_converter`` to ``Client.connect``, ``WorkflowEnvironment`` and ``Replayer``."""

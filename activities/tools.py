@@ -200,21 +200,23 @@ class ToolActivities:
             ApplicationError: ``TOOL_NOT_ALLOWED``, ``TOOL_NOT_FOUND`` or ``TOOL_INPUT_INVALID``
                 (non-retryable) before the tool runs, or whatever the tool raised.
         """
+        job_id = _job_id(call.job_id)
+        op_key = call.op_key or f"{job_id}:{call.step_key}"
         with structlog.contextvars.bound_contextvars(
-            job_id=_job_id(call.job_id), tenant=call.tenant, tool=call.tool, op_key=call.op_key
+            job_id=job_id, tenant=call.tenant, tool=call.tool, op_key=op_key
         ):
             info, impl, args = self._admit(call)
             if info.side_effecting:
-                recorded = await self._store.get_record(call.tenant, call.op_key)
+                recorded = await self._store.get_record(call.tenant, op_key)
                 if recorded is not None:
                     _log.info("tool.replayed")
                     return recorded.model_copy(update={"replayed": True})
-            ctx = ToolContext(_job_id(call.job_id), call.tenant, call.op_key, call.docs_dir)
+            ctx = ToolContext(job_id, call.tenant, op_key, call.docs_dir)
             async with heartbeating():
                 output = await impl(args, ctx)
-            result = await self._package(call, output)
+            result = await self._package(ctx, output)
             if info.side_effecting:
-                await self._store.put_record(call.tenant, call.op_key, result)
+                await self._store.put_record(call.tenant, op_key, result)
             _log.info("tool.executed", size=result.size or len(result.content), ref=result.ref)
             return result
 
@@ -245,14 +247,14 @@ class ToolActivities:
             ) from None
         return info, impl, args
 
-    async def _package(self, call: ToolCall, output: str) -> ToolResult:
+    async def _package(self, ctx: ToolContext, output: str) -> ToolResult:
         """Keep small outputs inline; move large ones to a blob and keep a preview."""
         attempt = activity.info().attempt
         if len(output) <= PREVIEW_CHARS:
             # Inline: the content is the whole output, so its length is the size.
             return ToolResult(content=output, attempt=attempt)
         # Workflow history has a 2 MB payload limit, so only a preview and the ref go there.
-        ref = await self._store.put_blob(call.tenant, call.op_key, output)
+        ref = await self._store.put_blob(ctx.tenant, ctx.op_key, output)
         return ToolResult(
             content=output[:PREVIEW_CHARS],
             ref=ref,

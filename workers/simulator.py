@@ -22,19 +22,17 @@ import asyncio
 import json
 import math
 import random
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from workers import _sim_logic as logic
+from workers.serving import serve_app
 
 FaultKind = Literal["500", "503", "429", "timeout", "malformed"]
 
@@ -367,36 +365,8 @@ def serve(config: SimConfig, host: str = "127.0.0.1", port: int = 8089) -> None:
         host: Interface to bind.
         port: TCP port to bind.
     """
-    app = create_app(config)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            http="httptools",  # C parser: a third less CPU per request than h11
-            # A request stalled by a ``timeout`` fault must not hold up shutdown for long.
-            timeout_graceful_shutdown=2,
-        )
-    )
-
-    def request_exit(_signum: int, _frame: object) -> None:
-        server.should_exit = True
-
-    # uvicorn re-raises the signal it caught once it has shut down, which turns a clean stop into
-    # a KeyboardInterrupt or death by SIGTERM. Parking our own handler under uvicorn's makes that
-    # re-raise harmless (and still stops a server signalled before uvicorn took over), so serve()
-    # just returns; the original handlers are restored afterwards.
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {s: signal.signal(s, request_exit) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        server.run()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    # A request stalled by a ``timeout`` fault must not hold up shutdown for long.
+    serve_app(create_app(config), host, port, graceful_seconds=2)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -118,7 +118,7 @@ class StepRunner:
         config = policies.TOOL_WRITE if info and info.side_effecting else policies.TOOL_READ
         call = ToolCall(
             tenant=self._req.tenant,
-            op_key=f"{workflow.info().workflow_id}:{self._s.iteration}:{step.id}",
+            step_key=f"{self._s.iteration}:{step.id}",
             tool=tool,
             args=step.args,
             allowed_tools=self._req.tools,

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -358,6 +359,27 @@ async def test_write_note_twice_with_one_op_key_writes_once(
     assert [(n["title"], n["body"], n["job_id"]) for n in notes] == [
         ("Keel note", "Body.", "agent-job-1")
     ]
+
+
+async def test_step_key_forms_the_op_key_from_the_calling_workflow(
+    acts: ToolActivities, store: KeelStore, tenant: str
+) -> None:
+    # What a workflow sends: no job ID, no op_key; the job is the calling workflow.
+    call = make_call(
+        tenant, "write_note", {"title": "t", "body": "b"}, job_id="", op_key="", step_key="3:s2"
+    )
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, workflow_id="agent-job-wf")
+    first = await env.run(acts.execute_tool, call)
+    second = await env.run(acts.execute_tool, call)
+    assert first.content == f"note keel:note:{tenant}:agent-job-wf:3:s2 written"
+    assert second.replayed is True
+    assert [n["job_id"] for n in await store.list_notes(tenant)] == ["agent-job-wf"]
+
+
+def test_a_tool_call_needs_a_key() -> None:
+    with pytest.raises(ValidationError, match="op_key or step_key"):
+        ToolCall(tenant="t", tool="calculator", allowed_tools=["calculator"])
 
 
 async def test_write_note_with_different_op_keys_writes_twice(

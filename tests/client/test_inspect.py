@@ -4,38 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from client import AgentJobs, JobRequest
-from tests.conftest import unique, venv_bin
-
-
-def temporal(env: WorkflowEnvironment, *args: str) -> object:
-    out = subprocess.run(
-        [
-            venv_bin("temporal"),
-            *args,
-            "--address",
-            env.client.service_client.config.target_host,
-            "--namespace",
-            env.client.namespace,
-            "-o",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return (
-        json.loads(out.stdout)
-        if out.stdout.strip().startswith(("{", "["))
-        else [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
-    )
+from tests.conftest import temporal, unique
 
 
 async def wait_listed(env: WorkflowEnvironment, query: str, count: int) -> list[dict]:

@@ -1,10 +1,12 @@
 """A job explains itself in the Temporal Web UI, read by a real browser.
 
-Starts a dev server with its UI, runs jobs on it, and renders two UI pages in headless Chromium
-(``--dump-dom``, which runs the UI's JavaScript until the page settles): the job's page must show
-each activity's summary on the timeline, and the workflow list filtered with a query on Keel's
-search attributes must list exactly the job it should. ``scripts/test.sh`` installs Debian's
-``chromium`` when it can; without a browser the test is skipped and says why.
+Starts ``keel codec-server`` and a dev server whose UI uses it, runs jobs, and renders two UI
+pages in headless Chromium (``--dump-dom``, which runs the UI's JavaScript until the page
+settles): the job's page must show each activity's summary on the timeline and the job's input
+and result as JSON (decoded by the codec server from the browser), and the workflow list
+filtered with a query on Keel's search attributes must list exactly the job it should.
+``scripts/test.sh`` installs Debian's ``chromium`` when it can; without a browser the test is
+skipped and says why.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import sys
 import urllib.parse
 from collections.abc import AsyncIterator
 from html.parser import HTMLParser
@@ -20,7 +23,7 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from client import AgentJobs, JobRequest
-from tests.conftest import free_port, start_dev_server, unique
+from tests.conftest import free_port, start_dev_server, unique, wait_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 RENDER_ATTEMPTS = 3
@@ -85,14 +88,25 @@ def page_text(url: str, must_show: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 async def ui_env() -> AsyncIterator[tuple[WorkflowEnvironment, str]]:
-    """A dev server of its own, with the Web UI on a free port."""
-    port = free_port()
-    environment = await start_dev_server(ui=True, ui_port=port)
-    yield environment, f"http://127.0.0.1:{port}/namespaces/{environment.client.namespace}"
-    await environment.shutdown()
+    """A dev server of its own, with the Web UI on a free port using a codec server."""
+    port, codec_port = free_port(), free_port()
+    codec = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "codec-server", f"--port={codec_port}"]
+        + [f"--cors-origin=http://{host}:{port}" for host in ("127.0.0.1", "localhost")],
+    )
+    try:
+        wait_port(codec_port, codec, "keel codec-server")
+        environment = await start_dev_server(
+            f"--ui-codec-endpoint=http://127.0.0.1:{codec_port}", ui=True, ui_port=port
+        )
+        yield environment, f"http://127.0.0.1:{port}/namespaces/{environment.client.namespace}"
+        await environment.shutdown()
+    finally:
+        codec.terminate()
+        codec.wait(timeout=10)
 
 
-async def test_the_ui_shows_activity_summaries_and_filters_by_keel_attributes(
+async def test_the_ui_shows_summaries_and_decoded_payloads_and_filters_by_keel_attributes(
     ui_env: tuple[WorkflowEnvironment, str], make_worker
 ) -> None:
     env, ui = ui_env
@@ -116,6 +130,9 @@ async def test_the_ui_shows_activity_summaries_and_filters_by_keel_attributes(
                 "tool calculator",
                 "answer · iteration 1",
                 "verify · iteration 1",
+                # Input and result are compressed in history; only a decoded payload reads so.
+                '"request"',
+                '"outcome"',
             ],
         )
         assert done in job_page
