@@ -5,10 +5,14 @@ writes one when it is missing). Never re-record one that a running job may still
 change alters the commands a run issues, put it behind ``workflow.patched``, keep the old files
 under a prefix naming the patch (``before-lean-history.*`` were recorded before the
 ``lean-history`` patch and must keep replaying while such runs may exist), and record new ones.
+A change of payload format is kept the same way: ``plain-payloads.*`` were recorded before
+payloads were compressed (``binary/keel-z1``), and must keep reading.
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
 from pathlib import Path
 
@@ -24,8 +28,11 @@ from workers.registry import WORKFLOWS
 HISTORY_DIR = Path(__file__).parent / "histories"
 HISTORIES = sorted(HISTORY_DIR.glob("*.json"))
 EXPECTED = {"happy_path", "refine_x2", "budget_exhausted", "ask_answered", "cancelled"}
-PATCHES = ("before-lean-history",)
-"""Prefixes of histories recorded by older workflow code that new code must still replay."""
+PATCHES = ("before-lean-history", "plain-payloads")
+"""Prefixes of histories recorded by older workflow code, or with an older payload format,
+that new code must still replay."""
+COMPRESSED = base64.b64encode(b"binary/keel-z1").decode()
+"""How a compressed payload's encoding reads in a history's JSON."""
 
 
 def test_every_loop_path_has_a_recorded_history() -> None:
@@ -36,14 +43,17 @@ def test_every_loop_path_has_a_recorded_history() -> None:
 
 
 def test_current_histories_are_lean() -> None:
-    """Histories recorded by current code carry the patch marker and no local activity."""
+    """Current histories carry the patch marker, no local activity, compressed payloads."""
     for name in EXPECTED:
         text = (HISTORY_DIR / f"{name}.json").read_text()
         assert '"core_patch"' in text, name
         assert '"core_local_activity"' not in text, name
+        assert COMPRESSED in text, name
     for name in EXPECTED:
         old = (HISTORY_DIR / f"before-lean-history.{name}.json").read_text()
         assert '"core_local_activity"' in old, name
+        plain = (HISTORY_DIR / f"plain-payloads.{name}.json").read_text()
+        assert COMPRESSED not in plain and '"core_patch"' in plain, name
 
 
 RUNNERS: dict[str, WorkflowRunner] = {
@@ -82,3 +92,16 @@ async def test_the_patch_is_what_keeps_old_histories_replaying(
     )
     with pytest.raises(NondeterminismError):
         await replayer.replay_workflow(history)
+
+
+async def test_compressed_histories_need_the_codec() -> None:
+    """Replay decodes every payload: without Keel's codec a current history cannot be read."""
+    history = WorkflowHistory.from_json(
+        "happy_path", json.loads((HISTORY_DIR / "happy_path.json").read_text())
+    )
+    no_codec = dataclasses.replace(DATA_CONVERTER, payload_codec=None)
+    replayer = Replayer(
+        workflows=WORKFLOWS, data_converter=no_codec, workflow_runner=UnsandboxedWorkflowRunner()
+    )
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert "Unknown payload encoding binary/keel-z1" in str(result.replay_failure)
