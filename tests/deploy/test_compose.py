@@ -46,6 +46,7 @@ REQUIRED_SERVICES = {
     "temporal-ui",
     "redis",
     "worker",
+    "codec",
 }
 ONE_SHOT = {"temporal-schema", "temporal-setup"}
 CLI_TYPE = {"keyword": "Keyword", "double": "Double", "int": "Int"}
@@ -293,6 +294,29 @@ def test_worker_command_is_a_keel_command(services: dict[str, Any], pyproject: A
     assert "worker" in names
     cmd = [i for i in dockerfile_instructions() if i[0] == "CMD"]
     assert cmd and yaml.safe_load(cmd[-1][1]) == command
+
+
+def test_the_ui_decodes_payloads_through_the_codec_service(services: dict[str, Any]) -> None:
+    import typer
+
+    from workers.cli import app
+
+    codec, ui = services["codec"], services["temporal-ui"]
+    argv = [interpolate(arg, {}) for arg in codec["command"]]
+    assert argv[:2] == ["keel", "codec-server"]
+    group = typer.main.get_command(app)
+    command = group.get_command(group.context_class(group), argv[1])  # type: ignore[attr-defined]
+    assert command is not None, "keel has no codec-server command"
+    parsed = command.make_context(argv[1], argv[2:]).params
+    # The browser calls the codec, so the UI's endpoint is the host port the codec publishes,
+    # and the codec admits the origin the UI is published on.
+    endpoint = urlsplit(interpolate(env_of(ui)["TEMPORAL_CODEC_ENDPOINT"], {}))
+    assert codec["ports"] == [f"127.0.0.1:{endpoint.port}:{parsed['port']}"]
+    ui_port = ui["ports"][0].rsplit(":", 2)[1]
+    assert parsed["cors_origin"] == [f"http://localhost:{ui_port}"]
+    assert parsed["host"] == "0.0.0.0"
+    check = " ".join(codec["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{parsed['port']}/healthz" in check
 
 
 def test_graceful_shutdown_fits_the_stop_grace_period(services: dict[str, Any]) -> None:
