@@ -31,12 +31,9 @@ from activities.types import (
     AnswerInput,
     AnswerResult,
     LLMCallBase,
-    ModelRoster,
-    ModelSpec,
     Plan,
     PlanInput,
     PlanResult,
-    ResolveModelsInput,
     Role,
     Usage,
     Verdict,
@@ -102,17 +99,6 @@ class LLMConfig(BaseModel):
             "answerer": self.answerer_model,
         }[role]
 
-    def spec(self, role: str, model: str) -> ModelSpec:
-        """The ModelSpec for one role, priced from the table."""
-        price_in, price_out = self.price(model)
-        return ModelSpec(
-            role=role,  # type: ignore[arg-type]
-            model=model,
-            input_usd_per_mtok=price_in,
-            output_usd_per_mtok=price_out,
-            max_output_tokens=self.max_output_tokens,
-        )
-
 
 class LLMActivities:
     """Activities that call the model. One instance per worker, sharing one HTTP client."""
@@ -128,20 +114,6 @@ class LLMActivities:
         self._config = config
         self._tool_specs = tool_specs
         self._store = store
-
-    @activity.defn(name="resolve_models")
-    async def resolve_models(self, inp: ResolveModelsInput) -> ModelRoster:
-        """The model and prices per role, for runs started before the ``lean-history`` patch.
-
-        Newer runs never call this: each LLM activity picks its model (``LLMConfig.model_for``)
-        and prices the call against ``max_cost_usd`` itself. Kept while such runs may replay.
-        """
-        c = self._config
-        return ModelRoster(
-            planner=c.spec("planner", c.model_for("planner")),
-            verifier=c.spec("verifier", c.model_for("verifier")),
-            answerer=c.spec("answerer", c.model_for("answerer")),
-        )
 
     @activity.defn(name="plan_step")
     async def plan_step(self, inp: PlanInput) -> PlanResult:
@@ -226,7 +198,7 @@ class LLMActivities:
                 pay for the prompt and MIN_OUTPUT_TOKENS of output at the model's price, or the
                 classified failure of the HTTP call (see ``_post``).
         """
-        model = inp.model or self._config.model_for(role)
+        model = self._config.model_for(role)
         user = json.dumps(context, ensure_ascii=False)
         with structlog.contextvars.bound_contextvars(
             job_id=activity.info().workflow_id, tenant=inp.tenant, call=schema_name, model=model

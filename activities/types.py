@@ -54,45 +54,6 @@ class Usage(BaseModel):
 Role = Literal["planner", "verifier", "answerer"]
 
 
-class ModelSpec(BaseModel):
-    """The model chosen for one role, with what the workflow needs to budget for it.
-
-    Resolved once per job by an activity (the routing seam) so a change of configuration
-    reaches running jobs through history, never through the workflow reading the environment.
-    """
-
-    role: Role
-    model: str
-    """Model name sent to the OpenAI-compatible endpoint."""
-    input_usd_per_mtok: float = 0.0
-    """Price per million prompt tokens."""
-    output_usd_per_mtok: float = 0.0
-    """Price per million completion tokens."""
-    max_output_tokens: int = 1024
-    """Upper bound on completion tokens requested from this model."""
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        """Cost in USD of a call with the given token counts."""
-        return (
-            prompt_tokens * self.input_usd_per_mtok + completion_tokens * self.output_usd_per_mtok
-        ) / 1_000_000
-
-
-class ModelRoster(BaseModel):
-    """The models a job uses, one per role."""
-
-    planner: ModelSpec
-    verifier: ModelSpec
-    answerer: ModelSpec
-
-
-class ResolveModelsInput(BaseModel):
-    """Who the job runs for; routing by tenant or tier plugs in here."""
-
-    tenant: str
-    job_id: str
-
-
 class Observation(BaseModel):
     """What one plan step produced, as the planner, answerer and verifier see it."""
 
@@ -187,15 +148,12 @@ class LLMCallBase(BaseModel):
     tenant: str
     goal: str
     iteration: int
-    model: str | None = None
-    """Model name for runs that resolved a ModelRoster up front (jobs started before the
-    ``lean-history`` patch); None lets the activity choose the model for its role."""
     max_output_tokens: int = Field(ge=1)
     """Completion-token cap the workflow could afford for this call."""
     max_cost_usd: float | None = None
     """Dollars the job has left; the activity, which knows the model's price, lowers its
     completion-token cap to fit and refuses the call (``BudgetExhausted``) when even
-    MIN_OUTPUT_TOKENS would not fit. None: the workflow already priced the call."""
+    MIN_OUTPUT_TOKENS would not fit. None: no dollar cap (calls made outside a job)."""
     observations: list[Observation] = Field(default_factory=list)
     clarifications: list[Clarification] = Field(default_factory=list)
 

@@ -70,7 +70,6 @@ def build_activities(deps: Deps) -> list[Callable[..., Any]]:
     tools = ToolActivities(deps.tools, deps.store)
     retrieval = RetrievalActivities(deps.retriever)
     return [
-        llm.resolve_models,
         llm.plan_step,
         llm.draft_answer,
         llm.verify_draft,

@@ -14,7 +14,6 @@ from activities.types import (
     MIN_OUTPUT_TOKENS,
     PROMPT_CHARS_PER_OBSERVATION,
     LLMCallBase,
-    ModelSpec,
     Usage,
 )
 from workflows.types import Budget, BudgetName, LoopCounters
@@ -66,28 +65,7 @@ class Ledger:
             raise BudgetExhausted("max_seconds")
         return left
 
-    def reserve_llm(self, spec: ModelSpec, prompt_tokens: int, now: datetime) -> int:
-        """Reserve one LLM call priced here (runs from before the ``lean-history`` patch).
-
-        Returns:
-            The completion tokens the call may use.
-
-        Raises:
-            BudgetExhausted: when the call's worst case does not fit.
-        """
-        afford = self._tokens_for_call(spec.max_output_tokens, prompt_tokens, now)
-        money_left = self.budget.max_cost_usd - self.counters.usage.cost_usd
-        if spec.cost(prompt_tokens, afford) > money_left:
-            if spec.output_usd_per_mtok <= 0:
-                raise BudgetExhausted("max_cost_usd")
-            spare = money_left * 1_000_000 - prompt_tokens * spec.input_usd_per_mtok
-            afford = int(spare / spec.output_usd_per_mtok)
-            if afford < MIN_OUTPUT_TOKENS:
-                raise BudgetExhausted("max_cost_usd")
-        self.counters.steps += 1
-        return afford
-
-    def reserve_llm_unpriced(self, prompt_tokens: int, now: datetime) -> tuple[int, float]:
+    def reserve_llm(self, prompt_tokens: int, now: datetime) -> tuple[int, float]:
         """Reserve one LLM call whose price the activity applies (see ``max_cost_usd``).
 
         Returns:
@@ -96,22 +74,16 @@ class Ledger:
         Raises:
             BudgetExhausted: when time, steps or tokens do not fit, or no money is left.
         """
-        afford = self._tokens_for_call(self.budget.max_tokens, prompt_tokens, now)
+        self.remaining(now)
+        self._reserve_step()
+        afford = self.budget.max_tokens - self.counters.usage.total_tokens - prompt_tokens
+        if afford < MIN_OUTPUT_TOKENS:
+            raise BudgetExhausted("max_tokens")
         money_left = round(self.budget.max_cost_usd - self.counters.usage.cost_usd, 8)
         if money_left <= 0:
             raise BudgetExhausted("max_cost_usd")
         self.counters.steps += 1
         return afford, money_left
-
-    def _tokens_for_call(self, cap: int, prompt_tokens: int, now: datetime) -> int:
-        """Check time and steps, then the completion tokens left after the prompt, up to cap."""
-        self.remaining(now)
-        self._reserve_step()
-        left = self.budget.max_tokens - self.counters.usage.total_tokens - prompt_tokens
-        afford = min(cap, left)
-        if afford < MIN_OUTPUT_TOKENS:
-            raise BudgetExhausted("max_tokens")
-        return afford
 
     def reserve_tools(self, wanted: int, now: datetime) -> tuple[int, BudgetName | None]:
         """Reserve up to ``wanted`` tool or retrieval calls.

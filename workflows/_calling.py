@@ -1,9 +1,9 @@
 """Model calls inside the budget: build an LLM activity's input, reserve, call, charge.
 
 Deterministic orchestration. Before every call the ledger reserves the worst case (prompt
-estimate plus the completion cap it can afford, and the time it needs); the activity gets that
-cap and, for runs under the ``lean-history`` patch, the dollars left, so it can refuse a call it
-cannot afford before sending anything. Afterwards the workflow charges what the call used.
+estimate plus the completion tokens left, and the time it needs); the activity gets that cap
+and the dollars left, so it can refuse a call it cannot afford before sending anything.
+Afterwards the workflow charges what the call used.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
     from activities import errors
-    from activities.types import Role
     from workflows import policies
     from workflows._budget import BudgetExhausted, Ledger, estimate_prompt_tokens
     from workflows._state import JobFailure
@@ -37,13 +36,13 @@ class ModelCaller:
 
         Args:
             req: The job's request (tenant and goal go into every input).
-            state: The loop state (iteration, observations, clarifications, models).
+            state: The loop state (iteration, observations, clarifications).
             ledger: The job's budget ledger.
             charged: Called after each call is charged, to refresh what the UI shows.
         """
         self._req, self._s, self._ledger, self._charged = req, state, ledger, charged
 
-    def fields(self, role: Role, **optional: Any) -> dict[str, Any]:
+    def fields(self, **optional: Any) -> dict[str, Any]:
         """Fields of an LLM input; optional ones only when set, so payloads stay small."""
         optional |= {
             # Stored outputs go by reference only: the activity reads them from Redis, and the
@@ -52,7 +51,6 @@ class ModelCaller:
                 o.model_copy(update={"content": ""}) if o.ref else o for o in self._s.observations
             ],
             "clarifications": self._s.clarifications,
-            "model": self._s.models and getattr(self._s.models, role).model,
         }
         return {k: v for k, v in optional.items() if v} | {
             "tenant": self._req.tenant,
@@ -61,9 +59,7 @@ class ModelCaller:
             "max_output_tokens": 1,
         }
 
-    async def call(
-        self, method: Callable[[Any, Any], Awaitable[R]], inp: Any, role: Role, phase: str
-    ) -> R:
+    async def call(self, method: Callable[[Any, Any], Awaitable[R]], inp: Any, phase: str) -> R:
         """Run one LLM activity inside the budget: reserve the worst case, call, charge actual.
 
         Raises:
@@ -72,13 +68,8 @@ class ModelCaller:
         """
         ledger = self._ledger
         prompt_tokens = estimate_prompt_tokens(inp)
-        if self._s.models is None:
-            afford, usd_left = ledger.reserve_llm_unpriced(prompt_tokens, workflow.now())
-            update = {"max_output_tokens": afford, "max_cost_usd": usd_left}
-        else:
-            spec = getattr(self._s.models, role)
-            update = {"max_output_tokens": ledger.reserve_llm(spec, prompt_tokens, workflow.now())}
-        inp = inp.model_copy(update=update)
+        afford, usd_left = ledger.reserve_llm(prompt_tokens, workflow.now())
+        inp = inp.model_copy(update={"max_output_tokens": afford, "max_cost_usd": usd_left})
         config = policies.capped(
             policies.LLM_CALL,
             ledger.remaining(workflow.now()),

@@ -1,11 +1,10 @@
 """What a job tells Temporal's visibility store, and when: its search-attribute upserts.
 
 Deterministic workflow code. Every upsert is a history event and a visibility write on the
-server, so jobs started under the ``lean-history`` patch upsert only what an operator filters
-on: ``KeelState`` when it starts or stops waiting for an answer, cost and tokens once per
-iteration, and everything once at the end. Their phase within an iteration (planning, acting,
-verifying) is in the workflow's current details instead. Runs recorded before the patch
-upserted on every phase change and keep doing so when they replay.
+server, so a job upserts only what an operator filters on: ``KeelState`` when it starts or
+stops waiting for an answer, cost and tokens once per iteration, and everything once at the
+end. Its phase within an iteration (planning, acting, verifying) is in the workflow's current
+details instead.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from workflows import search_attributes as sa
 from workflows.types import JobState, LoopState
 
 RUNNING = "running"
-"""``KeelState`` while a lean-history job works; the client sets it when it starts the job."""
+"""``KeelState`` while a job works; the client sets it when it starts the job."""
 
 
 class Visibility:
@@ -27,26 +26,19 @@ class Visibility:
 
     def __init__(self, state: LoopState) -> None:
         self._s = state
-        self.lean = False
-        """Set once the run has taken the ``lean-history`` patch."""
         self._state = RUNNING
         self._tokens = -1
 
     def phase(self, state: JobState, *, final: bool = False) -> None:
         """The job entered ``state``; upsert if visibility should see it."""
-        if self.lean:
-            self._s.state = state
-            coarse = state if final or state == "waiting_for_input" else RUNNING
-            if coarse != self._state or final:
-                self._upsert(coarse, final=final)
-        elif self._s.state != state or final:  # runs recorded before the lean-history patch
-            self._s.state = state
-            self._upsert(state, final=final)
+        self._s.state = state
+        coarse = state if final or state == "waiting_for_input" else RUNNING
+        if coarse != self._state or final:
+            self._upsert(coarse, final=final)
 
     def iteration_done(self) -> None:
         """An iteration ended without an answer: publish cost and tokens so far."""
-        if self.lean:
-            self._upsert(self._state)
+        self._upsert(self._state)
 
     def _upsert(self, state: str, *, final: bool = False) -> None:
         """One upsert: ``KeelState``, the outcome when final, and usage when it changed."""

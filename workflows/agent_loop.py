@@ -21,11 +21,9 @@ with workflow.unsafe.imports_passed_through():
         Clarification,
         Plan,
         PlanInput,
-        ResolveModelsInput,
         Verdict,
         VerifyInput,
     )
-    from workflows import policies
     from workflows._acting import StepRunner
     from workflows._budget import BudgetExhausted, Ledger
     from workflows._calling import ModelCaller
@@ -55,10 +53,6 @@ MAX_OBSERVATIONS = 16
 """Observations kept in state and prompts; older ones drop off so history stays bounded."""
 MAX_CORRECTIONS = 2
 """Corrective planner calls after invalid output before the job fails with BadModelOutput."""
-LEAN_HISTORY = "lean-history"
-"""Patch: LLM activities choose and price their model (no model-table local activity), and
-search attributes are upserted on coarse state changes and once per iteration, not per phase
-(see ``workflows._visibility``). Runs recorded before it replay the old commands."""
 
 
 @workflow.defn
@@ -108,14 +102,6 @@ class AgentLoopWorkflow:
             self._event("started", f"goal: {self._req.goal[:80]}")
         self._ledger = Ledger(self._req.budget, self._s.counters, self._s.started_at)
         self._calls = ModelCaller(self._req, self._s, self._ledger, self._show_details)
-        if self._s.models is None and workflow.patched(LEAN_HISTORY):
-            self._visibility.lean = True
-        elif self._s.models is None:
-            self._s.models = await workflow.execute_local_activity_method(
-                LLMActivities.resolve_models,
-                ResolveModelsInput(tenant=self._req.tenant, job_id=self._job_id),
-                **workflow.LocalActivityConfig(**policies.CONFIG_READ, summary="resolve models"),
-            )
 
     async def _plan(self) -> Plan:
         while True:
@@ -123,14 +109,12 @@ class AgentLoopWorkflow:
             correction: str | None = None
             for _ in range(MAX_CORRECTIONS + 1):
                 inp = PlanInput(
-                    **self._calls.fields(
-                        "planner", critique=self._s.critique, correction=correction
-                    ),
+                    **self._calls.fields(critique=self._s.critique, correction=correction),
                     allowed_tools=self._req.tools,
                     retrieval_enabled=self._req.docs_dir is not None,
                     may_ask=self._s.counters.questions < self._req.budget.max_questions,
                 )
-                result = await self._calls.call(LLMActivities.plan_step, inp, "planner", "plan")
+                result = await self._calls.call(LLMActivities.plan_step, inp, "plan")
                 if result.plan is not None:
                     break
                 correction = result.invalid_reason or "output did not match the plan schema"
@@ -170,14 +154,14 @@ class AgentLoopWorkflow:
 
     async def _draft(self) -> str:
         self._set_state("verifying")
-        inp = AnswerInput(**self._calls.fields("answerer", critique=self._s.critique))
-        result = await self._calls.call(LLMActivities.draft_answer, inp, "answerer", "answer")
+        inp = AnswerInput(**self._calls.fields(critique=self._s.critique))
+        result = await self._calls.call(LLMActivities.draft_answer, inp, "answer")
         self._s.draft = result.answer
         return result.answer
 
     async def _verify(self, draft: str) -> Verdict:
-        inp = VerifyInput(**self._calls.fields("verifier"), draft=draft)
-        result = await self._calls.call(LLMActivities.verify_draft, inp, "verifier", "verify")
+        inp = VerifyInput(**self._calls.fields(), draft=draft)
+        result = await self._calls.call(LLMActivities.verify_draft, inp, "verify")
         verdict = result.verdict or Verdict(
             passed=False, score=0.0, critique=f"verifier output invalid: {result.invalid_reason}"
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio.common import RetryPolicy
-from temporalio.workflow import ActivityConfig, LocalActivityConfig
+from temporalio.workflow import ActivityConfig
 
 LLM_REQUEST_TIMEOUT_SECONDS = 50.0
 """The openai client's own request timeout; kept inside LLM_CALL's start-to-close timeout so the
@@ -107,11 +107,3 @@ def capped(
             maximum_attempts=attempts,
         )
     return narrowed
-
-
-CONFIG_READ = LocalActivityConfig(
-    # A local activity reading the worker's model roster; no network, so failures are bugs or
-    # deploys in progress.
-    start_to_close_timeout=timedelta(seconds=10),
-    retry_policy=RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(seconds=10)),
-)

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from activities.types import Clarification, ModelRoster, Observation, Usage
+from activities.types import Clarification, Observation, Usage
 
 MAX_GOAL_CHARS = 8000
 IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -175,7 +175,6 @@ class LoopState(BaseModel):
     state: JobState = "queued"
     iteration: int = 0
     started_at: datetime | None = None
-    models: ModelRoster | None = None
     counters: LoopCounters = Field(default_factory=LoopCounters)
     observations: list[Observation] = Field(default_factory=list)
     clarifications: list[Clarification] = Field(default_factory=list)

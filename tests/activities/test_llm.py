@@ -17,7 +17,7 @@ from activities import errors
 from activities.catalog import BUILTIN_TOOLS, tool_schema
 from activities.llm import PLANNER_PROMPT, LLMActivities, LLMConfig
 from activities.store import KeelStore
-from activities.types import AnswerInput, Observation, PlanInput, ResolveModelsInput, VerifyInput
+from activities.types import AnswerInput, Observation, PlanInput, VerifyInput
 from workers.registry import build_deps
 from workflows._budget import CHARS_PER_TOKEN, PROMPT_OVERHEAD_TOKENS
 
@@ -65,14 +65,10 @@ def activities(
 
 
 async def plan_input(acts: LLMActivities) -> PlanInput:
-    roster = await ActivityEnvironment().run(
-        acts.resolve_models, ResolveModelsInput(tenant="t", job_id="j")
-    )
     return PlanInput(
         tenant="t",
         goal="What is 2 + 2?",
         iteration=0,
-        model=roster.planner.model,
         max_output_tokens=300,
         allowed_tools=["calculator"],
     )

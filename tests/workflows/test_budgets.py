@@ -120,15 +120,15 @@ async def test_max_retries_per_tool(client: Client, make_worker, flaky_url: str)
 def test_ledger_hands_the_dollars_left_to_the_call_and_stops_at_zero() -> None:
     start = datetime(2026, 1, 1, tzinfo=UTC)
     ledger = Ledger(Budget(max_tokens=10_000, max_cost_usd=0.01), LoopCounters(), start)
-    afford, usd_left = ledger.reserve_llm_unpriced(2_000, start)
+    afford, usd_left = ledger.reserve_llm(2_000, start)
     assert (afford, usd_left) == (8_000, 0.01)
     assert ledger.counters.steps == 1
     ledger.charge_llm(Usage(prompt_tokens=1_500, completion_tokens=500, cost_usd=0.004))
-    assert ledger.reserve_llm_unpriced(2_000, start) == (6_000, 0.006)
+    assert ledger.reserve_llm(2_000, start) == (6_000, 0.006)
     ledger.charge_llm(Usage(prompt_tokens=10, completion_tokens=10, cost_usd=0.006))
     with pytest.raises(BudgetExhausted) as spent:
-        ledger.reserve_llm_unpriced(100, start)
+        ledger.reserve_llm(100, start)
     assert spent.value.budget == "max_cost_usd"
     with pytest.raises(BudgetExhausted) as tokens:
-        ledger.reserve_llm_unpriced(9_990, start)  # prompt leaves < MIN_OUTPUT_TOKENS
+        ledger.reserve_llm(9_990, start)  # prompt leaves < MIN_OUTPUT_TOKENS
     assert tokens.value.budget == "max_tokens"

@@ -2,11 +2,10 @@
 
 The histories were recorded by the end-to-end tests (``replay_own_history(..., record_as=...)``
 writes one when it is missing). Never re-record one that a running job may still match: when a
-change alters the commands a run issues, put it behind ``workflow.patched``, keep the old files
-under a prefix naming the patch (``before-lean-history.*`` were recorded before the
-``lean-history`` patch and must keep replaying while such runs may exist), and record new ones.
-A change of payload format is kept the same way: ``plain-payloads.*`` were recorded before
-payloads were compressed (``binary/keel-z1``), and must keep reading.
+change alters the commands a run issues, put it behind ``workflow.patched("short-id")``, keep
+the old files under a prefix naming the patch (``before-short-id.happy_path.json``), add the
+prefix to ``PATCHES``, and record new ones. The test then replays both sets, so the old branch
+stays until the patch is retired (README, "Rolling out a new worker build").
 """
 
 from __future__ import annotations
@@ -15,24 +14,45 @@ import base64
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+from temporalio.api.common.v1 import Payload
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 from temporalio.workflow import NondeterminismError
 
-from activities.converter import DATA_CONVERTER
+from activities.converter import DATA_CONVERTER, decompress_payload
 from workers.registry import WORKFLOWS
 
 HISTORY_DIR = Path(__file__).parent / "histories"
 HISTORIES = sorted(HISTORY_DIR.glob("*.json"))
 EXPECTED = {"happy_path", "refine_x2", "budget_exhausted", "ask_answered", "cancelled"}
-PATCHES = ("before-lean-history", "plain-payloads")
-"""Prefixes of histories recorded by older workflow code, or with an older payload format,
-that new code must still replay."""
+PATCHES: tuple[str, ...] = ()
+"""Prefixes of histories recorded by older workflow code that new code must still replay.
+Empty: Keel 0.1 has no patch (``lean-history`` was retired before the first release)."""
 COMPRESSED = base64.b64encode(b"binary/keel-z1").decode()
 """How a compressed payload's encoding reads in a history's JSON."""
+
+RUNNERS: dict[str, WorkflowRunner] = {
+    "sandboxed": SandboxedWorkflowRunner(),
+    "unsandboxed": UnsandboxedWorkflowRunner(),  # how `keel worker` runs workflows by default
+}
+
+
+def load(name: str, data: dict[str, Any] | None = None) -> WorkflowHistory:
+    path = HISTORY_DIR / f"{name}.json"
+    return WorkflowHistory.from_json(name, data or json.loads(path.read_text()))
+
+
+def replayer(runner: WorkflowRunner | None = None, **overrides: Any) -> Replayer:
+    converter = dataclasses.replace(DATA_CONVERTER, **overrides)
+    return Replayer(
+        workflows=WORKFLOWS,
+        data_converter=converter,
+        workflow_runner=runner or UnsandboxedWorkflowRunner(),
+    )
 
 
 def test_every_loop_path_has_a_recorded_history() -> None:
@@ -43,65 +63,61 @@ def test_every_loop_path_has_a_recorded_history() -> None:
 
 
 def test_current_histories_are_lean() -> None:
-    """Current histories carry the patch marker, no local activity, compressed payloads."""
+    """No local activity, no patch marker, and compressed inputs and results."""
     for name in EXPECTED:
         text = (HISTORY_DIR / f"{name}.json").read_text()
-        assert '"core_patch"' in text, name
         assert '"core_local_activity"' not in text, name
+        assert '"core_patch"' not in text, name
         assert COMPRESSED in text, name
-    for name in EXPECTED:
-        old = (HISTORY_DIR / f"before-lean-history.{name}.json").read_text()
-        assert '"core_local_activity"' in old, name
-        plain = (HISTORY_DIR / f"plain-payloads.{name}.json").read_text()
-        assert COMPRESSED not in plain and '"core_patch"' in plain, name
-
-
-RUNNERS: dict[str, WorkflowRunner] = {
-    "sandboxed": SandboxedWorkflowRunner(),
-    "unsandboxed": UnsandboxedWorkflowRunner(),  # how `keel worker` runs workflows by default
-}
 
 
 @pytest.mark.parametrize("runner", RUNNERS.values(), ids=list(RUNNERS))
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_replay(path: Path, runner: WorkflowRunner) -> None:
-    history = WorkflowHistory.from_json(path.stem, json.loads(path.read_text()))
-    replayer = Replayer(workflows=WORKFLOWS, data_converter=DATA_CONVERTER, workflow_runner=runner)
-    await replayer.replay_workflow(history)
+    await replayer(runner).replay_workflow(load(path.stem))
 
 
-async def test_the_patch_is_what_keeps_old_histories_replaying(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Without ``workflow.patched("lean-history")``, a pre-patch history no longer replays.
+async def test_a_changed_command_sequence_fails_replay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replay test can fail: code that schedules the same calls differently is caught.
 
-    The replay tests above can fail: code that takes the new branch unconditionally issues
-    different commands than a pre-patch run recorded, and the replayer says so.
+    The happy path ran its two tool calls together; with one call per wave the workflow would
+    schedule the second only after the first finished, which its history contradicts.
     """
-    from workflows import agent_loop
+    from workflows import _acting
 
-    name = "before-lean-history.happy_path"
-    history = WorkflowHistory.from_json(
-        name, json.loads((HISTORY_DIR / f"{name}.json").read_text())
-    )
-    monkeypatch.setattr(agent_loop.workflow, "patched", lambda _patch_id: True)
-    replayer = Replayer(
-        workflows=WORKFLOWS,
-        data_converter=DATA_CONVERTER,
-        workflow_runner=UnsandboxedWorkflowRunner(),
-    )
+    monkeypatch.setattr(_acting, "MAX_PARALLEL", 1)
     with pytest.raises(NondeterminismError):
-        await replayer.replay_workflow(history)
+        await replayer().replay_workflow(load("happy_path"))
+
+
+def _decompressed(node: Any) -> Any:
+    """A history's JSON with every compressed payload written as plain JSON instead."""
+    if isinstance(node, list):
+        return [_decompressed(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("metadata", {}).get("encoding") == COMPRESSED:
+        payload = Payload(metadata={"encoding": b"binary/keel-z1"})
+        payload.data = base64.b64decode(node["data"])
+        plain = decompress_payload(payload)
+        return {
+            "metadata": {"encoding": base64.b64encode(plain.metadata["encoding"]).decode()},
+            "data": base64.b64encode(plain.data).decode(),
+        }
+    return {key: _decompressed(value) for key, value in node.items()}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+async def test_histories_with_plain_payloads_still_replay(name: str) -> None:
+    """Jobs recorded before payloads were compressed (``json/plain``) read as before."""
+    plain = _decompressed(json.loads((HISTORY_DIR / f"{name}.json").read_text()))
+    assert COMPRESSED not in json.dumps(plain)
+    await replayer().replay_workflow(load(name, plain))
 
 
 async def test_compressed_histories_need_the_codec() -> None:
     """Replay decodes every payload: without Keel's codec a current history cannot be read."""
-    history = WorkflowHistory.from_json(
-        "happy_path", json.loads((HISTORY_DIR / "happy_path.json").read_text())
+    result = await replayer(payload_codec=None).replay_workflow(
+        load("happy_path"), raise_on_replay_failure=False
     )
-    no_codec = dataclasses.replace(DATA_CONVERTER, payload_codec=None)
-    replayer = Replayer(
-        workflows=WORKFLOWS, data_converter=no_codec, workflow_runner=UnsandboxedWorkflowRunner()
-    )
-    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert "Unknown payload encoding binary/keel-z1" in str(result.replay_failure)
