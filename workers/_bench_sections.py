@@ -85,7 +85,7 @@ class BenchConfig:
     so a machine whose speed drifts during the run favours no kind."""
     warmup: int = 5
     sequential: int = 20
-    history_sample: int = 10
+    history_sample: int = 50
     iterations: int = 1000
     output_kib: int = 20
     fleet: list[int] = field(default_factory=lambda: [1, 2, 3])

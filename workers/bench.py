@@ -67,8 +67,13 @@ def bench(
         int, typer.Option(min=1, help="Jobs run one at a time for single-job latency.")
     ] = 20,
     history_sample: Annotated[
-        int, typer.Option(min=1, help="Completed workflows whose history is measured.")
-    ] = 10,
+        int,
+        typer.Option(
+            min=1,
+            help="Completed workflows of each kind whose history is measured, spread over "
+            "the rounds (the count of workflow tasks, and so of events, varies with timing).",
+        ),
+    ] = 50,
     iterations: Annotated[
         int, typer.Option(min=1, max=10_000, help="Iterations of the long job.")
     ] = 1000,
