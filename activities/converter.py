@@ -53,6 +53,10 @@ class KeelPayloadConverter(CompositePayloadConverter):
         super().__init__(*_CONVERTERS)
 
 
+_JSON = b"json/plain"
+_Z1 = b"binary/keel-z1"
+"""The encoding of compressed payloads: ``1`` names the dictionary below."""
+
 _ZDICT_V1 = "".join(
     (
         '"docs_dir":"',
@@ -74,11 +78,11 @@ _ZDICT_V1 = "".join(
         '"attempt":2',
         '"ref":"keel:blob:',
         '"size":',
-        '"events":[{"at":"2026-',
+        '"events":[{"at":"20',
         '"kind":"started","detail":"goal: ',
         '"runs":',
         '"state":{"state":"running","iteration":',
-        '"started_at":"2026-',
+        '"started_at":"20',
         '"counters":{',
         '"retries_by_tool":{',
         '"questions":',
@@ -167,9 +171,8 @@ class CompressionCodec(PayloadCodec):
 
 def compress_payload(payload: Payload) -> Payload:
     """``payload`` as ``binary/keel-z1`` when it is a JSON object that shrinks; else itself."""
-    if payload.metadata.get("encoding") != _JSON or not payload.data.startswith(b"{"):
-        return payload
-    if len(payload.metadata) != 1:
+    plain_object = dict(payload.metadata) == {"encoding": _JSON} and payload.data[:1] == b"{"
+    if not plain_object:
         return payload
     packer = zlib.compressobj(level=6, wbits=-15, zdict=_ZDICT_V1)
     data = packer.compress(payload.data) + packer.flush()
@@ -185,10 +188,6 @@ def decompress_payload(payload: Payload) -> Payload:
     unpacker = zlib.decompressobj(wbits=-15, zdict=_ZDICT_V1)
     data = unpacker.decompress(payload.data) + unpacker.flush()
     return Payload(metadata={"encoding": _JSON}, data=data)
-
-
-_JSON = b"json/plain"
-_Z1 = b"binary/keel-z1"
 
 
 DATA_CONVERTER = DataConverter(
