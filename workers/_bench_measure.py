@@ -14,7 +14,7 @@ import math
 import statistics
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from temporalio.client import Client
 
 from client.jobs import AgentJobs
 from workers._bench_bare import BareWorkflow
+from workers._bench_stack import process_cpu_seconds
 from workflows.types import AgentLoopInput, JobRequest
 
 RunOne = Callable[[str], Awaitable[tuple[str, str]]]
@@ -66,6 +67,10 @@ class Batch:
     latencies: list[float] = field(default_factory=list)
     completed_ids: list[str] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
+    other_cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds other processes (the server, the simulator) used during the batch, by name."""
+    round_rates: list[float] = field(default_factory=list)
+    """Jobs per second of each round absorbed, in order."""
 
     def absorb(self, other: Batch) -> None:
         """Add another batch of the same kind of job (a later round) to this one."""
@@ -75,6 +80,10 @@ class Batch:
         self.latencies += other.latencies
         self.completed_ids += other.completed_ids
         self.outcomes += other.outcomes
+        for name, seconds in other.other_cpu_s.items():
+            self.other_cpu_s[name] = self.other_cpu_s.get(name, 0.0) + seconds
+        if other.wall_s > 0:
+            self.round_rates.append(other.jobs / other.wall_s)
 
     def summary(self) -> dict[str, Any]:
         """The batch's figures, as written to JSON."""
@@ -88,8 +97,14 @@ class Batch:
             "latency_p95_s": percentile(self.latencies, 95),
             "latency_mean_s": statistics.fmean(self.latencies) if self.latencies else None,
             "cpu_s": self.cpu_s,
-            "cpu_ms_per_job": 1000 * self.cpu_s / self.jobs if self.jobs else None,
+            "cpu_ms_per_job": self._per_job(self.cpu_s),
+            **{f"{name}_cpu_ms_per_job": self._per_job(s) for name, s in self.other_cpu_s.items()},
+            "all_cpu_ms_per_job": self._per_job(self.cpu_s + sum(self.other_cpu_s.values())),
+            "round_jobs_per_s": self.round_rates,
         }
+
+    def _per_job(self, seconds: float) -> float | None:
+        return 1000 * seconds / self.jobs if self.jobs else None
 
 
 async def run_batch(
@@ -98,11 +113,13 @@ async def run_batch(
     concurrency: int,
     phase: str,
     advance: Callable[[], None] | None = None,
+    probes: Mapping[str, int] | None = None,
 ) -> Batch:
     """Run ``jobs`` jobs with at most ``concurrency`` in flight; the next starts as one ends.
 
     A job that raises is counted under its exception type in ``outcomes`` instead of stopping
-    the batch, so a broken build shows up in the figures rather than as a traceback.
+    the batch, so a broken build shows up in the figures rather than as a traceback. The CPU
+    each process in ``probes`` (name to PID) used meanwhile goes to ``other_cpu_s``.
     """
     batch = Batch(jobs=jobs)
     counter = itertools.count()
@@ -121,10 +138,15 @@ async def run_batch(
             if advance is not None:
                 advance()
 
+    others = {name: process_cpu_seconds(pid) for name, pid in (probes or {}).items()}
     cpu, wall = time.process_time(), time.perf_counter()
     await asyncio.gather(*(lane() for _ in range(min(concurrency, jobs))))
     batch.wall_s = time.perf_counter() - wall
     batch.cpu_s = time.process_time() - cpu
+    for name, before in others.items():
+        after = process_cpu_seconds((probes or {})[name])
+        if before is not None and after is not None:
+            batch.other_cpu_s[name] = after - before
     return batch
 
 

@@ -9,6 +9,7 @@ and kept, with its path printed, after a failed one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -35,7 +36,13 @@ from rich.table import Table
 from temporalio.client import Client
 
 from workers._bench_sections import BenchConfig, Servers, long_job, overhead, scale
-from workers._bench_stack import Children, start_redis, start_simulator, start_temporal
+from workers._bench_stack import (
+    Children,
+    child_pid,
+    start_redis,
+    start_simulator,
+    start_temporal,
+)
 from workers.devstack import TRANSFER_RPS
 from workers.logs import configure_logging
 
@@ -98,10 +105,12 @@ async def _main(
     with Children(state_dir) as children:
         with err.status("starting Redis and the LLM simulator…"):
             redis_url = os.environ.get("REDIS_URL") or start_redis(children, state_dir)
-            servers = Servers(redis_url=redis_url, sim_url=start_simulator(children))
+            sim_url, sim_pid = start_simulator(children)
+            servers = Servers(redis_url=redis_url, sim_url=sim_url, sim_pid=sim_pid)
         for mode in config.servers:
             with err.status(f"starting the Temporal dev server ({mode})…"):
                 env, temporal_version = await start_temporal(mode, state_dir, rps)
+            mode_servers = dataclasses.replace(servers, temporal_pid=child_pid("temporal"))
             results: dict[str, Any] = {"temporal": temporal_version}
             report["results"][mode] = results
             err.print(f"{mode}: {temporal_version}")
@@ -113,7 +122,7 @@ async def _main(
                     started = time.perf_counter()
                     with _progress(err) as progress:
                         results[name] = await SECTIONS[name](
-                            env.client, config, servers, progress, children
+                            env.client, config, mode_servers, progress, children
                         )
                     err.print(f"{mode} · {name}: done in {time.perf_counter() - started:.1f} s")
                     out.print(TABLES[name](mode, rps, config, results[name]))
@@ -167,6 +176,11 @@ def _f(value: float | None, fmt: str = ",.1f", scale: float = 1.0) -> str:
     return "–" if value is None else format(value * scale, fmt)
 
 
+def _span(values: list[float | None]) -> str:
+    known = [v for v in values if v is not None]
+    return f"{min(known):.2f}–{max(known):.2f}" if known else "–"
+
+
 def _title(section: str, mode: str, rps: int) -> str:
     return f"{section} · server {mode} · transferProcessorMaxPollRPS={rps}"
 
@@ -197,7 +211,10 @@ def _overhead_table(mode: str, rps: int, config: BenchConfig, data: dict[str, An
         ("  markers", "history_markers_bytes_per_job", ",.0f", 1.0),
         ("  the events themselves", "history_events_bytes_per_job", ",.0f", 1.0),
         ("process CPU (s)", "cpu_s", ",.2f", 1.0),
-        ("process CPU per job (ms)", "cpu_ms_per_job", ",.1f", 1.0),
+        ("CPU per job (ms): this process", "cpu_ms_per_job", ",.1f", 1.0),
+        ("  the Temporal server", "server_cpu_ms_per_job", ",.1f", 1.0),
+        ("  the LLM simulator", "simulator_cpu_ms_per_job", ",.1f", 1.0),
+        ("  all three", "all_cpu_ms_per_job", ",.1f", 1.0),
         ("wall (s)", "wall_s", ",.2f", 1.0),
     ]
     columns = [data[name] for name, _ in OVERHEAD_COLUMNS]
@@ -212,13 +229,20 @@ def _overhead_table(mode: str, rps: int, config: BenchConfig, data: dict[str, An
             *(_f(c.get(key), fmt, factor) for c in columns),
             *(_f(r.get(key), ".2f") if key in r else "" for _, r in ratios),
         )
+        if key == "jobs_per_s":
+            table.add_row(
+                "  ratio by round (min–max)",
+                *("" for _ in columns),
+                *(_span(r.get("jobs_per_s_by_round", [])) for _, r in ratios),
+            )
     sandbox = "sandboxed" if data.get("keel_workflow_sandbox") else "unsandboxed"
     table.caption = (
         f"{config.jobs} jobs of each kind in {config.rounds} rounds, the kinds taking turns. "
         "bare: the SDK's default worker (sandboxed); bare-u: unsandboxed, like Keel's worker "
         f"(which runs {sandbox}, as `keel worker` does). History: mean over "
         f"{columns[0].get('history_sampled', 0)} workflows of each kind; CPU: this process "
-        "(its workers and the client)"
+        "(its workers and the client), and the server and simulator processes while each "
+        "kind's rounds ran"
     )
     return table
 

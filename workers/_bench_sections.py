@@ -67,6 +67,8 @@ RATIO_KEYS = (
     "latency_p95_s",
     "single_median_s",
     "cpu_ms_per_job",
+    "server_cpu_ms_per_job",
+    "all_cpu_ms_per_job",
     "history_events_per_job",
     "history_bytes_per_job",
 )
@@ -96,10 +98,18 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class Servers:
-    """Where the benchmark's Redis and LLM simulator listen."""
+    """Where the benchmark's Redis and LLM simulator listen, and the processes to read CPU of."""
 
     redis_url: str
     sim_url: str
+    sim_pid: int | None = None
+    temporal_pid: int | None = None
+    """The dev server of the current --server mode (it changes with the mode)."""
+
+    def cpu_probes(self) -> dict[str, int]:
+        """Processes beside this one whose CPU a batch of jobs also costs, by figure name."""
+        pids = {"server": self.temporal_pid, "simulator": self.sim_pid}
+        return {name: pid for name, pid in pids.items() if pid is not None}
 
 
 def _advance(progress: Progress, task: TaskID) -> Callable[[], None]:
@@ -207,6 +217,7 @@ async def overhead(
                     config.concurrency,
                     f"t{round_no}-",
                     _advance(progress, tasks[name]),
+                    probes=servers.cpu_probes(),
                 )
                 batches[name].absorb(batch)
         singles: dict[str, list[float]] = {name: [] for name in runners}
@@ -226,9 +237,14 @@ async def overhead(
                 | await sample_histories(client, batch.completed_ids, config.history_sample)
             )
     for name in BARE_RUNNERS:
+        keel_rounds, bare_rounds = (
+            figures["keel"]["round_jobs_per_s"],
+            figures[name]["round_jobs_per_s"],
+        )
+        by_round = zip(keel_rounds, bare_rounds, strict=True)
         figures[f"ratio_keel_over_{name}"] = {
             key: ratio(figures["keel"].get(key), figures[name].get(key)) for key in RATIO_KEYS
-        }
+        } | {"jobs_per_s_by_round": [ratio(k, b) for k, b in by_round]}
     figures["keel_workflow_sandbox"] = WorkerSettings().workflow_sandbox
     return figures
 

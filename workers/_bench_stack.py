@@ -123,12 +123,16 @@ def start_redis(children: Children, data_dir: Path) -> str:
     return f"redis://127.0.0.1:{port}/0"
 
 
-def start_simulator(children: Children) -> str:
-    """The project's LLM simulator (zero latency, no faults) as a process; returns its base URL."""
+def start_simulator(children: Children) -> tuple[str, int]:
+    """The project's LLM simulator (zero latency, no faults) as a process.
+
+    Returns:
+        Its base URL and its process ID.
+    """
     port = free_port()
     cmd = [sys.executable, "-m", "workers.cli", "sim-llm", "--port", str(port)]
-    children.start("llm-simulator", cmd, port=port)
-    return f"http://127.0.0.1:{port}/v1"
+    proc = children.start("llm-simulator", cmd, port=port)
+    return f"http://127.0.0.1:{port}/v1", proc.pid
 
 
 async def start_temporal(
@@ -269,6 +273,26 @@ async def wait_for_pollers(
         if time.monotonic() > deadline:
             raise TimeoutError(f"{min(polling)} of {count} workers polling {task_queue}")
         await asyncio.sleep(0.2)
+
+
+def child_pid(name: str) -> int | None:
+    """The newest child process of this one whose command name is ``name`` (None if none).
+
+    How the benchmark finds the dev server ``WorkflowEnvironment`` started, to read its CPU.
+    Reads /proc, so it finds nothing where there is none.
+    """
+    found: list[tuple[int, int]] = []  # (start time in clock ticks since boot, pid)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm = text[text.find("(") + 1 : text.rfind(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        # After "pid (comm)": field 4 (ppid) sits at 1 and field 22 (starttime) at 19.
+        if comm == name and int(fields[1]) == os.getpid():
+            found.append((int(fields[19]), int(stat.parent.name)))
+    return max(found)[1] if found else None
 
 
 def process_cpu_seconds(pid: int) -> float | None:

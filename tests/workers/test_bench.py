@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from workers._bench_measure import HISTORY_PARTS
 from workers._bench_sections import round_sizes
 
@@ -89,6 +91,16 @@ def test_bench_smoke_run_measures_overhead_and_long_job(tmp_path: Path) -> None:
         assert figures["history_bytes_per_job"] > 0
         # Same shape on both sides: plan, four parallel calls, answer, verify.
         assert figures["activities_per_job"] == 7
+        # CPU per job is read for this process and, from /proc, for the server and simulator.
+        assert figures["cpu_ms_per_job"] > 0 and figures["server_cpu_ms_per_job"] > 0
+        assert figures["simulator_cpu_ms_per_job"] >= 0
+        assert math.isclose(
+            figures["all_cpu_ms_per_job"],
+            figures["cpu_ms_per_job"]
+            + figures["server_cpu_ms_per_job"]
+            + figures["simulator_cpu_ms_per_job"],
+        )
+        assert len(figures["round_jobs_per_s"]) == 2 and min(figures["round_jobs_per_s"]) > 0
         parts = {p: figures[f"history_{p}_bytes_per_job"] for p in HISTORY_PARTS}
         assert math.isclose(sum(parts.values()), figures["history_bytes_per_job"]), parts
         assert parts["payloads"] > 0 and parts["events"] > 0
@@ -103,6 +115,12 @@ def test_bench_smoke_run_measures_overhead_and_long_job(tmp_path: Path) -> None:
         for key in ("jobs_per_s", "latency_p50_s", "single_median_s", "history_bytes_per_job"):
             expected = overhead["keel"][key] / overhead[baseline][key]
             assert math.isclose(ratios[key], expected, rel_tol=1e-9), key
+        rounds = zip(
+            overhead["keel"]["round_jobs_per_s"],
+            overhead[baseline]["round_jobs_per_s"],
+            strict=True,
+        )
+        assert ratios["jobs_per_s_by_round"] == pytest.approx([k / b for k, b in rounds])
     assert overhead["keel_workflow_sandbox"] is False
 
     long = results["long"]
