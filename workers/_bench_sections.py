@@ -86,7 +86,7 @@ class BenchConfig:
     """The overhead section's jobs of each kind run in this many rounds, the kinds taking turns,
     so a machine whose speed drifts during the run favours no kind."""
     warmup: int = 5
-    sequential: int = 20
+    sequential: int = 50
     history_sample: int = 50
     iterations: int = 1000
     output_kib: int = 20

@@ -64,8 +64,13 @@ def bench(
     ] = 4,
     warmup: Annotated[int, typer.Option(min=0, help="Uncounted jobs before each run.")] = 5,
     sequential: Annotated[
-        int, typer.Option(min=1, help="Jobs run one at a time for single-job latency.")
-    ] = 20,
+        int,
+        typer.Option(
+            min=1,
+            help="Jobs of each kind run one at a time, the kinds taking turns, for single-job "
+            "latency (the median; one job's time swings with whatever else the machine does).",
+        ),
+    ] = 50,
     history_sample: Annotated[
         int,
         typer.Option(
