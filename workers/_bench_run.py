@@ -35,7 +35,14 @@ from rich.progress import (
 from rich.table import Table
 from temporalio.client import Client
 
-from workers._bench_sections import BenchConfig, Servers, long_job, overhead, scale
+from workers._bench_sections import (
+    OVERHEAD_TARGETS,
+    BenchConfig,
+    Servers,
+    long_job,
+    overhead,
+    scale,
+)
 from workers._bench_stack import (
     Children,
     child_pid,
@@ -242,9 +249,23 @@ def _overhead_table(mode: str, rps: int, config: BenchConfig, data: dict[str, An
         f"(which runs {sandbox}, as `keel worker` does). History: mean over "
         f"{columns[0].get('history_sampled', 0)} workflows of each kind; CPU: this process "
         "(its workers and the client), and the server and simulator processes while each "
-        "kind's rounds ran"
+        "kind's rounds ran.\n" + _targets_line(data)
     )
     return table
+
+
+def _targets_line(data: dict[str, Any]) -> str:
+    """One line per baseline: each overhead target and whether this run met it."""
+    lines = []
+    for name, header in OVERHEAD_COLUMNS[1:]:
+        ratios, met = data.get(f"ratio_keel_over_{name}", {}), data.get(f"targets_vs_{name}", {})
+        cells = [
+            f"{label} {op} {limit:.2f}: {_f(ratios.get(key), '.3f')} "
+            + {True: "[green]met[/green]", False: "[red]missed[/red]", None: "–"}[met.get(key)]
+            for key, (label, op, limit) in OVERHEAD_TARGETS.items()
+        ]
+        lines.append(f"targets vs {header}: " + " · ".join(cells))
+    return "\n".join(lines)
 
 
 def _long_table(mode: str, rps: int, config: BenchConfig, data: dict[str, Any]) -> Table:

@@ -61,6 +61,13 @@ LONG_GOAL = "Fetch {url} with http_get [sim: replan, fail_verify=1000000]"
 """Plans an http_get on every iteration and never passes verification."""
 HISTORY_LIMIT_BYTES = 2_000_000
 """The long job's target: no run's history over 2 MB."""
+OVERHEAD_TARGETS: dict[str, tuple[str, str, float]] = {
+    "jobs_per_s": ("throughput", ">=", 0.9),
+    "single_median_s": ("single-job latency", "<=", 1.1),
+    "history_bytes_per_job": ("history bytes", "<=", 1.5),
+}
+"""The overhead section's targets, as ratios of Keel to each baseline (label, comparison,
+limit): reported with every run, not enforced by the exit code."""
 RATIO_KEYS = (
     "jobs_per_s",
     "latency_p50_s",
@@ -245,8 +252,18 @@ async def overhead(
         figures[f"ratio_keel_over_{name}"] = {
             key: ratio(figures["keel"].get(key), figures[name].get(key)) for key in RATIO_KEYS
         } | {"jobs_per_s_by_round": [ratio(k, b) for k, b in by_round]}
+        figures[f"targets_vs_{name}"] = met_targets(figures[f"ratio_keel_over_{name}"])
     figures["keel_workflow_sandbox"] = WorkerSettings().workflow_sandbox
     return figures
+
+
+def met_targets(ratios: dict[str, Any]) -> dict[str, bool | None]:
+    """Whether each of OVERHEAD_TARGETS was met by these ratios (None when not measured)."""
+    met: dict[str, bool | None] = {}
+    for key, (_, op, limit) in OVERHEAD_TARGETS.items():
+        value = ratios.get(key)
+        met[key] = None if value is None else (value >= limit if op == ">=" else value <= limit)
+    return met
 
 
 def round_sizes(jobs: int, rounds: int) -> list[int]:

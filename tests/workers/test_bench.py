@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from workers._bench_measure import HISTORY_PARTS
-from workers._bench_sections import round_sizes
+from workers._bench_sections import met_targets, round_sizes
 
 JOBS = 6
 ITERATIONS = 6
@@ -28,6 +28,17 @@ def test_rounds_split_the_jobs_evenly() -> None:
     assert round_sizes(6, 4) == [2, 2, 1, 1]
     assert round_sizes(3, 4) == [1, 1, 1]
     assert sum(round_sizes(101, 7)) == 101
+
+
+def test_targets_are_judged_in_the_right_direction() -> None:
+    ratios = {"jobs_per_s": 0.9, "single_median_s": 1.11, "history_bytes_per_job": 1.5}
+    assert met_targets(ratios) == {
+        "jobs_per_s": True,
+        "single_median_s": False,
+        "history_bytes_per_job": True,
+    }
+    assert met_targets({"jobs_per_s": 0.89})["jobs_per_s"] is False
+    assert met_targets({})["history_bytes_per_job"] is None
 
 
 def test_bench_smoke_run_measures_overhead_and_long_job(tmp_path: Path) -> None:
@@ -121,6 +132,7 @@ def test_bench_smoke_run_measures_overhead_and_long_job(tmp_path: Path) -> None:
             strict=True,
         )
         assert ratios["jobs_per_s_by_round"] == pytest.approx([k / b for k, b in rounds])
+        assert overhead[f"targets_vs_{baseline}"] == met_targets(ratios)
     assert overhead["keel_workflow_sandbox"] is False
 
     long = results["long"]
@@ -133,3 +145,4 @@ def test_bench_smoke_run_measures_overhead_and_long_job(tmp_path: Path) -> None:
     assert long["passed"] is True
 
     assert "Overhead" in run.stdout and "PASS" in run.stdout
+    assert "targets vs bare:" in run.stdout and "targets vs bare-u:" in run.stdout
