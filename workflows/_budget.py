@@ -7,6 +7,7 @@ worst case fits what is left, so a job can run out of budget but never overrun i
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
 
 from activities.types import (
@@ -21,6 +22,19 @@ from workflows.types import Budget, BudgetName, LoopCounters
 PROMPT_OVERHEAD_TOKENS = 1500
 """Upper bound on the tokens an LLM activity adds around its input: system prompt and tool
 schemas. A test in tests/activities keeps the real prompts under it."""
+
+
+UNITS_PER_USD = 100_000_000
+"""Keel counts money in hundred-millionths of a dollar (costs are rounded to 8 decimals)."""
+
+
+def _whole_units_below(usd: float) -> float:
+    """``usd`` rounded *down* to whole units, so a call handed it cannot overrun the budget.
+
+    The nudge of a millionth of a unit absorbs float noise (0.01 - 0.004 is 0.005999...) without
+    ever adding a whole unit.
+    """
+    return math.floor(usd * UNITS_PER_USD + 1e-6) / UNITS_PER_USD
 
 
 class BudgetExhausted(Exception):
@@ -79,7 +93,7 @@ class Ledger:
         afford = self.budget.max_tokens - self.counters.usage.total_tokens - prompt_tokens
         if afford < MIN_OUTPUT_TOKENS:
             raise BudgetExhausted("max_tokens")
-        money_left = round(self.budget.max_cost_usd - self.counters.usage.cost_usd, 8)
+        money_left = _whole_units_below(self.budget.max_cost_usd - self.counters.usage.cost_usd)
         if money_left <= 0:
             raise BudgetExhausted("max_cost_usd")
         self.counters.steps += 1

@@ -8,6 +8,8 @@ import json
 import zlib
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from temporalio.api.common.v1 import Payload
 
 from activities.converter import (
@@ -121,3 +123,39 @@ def test_the_wire_format_is_frozen() -> None:
 def test_corrupt_data_is_an_error_not_garbage() -> None:
     with pytest.raises(zlib.error):
         decompress_payload(Payload(metadata={"encoding": Z1}, data=b"not zlib at all"))
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=12), children, max_size=6)
+    ),
+    max_leaves=40,
+)
+
+
+@given(st.dictionaries(st.text(max_size=20), JSON_VALUES, max_size=10))
+def test_any_json_object_survives_the_codec_unchanged(obj: dict[str, object]) -> None:
+    original = Payload(metadata={"encoding": JSON}, data=json.dumps(obj).encode())
+    encoded = compress_payload(original)
+    if encoded is not original:
+        assert encoded.metadata["encoding"] == Z1
+        assert len(encoded.data) + len(Z1) < len(original.data) + len(JSON)
+    assert decompress_payload(encoded) == original
+
+
+@given(
+    st.dictionaries(st.text(min_size=1, max_size=12), st.binary(max_size=20), max_size=3),
+    st.binary(max_size=300),
+)
+def test_any_other_payload_passes_through_both_ways(
+    metadata: dict[str, bytes], data: bytes
+) -> None:
+    if metadata.get("encoding") == Z1:
+        metadata["encoding"] = b"binary/other"
+    original = Payload(metadata=metadata, data=data)
+    assert decompress_payload(compress_payload(original)) == original

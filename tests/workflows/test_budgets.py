@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 from temporalio.client import Client
 
 from activities.types import Usage
@@ -132,3 +134,84 @@ def test_ledger_hands_the_dollars_left_to_the_call_and_stops_at_zero() -> None:
     with pytest.raises(BudgetExhausted) as tokens:
         ledger.reserve_llm(9_990, start)  # prompt leaves < MIN_OUTPUT_TOKENS
     assert tokens.value.budget == "max_tokens"
+
+
+TOOL_NAMES = ("calculator", "http_get", "write_note")
+RETRY_CEILING = 6
+"""The tool policies' own maximum_attempts (workflows/policies.py)."""
+
+OPS = st.lists(
+    st.one_of(
+        # An LLM call: its worst-case prompt, then what it really used as fractions of what the
+        # reservation allowed (a real prompt is at most the estimate; the activity caps output
+        # by the tokens and dollars it was handed).
+        st.tuples(
+            st.just("llm"),
+            st.integers(0, 50_000),
+            st.floats(0, 1),
+            st.floats(0, 1),
+            st.floats(0, 1),
+        ),
+        # A wave of tool calls, and the retries each used of what it was allowed.
+        st.tuples(
+            st.just("tools"),
+            st.integers(1, 8),
+            st.lists(st.tuples(st.sampled_from(TOOL_NAMES), st.floats(0, 1)), max_size=8),
+        ),
+        st.tuples(st.just("wait"), st.floats(0, 600)),
+    ),
+    max_size=40,
+)
+
+
+@given(
+    st.builds(
+        Budget,
+        max_steps=st.integers(1, 60),
+        max_tool_calls=st.integers(1, 30),
+        max_retries_per_tool=st.integers(0, 5),
+        max_tokens=st.integers(1, 300_000),
+        max_seconds=st.floats(1, 3_600),
+        max_cost_usd=st.floats(0.0001, 2),
+    ),
+    OPS,
+)
+# Found by this test: the dollars left were rounded to 8 decimals, up as often as down, so a
+# call could be handed (and spend) 0.16992188 of a 0.169921875 budget.
+@example(Budget(max_cost_usd=0.169921875), [("llm", 0, 0.0, 0.0, 1.0)])
+def test_no_sequence_of_calls_overruns_any_budget(budget: Budget, ops: list[tuple]) -> None:  # type: ignore[type-arg]
+    """The ledger's promise, for any budget and any run: a job may run out, never over."""
+    now = start = datetime(2026, 1, 1, tzinfo=UTC)
+    ledger = Ledger(budget, LoopCounters(), start)
+    for op in ops:
+        try:
+            if op[0] == "llm":
+                _, prompt, used_prompt, used_output, used_money = op
+                afford, usd_left = ledger.reserve_llm(prompt, now)
+                assert now < ledger.deadline()
+                ledger.charge_llm(
+                    Usage(
+                        prompt_tokens=int(prompt * used_prompt),
+                        completion_tokens=int(afford * used_output),
+                        cost_usd=usd_left * used_money,
+                    )
+                )
+            elif op[0] == "tools":
+                _, wanted, calls = op
+                granted, stopped_by = ledger.reserve_tools(wanted, now)
+                assert (stopped_by is None) == (granted == wanted)
+                for tool, share in calls[:granted]:
+                    attempts = ledger.attempts_for(tool, RETRY_CEILING)
+                    assert 1 <= attempts <= RETRY_CEILING
+                    ledger.charge_retries(tool, int((attempts - 1) * share))
+            else:
+                now += timedelta(seconds=op[1])
+        except BudgetExhausted:
+            break  # the workflow ends the job here, with what it has
+        finally:
+            spent = ledger.counters
+            assert spent.steps <= budget.max_steps
+            assert spent.tool_calls <= budget.max_tool_calls
+            assert spent.usage.total_tokens <= budget.max_tokens
+            assert spent.usage.cost_usd <= budget.max_cost_usd + 1e-12  # float noise only
+            assert all(n <= budget.max_retries_per_tool for n in spent.retries_by_tool.values())
