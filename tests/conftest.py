@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import settings
 
 
 def free_port() -> int:
@@ -87,6 +88,9 @@ from activities.converter import DATA_CONVERTER  # noqa: E402
 from activities.llm import LLMConfig  # noqa: E402
 from workers.registry import WORKFLOWS, build_activities, build_deps  # noqa: E402
 from workflows import search_attributes as sa  # noqa: E402
+
+settings.register_profile("thorough", max_examples=5_000)
+"""``pytest --hypothesis-profile=thorough``: fifty times the examples of each property test."""
 
 DEV_SERVER_ARGS = ["--dynamic-config-value", "history.transferProcessorMaxPollRPS=1000"]
 

@@ -138,6 +138,7 @@ JSON_VALUES = st.recursive(
 )
 
 
+@pytest.mark.property
 @given(st.dictionaries(st.text(max_size=20), JSON_VALUES, max_size=10))
 def test_any_json_object_survives_the_codec_unchanged(obj: dict[str, object]) -> None:
     original = Payload(metadata={"encoding": JSON}, data=json.dumps(obj).encode())
@@ -148,6 +149,7 @@ def test_any_json_object_survives_the_codec_unchanged(obj: dict[str, object]) ->
     assert decompress_payload(encoded) == original
 
 
+@pytest.mark.property
 @given(
     st.dictionaries(st.text(min_size=1, max_size=12), st.binary(max_size=20), max_size=3),
     st.binary(max_size=300),

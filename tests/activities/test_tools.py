@@ -6,6 +6,7 @@ Redis is a real redis-server (conftest); HTTP goes to a local http.server on 127
 from __future__ import annotations
 
 import dataclasses
+import math
 import socket
 import threading
 import uuid
@@ -17,6 +18,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
@@ -25,7 +28,7 @@ from activities import errors
 from activities.catalog import BUILTIN_TOOLS, ToolInfo, WriteNoteArgs, tool_schema
 from activities.retrieval import Retriever
 from activities.store import KeelStore
-from activities.tools import ToolActivities, ToolContext, ToolRegistry
+from activities.tools import ToolActivities, ToolContext, ToolRegistry, evaluate_expression
 from activities.types import PREVIEW_CHARS, ToolCall, ToolResult
 
 ALL_TOOLS = ["calculator", "http_get", "write_note", "search_docs"]
@@ -429,3 +432,38 @@ async def test_search_docs_needs_a_docs_folder(
     call = make_call(tenant, "search_docs", {"query": "x"}, docs_dir=str(tmp_path / "missing"))
     err = await fails(acts, call)
     assert err.type == errors.DOCS_NOT_FOUND and err.non_retryable
+
+
+ATOMS = st.one_of(
+    st.integers(-(10**6), 10**6).map(str),
+    st.floats(-1e6, 1e6, allow_nan=False).map(repr),
+    st.sampled_from(["pi", "e", "9", "10 ** 999", "x", "''", "__import__"]),
+)
+
+
+def _combine(parts: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    binary = st.tuples(parts, st.sampled_from(["+", "-", "*", "/", "//", "%", "**"]), parts)
+    call = st.tuples(
+        st.sampled_from(["sqrt", "log", "exp", "sin", "abs", "round", "max", "eval"]),
+        st.lists(parts, min_size=1, max_size=3),
+    )
+    return st.one_of(
+        binary.map(lambda t: f"{t[0]} {t[1]} {t[2]}"),
+        parts.map(lambda p: f"-({p})"),
+        call.map(lambda t: f"{t[0]}({', '.join(t[1])})"),
+    )
+
+
+@pytest.mark.property
+@settings(deadline=500)  # a slow case is a finding: the evaluator must bound its own work
+@given(st.recursive(ATOMS, _combine, max_leaves=12) | st.text(max_size=40))
+def test_the_calculator_answers_any_text_with_a_number_or_a_typed_refusal(text: str) -> None:
+    """A model writes the expression: whatever it writes, no other exception gets out."""
+    try:
+        value = evaluate_expression(text)
+    except ApplicationError as err:
+        assert err.type in (errors.TOOL_INPUT_INVALID, errors.TOOL_FAILED), err
+        assert err.non_retryable
+        return
+    assert isinstance(value, int | float) and not isinstance(value, bool)
+    assert not isinstance(value, float) or math.isfinite(value)

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import event, given
+from hypothesis import strategies as st
 
 from client import AgentJobs, InvalidJobRequest, JobRequest
 from client.jobs import list_query, validate_request
@@ -131,3 +133,43 @@ def test_list_query_combines_filters() -> None:
 async def test_list_refuses_bad_filter_before_touching_the_client(jobs: AgentJobs) -> None:
     with pytest.raises(InvalidJobRequest):
         await jobs.list(state="nope")
+
+
+JOB_FIELDS = st.sampled_from(
+    ["goal", "tenant", "user", "tools", "docs_dir", "budget", "mode", "notify_workflow", "x"]
+)
+ANY_VALUE = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=20), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+BUDGET_VALUES = st.dictionaries(
+    st.sampled_from(["max_steps", "max_tokens", "max_seconds", "max_cost_usd", "nope"]),
+    ANY_VALUE,
+    max_size=3,
+)
+
+
+@pytest.mark.property
+@given(
+    st.dictionaries(JOB_FIELDS, ANY_VALUE | BUDGET_VALUES, max_size=6),
+    st.none() | st.text(min_size=1, max_size=40),
+)
+def test_any_malformed_request_is_refused_with_the_field_at_fault(
+    raw: dict[str, Any], goal: str | None
+) -> None:
+    """Whatever a caller sends, validation answers with a request or a named field."""
+    if goal is not None:  # half the cases have a plausible goal, so others fields get checked
+        raw["goal"] = goal
+    try:
+        request = validate_request(raw)
+    except InvalidJobRequest as err:
+        assert err.field, err
+        top = err.field.split(".")[0].split("[")[0]
+        assert top in raw or top == "goal", (err.field, raw)  # goal is the one required field
+        return
+    event("accepted")
+    assert isinstance(request, JobRequest)
+    assert request.goal == raw["goal"]

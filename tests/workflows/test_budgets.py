@@ -164,6 +164,7 @@ OPS = st.lists(
 )
 
 
+@pytest.mark.property
 @given(
     st.builds(
         Budget,
