@@ -9,7 +9,9 @@ Not workflow code; imports nothing non-deterministic at module level.
 from __future__ import annotations
 
 import email.utils
+import re
 import time
+from collections.abc import Iterable
 from datetime import timedelta
 
 import openai
@@ -63,6 +65,34 @@ NON_RETRYABLE_TYPES = [
 
 _MAX_RETRY_AFTER = 300.0
 
+REDACTED = "[redacted]"
+_MIN_SECRET_CHARS = 8
+_KEY_SHAPED = re.compile(
+    r"\b(?:sk|rk|pk)-[A-Za-z0-9_*-]{6,}"  # OpenAI-style keys, whole or masked as in a 401
+    r"|\b[Bb]earer\s+[A-Za-z0-9._~+/=-]{6,}"  # an echoed Authorization header
+)
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with each of ``secrets`` and anything shaped like an API key replaced.
+
+    Error messages from a vendor or a remote server become activity failures, which Temporal
+    records in history and the worker logs; some endpoints echo the key they were sent (OpenAI
+    echoes a masked one on 401), so nothing of it may pass through.
+
+    Args:
+        text: Untrusted text on its way to history or a log.
+        secrets: Exact values to remove (the worker's own keys). Values under 8 characters are
+            not keys anyone could use, and replacing them would shred ordinary words.
+
+    Returns:
+        The text with every match replaced by ``[redacted]``.
+    """
+    for secret in secrets:
+        if len(secret) >= _MIN_SECRET_CHARS:
+            text = text.replace(secret, REDACTED)
+    return _KEY_SHAPED.sub(REDACTED, text)
+
 
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), capped at 300 s.
@@ -91,6 +121,7 @@ def classify_http_status(
     message: str,
     *,
     retry_after: str | None = None,
+    secrets: Iterable[str] = (),
     transient_type: str,
     rate_limited_type: str,
     rejected_type: str,
@@ -103,8 +134,9 @@ def classify_http_status(
 
     Args:
         status: The HTTP status code.
-        message: Human-readable detail; must not contain secrets.
+        message: Human-readable detail from the other side; redacted here (see ``redact``).
         retry_after: The Retry-After header, if any.
+        secrets: The caller's own keys, removed from ``message`` wherever they appear.
         transient_type: Error type for 5xx.
         rate_limited_type: Error type for 408/409/429.
         rejected_type: Error type for other 4xx.
@@ -113,7 +145,7 @@ def classify_http_status(
     Returns:
         The error to raise.
     """
-    detail = f"HTTP {status}: {message}"[:500]
+    detail = f"HTTP {status}: {redact(message, secrets)}"[:500]
     if status in (408, 409, 429):
         delay = parse_retry_after(retry_after)
         return ApplicationError(
@@ -128,11 +160,12 @@ def classify_http_status(
     return ApplicationError(detail, type=rejected_type, non_retryable=True)
 
 
-def from_openai(err: openai.OpenAIError) -> ApplicationError:
+def from_openai(err: openai.OpenAIError, secrets: Iterable[str] = ()) -> ApplicationError:
     """Classify an error from the ``openai`` client (the one helper for that provider).
 
     Args:
         err: What the client raised.
+        secrets: The client's API key (and any other), kept out of the message.
 
     Returns:
         The ApplicationError to raise from the activity.
@@ -142,6 +175,7 @@ def from_openai(err: openai.OpenAIError) -> ApplicationError:
             err.status_code,
             err.message,
             retry_after=err.response.headers.get("retry-after"),
+            secrets=secrets,
             transient_type=LLM_TRANSIENT,
             rate_limited_type=LLM_RATE_LIMITED,
             rejected_type=LLM_REJECTED,
@@ -150,7 +184,11 @@ def from_openai(err: openai.OpenAIError) -> ApplicationError:
     if isinstance(err, openai.APITimeoutError):
         return ApplicationError("model request timed out", type=LLM_TRANSIENT)
     if isinstance(err, openai.APIConnectionError):
-        return ApplicationError(f"cannot reach the model endpoint: {err}", type=LLM_TRANSIENT)
+        return ApplicationError(
+            f"cannot reach the model endpoint: {redact(str(err), secrets)}", type=LLM_TRANSIENT
+        )
     return ApplicationError(
-        f"{type(err).__name__}: {err}"[:500], type=LLM_REJECTED, non_retryable=True
+        f"{type(err).__name__}: {redact(str(err), secrets)}"[:500],
+        type=LLM_REJECTED,
+        non_retryable=True,
     )

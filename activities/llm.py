@@ -222,7 +222,7 @@ class LLMActivities:
             response = await self._post(body)
             usage = _usage(self._config.price(model), response.usage)
             log.info(
-                "llm call",
+                "llm.called",
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
             )
@@ -256,13 +256,11 @@ class LLMActivities:
                 )
             return _Completion.model_validate_json(raw)
         except openai.OpenAIError as err:
-            failure = from_openai(err)
-            log.warning(
-                "llm call failed", error_type=failure.type, retryable=not failure.non_retryable
-            )
+            failure = from_openai(err, secrets=(self._client.api_key,))
+            log.warning("llm.failed", error_type=failure.type, retryable=not failure.non_retryable)
             raise failure from None
         except ValidationError as err:
-            log.warning("llm call returned a malformed body", error_type=errors.LLM_TRANSIENT)
+            log.warning("llm.malformed_body", error_type=errors.LLM_TRANSIENT)
             raise ApplicationError(
                 f"malformed chat completion: {err.error_count()} error(s)",
                 type=errors.LLM_TRANSIENT,
@@ -285,7 +283,7 @@ class LLMActivities:
         elif spare_usd < 0:
             cap = 0
         if cap < MIN_OUTPUT_TOKENS:
-            log.info("llm call refused by cost budget", usd_left=inp.max_cost_usd)
+            log.info("llm.refused_by_budget", usd_left=inp.max_cost_usd)
             raise ApplicationError(
                 f"max_cost_usd: ${inp.max_cost_usd:.6f} left cannot pay for a {model} call "
                 f"of ~{prompt_tokens} prompt tokens and {MIN_OUTPUT_TOKENS} output tokens",

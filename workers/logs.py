@@ -1,7 +1,8 @@
 """structlog configuration for every Keel process: JSON when not on a terminal, always stderr.
 
 Activities bind ``job_id`` and ``tenant`` with ``structlog.contextvars``; the SDK's own
-``temporalio`` loggers go through the same renderer.
+``temporalio`` loggers go through the same renderer, with the activity or workflow they speak of
+lifted from the record into fields (``job_id``, ``activity``, ``attempt``), not left in the text.
 """
 
 from __future__ import annotations
@@ -10,6 +11,27 @@ import logging
 import sys
 
 import structlog
+import temporalio.activity
+import temporalio.workflow
+
+_TEMPORAL_EXTRAS = ("temporal_activity", "temporal_workflow")
+"""Where the SDK's logger adapters put the activity's or workflow's details on a log record."""
+
+
+def _temporal_fields(
+    _logger: object, _name: str, event_dict: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """Give an SDK log record the job it is about: the workflow ID is Keel's job ID."""
+    record = event_dict.get("_record")
+    for extra in _TEMPORAL_EXTRAS:
+        details = getattr(record, extra, None)
+        if isinstance(details, dict):
+            event_dict.setdefault("job_id", details.get("workflow_id"))
+            if "activity_type" in details:
+                event_dict.setdefault("activity", details["activity_type"])
+            event_dict.setdefault("attempt", details.get("attempt"))
+            break
+    return event_dict
 
 
 def configure_logging(level: str = "INFO", *, json_logs: bool | None = None) -> None:
@@ -27,6 +49,10 @@ def configure_logging(level: str = "INFO", *, json_logs: bool | None = None) -> 
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    # The SDK appends the same details to every message as a dict's repr; as fields they can be
+    # filtered on, and the message stays one line of text.
+    temporalio.activity.logger.activity_info_on_message = False
+    temporalio.workflow.logger.workflow_info_on_message = False
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if json_logs
@@ -46,7 +72,7 @@ def configure_logging(level: str = "INFO", *, json_logs: bool | None = None) -> 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
+            foreign_pre_chain=[*shared, _temporal_fields],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,

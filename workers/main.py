@@ -15,6 +15,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import structlog
 from temporalio.client import Client
 from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
@@ -73,6 +74,11 @@ def build_worker(
     )
 
 
+def loggable_url(url: str) -> str:
+    """``url`` without what may be a credential: user, password, query and fragment."""
+    return str(httpx.URL(url).copy_with(username=None, password=None, query=None, fragment=None))
+
+
 def workflow_runner(settings: WorkerSettings) -> WorkflowRunner:
     """Temporal's sandbox only when ``KEEL_WORKFLOW_SANDBOX`` asks for it (see the setting)."""
     return SandboxedWorkflowRunner() if settings.workflow_sandbox else UnsandboxedWorkflowRunner()
@@ -105,7 +111,7 @@ async def export_fleet_gauges(
                 age.with_additional_attributes(labels).set(q.backlog_age_seconds)
                 pollers.with_additional_attributes(labels).set(len(q.pollers))
         except Exception as err:  # noqa: BLE001 - metrics must never take a worker down
-            log.warning("fleet metrics failed", error=str(err))
+            log.warning("fleet_metrics.failed", error=str(err))
         await asyncio.sleep(every)
 
 
@@ -144,10 +150,10 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event | None = None
             export_fleet_gauges(client, runtime, settings.queues(), settings.metrics_poll_seconds)
         )
     log.info(
-        "worker started",
+        "worker.started",
         task_queues=settings.queues(),
         identity=workers[0].config().get("identity"),
-        llm_endpoint=settings.openai_base_url,
+        llm_endpoint=loggable_url(settings.openai_base_url),
         metrics_port=settings.metrics_port,
         build_id=settings.build_id,
     )
@@ -155,7 +161,7 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event | None = None
     stopping = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait([*running, stopping], return_when=asyncio.FIRST_COMPLETED)
-        log.info("worker stopping", grace_seconds=settings.graceful_shutdown_seconds)
+        log.info("worker.stopping", grace_seconds=settings.graceful_shutdown_seconds)
         # Every queue stops polling at once; running activities drain in parallel.
         await asyncio.gather(*(w.shutdown() for w in workers), return_exceptions=True)
         failures = [r for r in await asyncio.gather(*running, return_exceptions=True) if r]
@@ -166,4 +172,4 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event | None = None
         if gauges is not None:
             gauges.cancel()
         await deps.aclose()
-        log.info("worker stopped")
+        log.info("worker.stopped")

@@ -128,9 +128,14 @@ class _SimState:
             self.faults[random_fault] += 1
         return random_fault
 
-    async def fault_response(self, fault: str) -> JSONResponse:
-        """The HTTP error of an injected fault (``timeout`` stalls first)."""
+    async def fault_response(self, fault: str, api_key: str = "") -> JSONResponse:
+        """The HTTP error of an injected fault (``timeout`` stalls first).
+
+        A 401 names the key it was sent, masked, as OpenAI's does: a client must not pass it on.
+        """
         status, type_, code, message = _ERRORS[fault]
+        if fault == "401":
+            message = f"Incorrect API key provided: {_masked(api_key)} (simulated)."
         headers = None
         if fault == "429":
             headers = {"Retry-After": f"{self.config.retry_after_seconds:g}"}
@@ -138,8 +143,8 @@ class _SimState:
             await asyncio.sleep(self.config.timeout_seconds)
         return _error(status, message, type_, code, headers)
 
-    async def chat(self, body: dict[str, Any]) -> Response:
-        """Answer ``POST /v1/chat/completions``."""
+    async def chat(self, body: dict[str, Any], api_key: str = "") -> Response:
+        """Answer ``POST /v1/chat/completions``; ``api_key`` is the bearer token it came with."""
         if body.get("stream"):
             raise _SimError(400, "streaming not supported by the simulator", _INVALID, "stream")
         messages = body.get("messages")
@@ -155,7 +160,7 @@ class _SimState:
         if fault in ("malformed", "malformed_plan"):
             content, call = logic.MALFORMED_CONTENT, None
         elif fault:
-            return await self.fault_response(fault)
+            return await self.fault_response(fault, api_key)
         return JSONResponse(self._completion(body, messages, content, call, reply.directives))
 
     def _completion(
@@ -296,6 +301,16 @@ def _reply(body: dict[str, Any], messages: list[dict[str, Any]], config: SimConf
     return _Reply(kind, raw_goal, directives, content, call)
 
 
+def _masked(key: str) -> str:
+    """A key as OpenAI's 401 shows it: the first three and last four characters."""
+    return f"{key[:3]}{'*' * (len(key) - 7)}{key[-4:]}" if len(key) > 10 else "***"
+
+
+def _bearer(request: Request) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 def _model(model_id: str) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": 0, "owned_by": "keel-sim"}
 
@@ -324,7 +339,7 @@ def create_app(config: SimConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await state.chat(await _json_body(request))
+        return await state.chat(await _json_body(request), _bearer(request))
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:

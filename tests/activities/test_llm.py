@@ -42,7 +42,7 @@ def completion(content: str, finish: str = "stop") -> dict[str, Any]:
 
 
 def activities(
-    handler: Handler, store: KeelStore | None = None
+    handler: Handler, store: KeelStore | None = None, api_key: str = "k"
 ) -> tuple[LLMActivities, list[httpx.Request]]:
     seen: list[httpx.Request] = []
 
@@ -51,7 +51,7 @@ def activities(
         return handler(request)
 
     client = openai.AsyncOpenAI(
-        api_key="k",
+        api_key=api_key,
         base_url="http://llm.test/v1",
         max_retries=0,
         http_client=httpx.AsyncClient(transport=httpx.MockTransport(record)),
@@ -137,6 +137,32 @@ async def test_http_errors_are_classified(
     assert raised.value.non_retryable is non_retryable
     assert raised.value.next_retry_delay == delay
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize(
+    "echo",
+    [
+        "Incorrect API key provided: {key}.",  # a proxy that echoes the whole key
+        "Incorrect API key provided: sk-liv**********************wxyz.",  # OpenAI masks it
+        "upstream said: Authorization: Bearer {key}",
+    ],
+)
+async def test_an_echoed_key_never_reaches_the_failure(echo: str) -> None:
+    key = "sk-live-0123456789abcdefwxyz"
+    body = {"error": {"message": echo.format(key=key), "type": "invalid_request_error"}}
+    acts, _ = activities(lambda _: httpx.Response(401, json=body), api_key=key)
+    with pytest.raises(ApplicationError) as raised:
+        await ActivityEnvironment().run(acts.plan_step, await plan_input(acts))
+    message = str(raised.value)
+    assert raised.value.type == errors.LLM_AUTH
+    assert errors.REDACTED in message
+    assert key not in message and "wxyz" not in message and "0123456789" not in message
+
+
+def test_redact_leaves_ordinary_text_and_short_values_alone() -> None:
+    text = "skip-the-task: risk-free desk; token budget 500"
+    assert errors.redact(text, secrets=("k", "", "task")) == text
+    assert errors.redact("key=my-very-own-secret!", ("my-very-own-secret",)) == "key=[redacted]!"
 
 
 async def test_timeouts_and_connection_errors_are_retryable() -> None:

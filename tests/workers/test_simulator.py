@@ -190,6 +190,11 @@ async def test_429_carries_retry_after_and_auth_and_bad_request(llm: AsyncOpenAI
     assert limited.value.body["code"] == "rate_limit_exceeded"
     with pytest.raises(openai.AuthenticationError):
         await keel(llm, "keel_answer", {"goal": "g [sim: fault=401]"})
+    # Like OpenAI's, a 401 names the key it was sent, masked; Keel must not pass that on.
+    keyed = llm.with_options(api_key="sk-simulated-0123456789-wxyz")
+    with pytest.raises(openai.AuthenticationError) as denied:
+        await keel(keyed, "keel_answer", {"goal": "g [sim: fault=401]"})
+    assert "sk-*********************wxyz" in denied.value.message
     with pytest.raises(openai.BadRequestError):
         await keel(llm, "keel_answer", {"goal": "g [sim: fault=400]"})
     with pytest.raises(openai.BadRequestError, match="streaming not supported"):
