@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 
 from client.cli import app
-from workers.logs import configure_logging
+from workers.logs import configure_logging, loggable_url
 
 if TYPE_CHECKING:  # imported where used: the dev stack is not needed by most commands
     from workers.devstack import DevStack
@@ -271,11 +271,13 @@ def _start(stack: DevStack) -> None:
 def _print_stack(stack: DevStack) -> None:
     env = stack.env()
     console.print(f"[bold]Temporal[/bold]  grpc {stack.temporal_address}   UI {stack.ui_url}")
-    console.print(f"[bold]Redis[/bold]     {env['REDIS_URL']}")
+    console.print(f"[bold]Redis[/bold]     {loggable_url(env['REDIS_URL'])}")
     llm = env.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_BASE_URL", "OpenAI")
     console.print(f"[bold]LLM[/bold]       {llm}")
     console.print(f"[bold]Codec[/bold]     {stack.codec_url} (the UI decodes payloads with it)")
-    console.print("In another shell: " + "; ".join(f"export {k}={v}" for k, v in env.items()))
+    # A REDIS_URL of the caller's own is already in their environment and may hold a password.
+    exports = {k: v for k, v in env.items() if k != "REDIS_URL" or stack.redis_url is None}
+    console.print("In another shell: " + "; ".join(f"export {k}={v}" for k, v in exports.items()))
 
 
 from workers.bench import bench as _bench  # noqa: E402

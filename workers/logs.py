@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 
+import httpx
 import structlog
 import temporalio.activity
 import temporalio.workflow
@@ -85,3 +86,15 @@ def configure_logging(level: str = "INFO", *, json_logs: bool | None = None) -> 
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def loggable_url(url: str) -> str:
+    """``url`` without what may be a credential (user, password, query, fragment), to show.
+
+    Args:
+        url: An endpoint from the environment, such as ``OPENAI_BASE_URL`` or ``REDIS_URL``.
+
+    Returns:
+        Scheme, host, port and path only.
+    """
+    return str(httpx.URL(url).copy_with(username=None, password=None, query=None, fragment=None))

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-import httpx
 import structlog
 from temporalio.client import Client
 from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
@@ -31,6 +30,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from client.connect import connect
 from client.fleet import describe_fleet
+from workers.logs import loggable_url
 from workers.registry import WORKFLOWS, build_activities, build_deps
 from workers.settings import WorkerSettings
 
@@ -72,11 +72,6 @@ def build_worker(
         identity=settings.identity,
         **tuning,
     )
-
-
-def loggable_url(url: str) -> str:
-    """``url`` without what may be a credential: user, password, query and fragment."""
-    return str(httpx.URL(url).copy_with(username=None, password=None, query=None, fragment=None))
 
 
 def workflow_runner(settings: WorkerSettings) -> WorkflowRunner:

@@ -14,7 +14,8 @@ from pathlib import Path
 import redis
 
 from tests.conftest import free_port
-from workers.devstack import port_open
+from workers.cli import _print_stack, console
+from workers.devstack import DevStack, port_open
 
 
 def keel(*args: str, env: dict[str, str] | None = None, timeout: float = 180):  # type: ignore[no-untyped-def]
@@ -76,3 +77,14 @@ def test_demo_then_dev_restart_keeps_jobs_and_notes(tmp_path: Path) -> None:
         dev.wait(timeout=60)
     assert dev.returncode == 0
     assert not any(port_open(p) for p in ports.values()), "dev left something running"
+
+
+def test_the_stack_banner_never_shows_a_redis_password(tmp_path: Path) -> None:
+    own = DevStack(state_dir=tmp_path, redis_url="redis://:hunter2-pass@redis.internal:6380/0")
+    started = DevStack(state_dir=tmp_path, redis_port=6390)
+    with console.capture() as shown:
+        _print_stack(own)
+    assert "redis.internal:6380/0" in shown.get() and "hunter2" not in shown.get()
+    with console.capture() as shown:
+        _print_stack(started)
+    assert "export REDIS_URL=redis://127.0.0.1:6390/0" in shown.get()

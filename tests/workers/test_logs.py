@@ -21,7 +21,7 @@ from activities.converter import DATA_CONVERTER
 from client import AgentJobs, JobFailed, JobRequest
 from tests.conftest import unique
 from tests.workers.conftest import GRACE_SECONDS, StartWorker, wait_polling
-from workers.main import loggable_url
+from workers.logs import loggable_url
 
 SUFFIX = "QZXW"
 """The key's last four characters, which a masked key shows; never in a hex job ID."""
