@@ -1,4 +1,5 @@
-"""Durability: kill -9 a worker mid-job, start another; nothing is lost or done twice."""
+"""Durability: kill -9 a worker mid-job, or restart the Temporal server under a running worker;
+nothing is lost or done twice."""
 
 from __future__ import annotations
 
@@ -7,14 +8,24 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from temporalio.testing import WorkflowEnvironment
 
 from client import AgentJobs, JobRequest
-from tests.conftest import unique, worker_process_env
+from tests.conftest import free_port, start_dev_server, unique, worker_process_env
 
 JOBS = 6
+
+
+async def until_acting(jobs: AgentJobs, ids: list[str]) -> None:
+    """Return once some job is in its act phase (or just past it), so tool calls are in flight."""
+    while True:
+        states = [(await jobs.status(j)).state for j in ids]
+        if "acting" in states or "verifying" in states:
+            return
+        await asyncio.sleep(0.05)
 
 
 def start_worker(env: WorkflowEnvironment, task_queue: str, redis_url: str, sim_url: str):  # type: ignore[no-untyped-def]
@@ -46,14 +57,7 @@ async def test_kill_9_mid_job_completes_every_job_with_notes_written_once(
         ]
 
         # Kill as soon as some job is in its act phase, so notes are in flight.
-        async def some_job_acting() -> None:
-            while True:
-                states = [(await jobs.status(j)).state for j in ids]
-                if "acting" in states or "verifying" in states:
-                    return
-                await asyncio.sleep(0.05)
-
-        await asyncio.wait_for(some_job_acting(), 60)
+        await asyncio.wait_for(until_acting(jobs, ids), 60)
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
         second = start_worker(env, task_queue, redis_url, sim_url)
@@ -68,3 +72,38 @@ async def test_kill_9_mid_job_completes_every_job_with_notes_written_once(
     notes = await redis_client.lrange(f"keel:notes:{tenant}", 0, -1)
     per_job = Counter(op_key.rsplit(":", 2)[0] for op_key in notes)
     assert per_job == Counter(dict.fromkeys(ids, 1))
+
+
+async def test_a_server_restart_under_a_running_worker_loses_no_job(
+    tmp_path: Path, redis_url: str, sim_url: str, redis_client: aioredis.Redis
+) -> None:
+    """The server (SQLite file) stops mid-job and comes back on the same address; the worker,
+    left running, reconnects by itself and every job completes with its note written once."""
+    database, port = str(tmp_path / "temporal.db"), free_port()
+    server = await start_dev_server(dev_server_database_filename=database, port=port)
+    task_queue, tenant = unique("tq-restart"), unique("restart")
+    worker = start_worker(server, task_queue, redis_url, sim_url)
+    try:
+        jobs = AgentJobs(server.client, task_queue=task_queue)
+        request = JobRequest(
+            goal="Write a note about the restart with write_note [sim: slow=300]",
+            tenant=tenant,
+            tools=["write_note"],
+        )
+        ids = [await jobs.start(request) for _ in range(3)]
+        await asyncio.wait_for(until_acting(jobs, ids), 60)
+        await server.shutdown()
+        await asyncio.sleep(1)
+        server = await start_dev_server(dev_server_database_filename=database, port=port)
+        jobs = AgentJobs(server.client, task_queue=task_queue)
+        results = await asyncio.gather(*(jobs.result(j, timeout=180) for j in ids))
+        assert worker.poll() is None, "the worker exited while the server was away"
+    finally:
+        if worker.poll() is None:
+            worker.terminate()
+            worker.wait(timeout=30)
+        await server.shutdown()
+
+    assert [r.outcome for r in results] == ["completed"] * len(ids)
+    notes = await redis_client.lrange(f"keel:notes:{tenant}", 0, -1)
+    assert Counter(op_key.rsplit(":", 2)[0] for op_key in notes) == Counter(dict.fromkeys(ids, 1))
