@@ -65,16 +65,25 @@ class KeelStore:
         self._write_note_once = client.register_script(_WRITE_NOTE_ONCE)
 
     @classmethod
-    def from_url(cls, url: str) -> KeelStore:
+    def from_url(cls, url: str, *, timeout_seconds: float = 5.0) -> KeelStore:
         """Build a store with its own client.
 
         Args:
             url: A ``redis://`` URL.
+            timeout_seconds: The longest wait to connect or for any reply. A Redis that hangs
+                (a partition drops packets rather than refusing them) then fails the attempt,
+                which Temporal retries, instead of holding it until its start-to-close timeout.
 
         Returns:
             A store whose client decodes responses as UTF-8; close it with ``aclose``.
         """
-        return cls(aioredis.Redis.from_url(url, decode_responses=True))
+        client = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=timeout_seconds,
+            socket_timeout=timeout_seconds,
+        )
+        return cls(client)
 
     async def aclose(self) -> None:
         """Close the underlying client and its connections."""

@@ -66,7 +66,7 @@ def worker(
     ] = None,
 ) -> None:
     """Run a worker until SIGTERM or Ctrl-C; start as many as you like, anywhere."""
-    from workers.main import run_worker
+    from workers.main import RedisUnavailable, run_worker
     from workers.settings import WorkerSettings
 
     configure_logging()
@@ -94,6 +94,9 @@ def worker(
         asyncio.run(run_worker(settings))
     except ConnectionFailed as err:
         console.print(f"[red]error:[/red] {err.message}")
+        raise typer.Exit(1) from None
+    except RedisUnavailable as err:
+        console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(1) from None
 
 

@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
+from redis.exceptions import RedisError
 from temporalio.client import Client
 from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
@@ -40,6 +41,10 @@ BEHAVIORS = {
     "auto_upgrade": VersioningBehavior.AUTO_UPGRADE,
     "pinned": VersioningBehavior.PINNED,
 }
+
+
+class RedisUnavailable(RuntimeError):
+    """Redis did not answer when the worker started; nothing was polled."""
 
 
 def build_worker(
@@ -136,7 +141,14 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event | None = None
         http_allowed_hosts=settings.allowed_hosts(),
         http_max_bytes=settings.http_max_bytes,
     )
-    await deps.store.ping()
+    try:
+        await deps.store.ping()
+    except RedisError as err:
+        await deps.aclose()
+        raise RedisUnavailable(
+            f"cannot reach Redis at {loggable_url(settings.redis_url)} ({err}); "
+            "start one with `keel dev`, or set REDIS_URL"
+        ) from None
     activities = build_activities(deps)
     workers = [build_worker(client, settings, activities, q) for q in settings.queues()]
     gauges = None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from activities.store import KeelStore
 from activities.types import ToolResult
@@ -33,6 +35,26 @@ async def test_from_url_owns_its_client(redis_url: str, tenant: str) -> None:
         assert await store.get_blob(ref) == "payload"
     finally:
         await store.aclose()
+
+
+async def test_a_redis_that_hangs_fails_the_call_in_time() -> None:
+    """A server that accepts connections and never answers, like Redis behind a partition."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = KeelStore.from_url(f"redis://127.0.0.1:{port}/0", timeout_seconds=0.3)
+    started = time.monotonic()
+    try:
+        with pytest.raises(RedisTimeout):  # not asyncio's, which would mean the store hung
+            await asyncio.wait_for(store.ping(), 10)
+    finally:
+        await store.aclose()
+        server.close()
+    assert time.monotonic() - started < 5  # a few timed-out attempts at most, never a hang
 
 
 async def test_blob_round_trip_with_ttl(
