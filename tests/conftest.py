@@ -86,7 +86,7 @@ from temporalio.worker import Worker  # noqa: E402
 
 from activities.converter import DATA_CONVERTER  # noqa: E402
 from activities.llm import LLMConfig  # noqa: E402
-from workers.registry import WORKFLOWS, build_activities, build_deps  # noqa: E402
+from workers.registry import INTERCEPTORS, WORKFLOWS, build_activities, build_deps  # noqa: E402
 from workflows import search_attributes as sa  # noqa: E402
 
 settings.register_profile("thorough", max_examples=5_000)
@@ -207,6 +207,7 @@ def make_worker(redis_url: str, sim_url: str) -> WorkerFactory:
             task_queue=task_queue or f"tq-{uuid.uuid4()}",
             workflows=WORKFLOWS,
             activities=build_activities(deps),
+            interceptors=INTERCEPTORS,
             **worker_kwargs,
         )
         try:

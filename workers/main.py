@@ -32,7 +32,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 from client.connect import connect
 from client.fleet import describe_fleet
 from workers.logs import loggable_url
-from workers.registry import WORKFLOWS, build_activities, build_deps
+from workers.registry import INTERCEPTORS, WORKFLOWS, build_activities, build_deps
 from workers.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
@@ -73,6 +73,7 @@ def build_worker(
         workflow_runner=workflow_runner(settings),
         workflows=WORKFLOWS,
         activities=activities,
+        interceptors=INTERCEPTORS,
         graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
         identity=settings.identity,
         **tuning,

@@ -1,6 +1,6 @@
-"""What a Keel worker runs: the workflow list and the activity set, built from dependencies.
+"""What a Keel worker runs: workflows, activities built from dependencies, interceptors.
 
-Tests build workers from these same two names, so a worker in a test runs exactly what a
+Tests build workers from these same names, so a worker in a test runs exactly what a
 production worker runs.
 """
 
@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import openai
+from temporalio.worker import Interceptor
 
+from activities._backoff import JitteredBackoff
 from activities.llm import LLMActivities, LLMConfig
 from activities.retrieval import RetrievalActivities, Retriever
 from activities.store import KeelStore
@@ -19,6 +21,8 @@ from activities.tools import ToolActivities, ToolRegistry
 from workflows.agent_loop import AgentLoopWorkflow
 
 WORKFLOWS: list[type] = [AgentLoopWorkflow]
+INTERCEPTORS: list[Interceptor] = [JitteredBackoff()]
+"""Every retryable activity failure waits a jittered interval before its next attempt."""
 
 
 @dataclass

@@ -28,14 +28,15 @@ LLM_CALL = ActivityConfig(
     start_to_close_timeout=timedelta(seconds=60),
     # The activity heartbeats every 2 s; a worker killed mid-call is noticed in 10 s.
     heartbeat_timeout=timedelta(seconds=10),
-    # Five attempts with jittered backoff ride out a provider brown-out of a minute or two
-    # without stalling a job for long; Retry-After on 429 overrides the interval.
+    # Ten attempts ride out a provider brown-out of one to two and a half minutes: the worker
+    # jitters each wait into the upper half of 1, 2, 4 ... 30 s (activities/_backoff.py), so
+    # jobs that failed together do not retry together; Retry-After on 429 is a floor instead.
     schedule_to_close_timeout=timedelta(minutes=5),
     retry_policy=RetryPolicy(
-        initial_interval=timedelta(milliseconds=500),
+        initial_interval=timedelta(seconds=1),
         backoff_coefficient=2.0,
         maximum_interval=timedelta(seconds=30),
-        maximum_attempts=5,
+        maximum_attempts=10,
     ),
 )
 

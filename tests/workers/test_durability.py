@@ -131,12 +131,13 @@ def redis_server(port: int, data: Path) -> subprocess.Popen[bytes]:
 async def test_a_redis_outage_mid_job_delays_jobs_but_loses_none(
     env: WorkflowEnvironment, start_worker: StartWorker, tmp_path: Path
 ) -> None:
-    """Redis goes away while jobs are about to write their notes and is back 3 s later: the
+    """Redis goes away while jobs are about to write their notes and is back 2 s later: the
     writes fail, Temporal retries them with backoff, and each note is written once.
 
-    The jobs allow 5 retries per tool (attempts 0.25, 0.5, 1, 2 and 4 s apart) to ride out the
-    outage; with the default 3, a call can spend its retries first and the job ends as
-    ``budget_exhausted`` (``max_retries_per_tool``) with its partial result, as budgets do.
+    The jobs allow 5 retries per tool, so the waits between attempts (the upper halves of
+    0.25, 0.5, 1, 2 and 4 s, jittered) add up to at least 3.9 s and ride out the outage; with
+    the default 3, a call can spend its retries first and the job ends as ``budget_exhausted``
+    (``max_retries_per_tool``) with its partial result, as budgets do.
     """
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
@@ -155,7 +156,7 @@ async def test_a_redis_outage_mid_job_delays_jobs_but_loses_none(
         ids = [await jobs.start(request) for _ in range(4)]
         store.kill()  # the plan takes 300 ms, so every note is written while Redis is away
         store.wait(timeout=10)
-        await asyncio.sleep(3)
+        await asyncio.sleep(2)
         store = redis_server(port, tmp_path)
         results = await asyncio.gather(*(jobs.result(j, timeout=120) for j in ids))
         notes = await aioredis.Redis.from_url(url).lrange(f"keel:notes:{tenant}", 0, -1)
