@@ -19,12 +19,12 @@ from pydantic import BaseModel, Field, ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities import errors
-from activities._heartbeat import heartbeating
-from activities.catalog import json_schema
-from activities.errors import BUDGET_EXHAUSTED, from_openai
-from activities.store import KeelStore
-from activities.types import (
+from keel.activities import errors
+from keel.activities._heartbeat import heartbeating
+from keel.activities.catalog import json_schema
+from keel.activities.errors import BUDGET_EXHAUSTED, from_openai
+from keel.activities.store import KeelStore
+from keel.activities.types import (
     CHARS_PER_TOKEN,
     MIN_OUTPUT_TOKENS,
     PROMPT_CHARS_PER_OBSERVATION,

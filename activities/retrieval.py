@@ -22,9 +22,9 @@ import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities._heartbeat import heartbeating
-from activities.errors import DOCS_NOT_FOUND
-from activities.types import RetrievalHit, RetrievalQuery, RetrievalResult
+from keel.activities._heartbeat import heartbeating
+from keel.activities.errors import DOCS_NOT_FOUND
+from keel.activities.types import RetrievalHit, RetrievalQuery, RetrievalResult
 
 __all__ = ["DOC_EXTENSIONS", "MAX_DOC_BYTES", "MAX_TOP_K", "RetrievalActivities", "Retriever"]
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from activities.types import ToolResult
+from keel.activities.types import ToolResult
 
 __all__ = ["KEY_PREFIX", "KeelStore"]
 

@@ -25,8 +25,8 @@ from pydantic import BaseModel, ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities._heartbeat import heartbeating
-from activities.catalog import (
+from keel.activities._heartbeat import heartbeating
+from keel.activities.catalog import (
     BUILTIN_TOOLS,
     CalculatorArgs,
     HttpGetArgs,
@@ -34,7 +34,7 @@ from activities.catalog import (
     ToolInfo,
     WriteNoteArgs,
 )
-from activities.errors import (
+from keel.activities.errors import (
     TOOL_FAILED,
     TOOL_INPUT_INVALID,
     TOOL_NOT_ALLOWED,
@@ -43,9 +43,9 @@ from activities.errors import (
     TOOL_TRANSIENT,
     classify_http_status,
 )
-from activities.retrieval import Retriever
-from activities.store import KeelStore
-from activities.types import PREVIEW_CHARS, ToolCall, ToolResult
+from keel.activities.retrieval import Retriever
+from keel.activities.store import KeelStore
+from keel.activities.types import PREVIEW_CHARS, ToolCall, ToolResult
 
 __all__ = ["ToolActivities", "ToolContext", "ToolImpl", "ToolRegistry", "evaluate_expression"]
 

@@ -1,14 +1,14 @@
 """The Keel client: the only package callers import to run agent jobs.
 
 Example:
-    >>> from client import AgentJobs, JobRequest, connect
+    >>> from keel.client import AgentJobs, JobRequest, connect
     >>> jobs = AgentJobs(await connect())
     >>> job_id = await jobs.start(JobRequest(goal="What is 2**10?"), request_key="order-42")
     >>> result = await jobs.result(job_id)
 """
 
-from client.connect import connect
-from client.errors import (
+from keel.client.connect import connect
+from keel.client.errors import (
     AgentJobError,
     ConnectionFailed,
     InputRejected,
@@ -17,8 +17,8 @@ from client.errors import (
     JobNotFound,
     JobTimeout,
 )
-from client.jobs import AgentJobs, JobSummary
-from workflows.types import Budget, HumanInput, JobRequest, JobResult, JobStatus
+from keel.client.jobs import AgentJobs, JobSummary
+from keel.workflows.types import Budget, HumanInput, JobRequest, JobResult, JobStatus
 
 __all__ = [
     "AgentJobError",

@@ -23,17 +23,17 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from client.connect import connect
-from client.errors import AgentJobError, InvalidJobRequest
-from client.fleet import QueueStats, describe_fleet
-from client.jobs import (
+from keel.client.connect import connect
+from keel.client.errors import AgentJobError, InvalidJobRequest
+from keel.client.fleet import QueueStats, describe_fleet
+from keel.client.jobs import (
     AgentJobs,
     JobSummary,
     list_query,
     validate_request,
     validate_request_key,
 )
-from workflows.types import HumanInput, JobEvent, JobResult, JobStatus, current_iteration
+from keel.workflows.types import HumanInput, JobEvent, JobResult, JobStatus, current_iteration
 
 __all__ = ["app"]
 

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from google.protobuf import json_format
 from temporalio.api.common.v1 import Payload, Payloads
 
-from activities.converter import CompressionCodec
+from keel.activities.converter import CompressionCodec
 
 __all__ = ["MAX_BODY_BYTES", "UI_ORIGINS", "create_app"]
 

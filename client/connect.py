@@ -16,8 +16,8 @@ from temporalio.client import Client
 from temporalio.envconfig import ClientConfig
 from temporalio.runtime import Runtime
 
-from activities.converter import DATA_CONVERTER
-from client.errors import ConnectionFailed
+from keel.activities.converter import DATA_CONVERTER
+from keel.client.errors import ConnectionFailed
 
 __all__ = ["DEFAULT_ADDRESS", "connect"]
 

@@ -15,7 +15,7 @@ from temporalio.api.taskqueue.v1 import PollerInfo, TaskQueue, TaskQueueVersionS
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
-from workflows import TASK_QUEUES
+from keel.workflows import TASK_QUEUES
 
 KINDS = {
     "workflow": TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,

@@ -49,8 +49,8 @@ from temporalio.exceptions import (
 )
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.catalog import BUILTIN_TOOLS
-from client.errors import (
+from keel.activities.catalog import BUILTIN_TOOLS
+from keel.client.errors import (
     AgentJobError,
     ConnectionFailed,
     InputRejected,
@@ -59,9 +59,9 @@ from client.errors import (
     JobNotFound,
     JobTimeout,
 )
-from workflows import TASK_QUEUE, TASK_QUEUES, WORKFLOW_TYPE
-from workflows.agent_loop import AgentLoopWorkflow
-from workflows.search_attributes import (
+from keel.workflows import TASK_QUEUE, TASK_QUEUES, WORKFLOW_TYPE
+from keel.workflows.agent_loop import AgentLoopWorkflow
+from keel.workflows.search_attributes import (
     KEEL_COST_USD,
     KEEL_MODE,
     KEEL_OUTCOME,
@@ -70,7 +70,7 @@ from workflows.search_attributes import (
     KEEL_TOKENS,
     KEEL_USER,
 )
-from workflows.types import (
+from keel.workflows.types import (
     IDENT_RE,
     JOB_ID_PREFIX,
     TERMINAL_STATES,

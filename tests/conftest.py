@@ -84,10 +84,10 @@ from temporalio.client import Client  # noqa: E402
 from temporalio.testing import WorkflowEnvironment  # noqa: E402
 from temporalio.worker import Worker  # noqa: E402
 
-from activities.converter import DATA_CONVERTER  # noqa: E402
-from activities.llm import LLMConfig  # noqa: E402
-from workers.registry import INTERCEPTORS, WORKFLOWS, build_activities, build_deps  # noqa: E402
-from workflows import search_attributes as sa  # noqa: E402
+from keel.activities.converter import DATA_CONVERTER  # noqa: E402
+from keel.activities.llm import LLMConfig  # noqa: E402
+from keel.workers.registry import INTERCEPTORS, WORKFLOWS, build_activities, build_deps  # noqa: E402
+from keel.workflows import search_attributes as sa  # noqa: E402
 
 settings.register_profile("thorough", max_examples=5_000)
 """``pytest --hypothesis-profile=thorough``: fifty times the examples of each property test."""
@@ -167,7 +167,7 @@ def sim_url() -> Iterator[str]:
     """The project's OpenAI-compatible simulator, over real HTTP in its own process."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "sim-llm", "--port", str(port)],
+        [sys.executable, "-m", "keel.workers.cli", "sim-llm", "--port", str(port)],
         stdout=subprocess.DEVNULL,
     )
     wait_port(port, proc, "LLM simulator")

@@ -22,10 +22,10 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client
 
-from client.jobs import AgentJobs
-from workers._bench_bare import BareWorkflow
-from workers._bench_stack import process_cpu_seconds
-from workflows.types import AgentLoopInput, JobRequest
+from keel.client.jobs import AgentJobs
+from keel.workers._bench_bare import BareWorkflow
+from keel.workers._bench_stack import process_cpu_seconds
+from keel.workflows.types import AgentLoopInput, JobRequest
 
 RunOne = Callable[[str], Awaitable[tuple[str, str]]]
 """Runs one job to its end given a unique tag; returns its workflow ID and outcome."""

@@ -35,7 +35,7 @@ from rich.progress import (
 from rich.table import Table
 from temporalio.client import Client
 
-from workers._bench_sections import (
+from keel.workers._bench_sections import (
     OVERHEAD_TARGETS,
     BenchConfig,
     Servers,
@@ -43,15 +43,15 @@ from workers._bench_sections import (
     overhead,
     scale,
 )
-from workers._bench_stack import (
+from keel.workers._bench_stack import (
     Children,
     child_pid,
     start_redis,
     start_simulator,
     start_temporal,
 )
-from workers.devstack import TRANSFER_RPS
-from workers.logs import configure_logging
+from keel.workers.devstack import TRANSFER_RPS
+from keel.workers.logs import configure_logging
 
 __all__ = ["BenchConfig", "run"]
 
@@ -159,7 +159,7 @@ def _settings(config: BenchConfig, rps: int) -> dict[str, Any]:
         "transfer_rps": rps,
         "transfer_rps_source": "--transfer-rps"
         if config.transfer_rps
-        else "workers.devstack.TRANSFER_RPS",
+        else "keel.workers.devstack.TRANSFER_RPS",
         "transfer_rps_stock": STOCK_TRANSFER_RPS,
         "jobs": config.jobs,
         "concurrency": config.concurrency,

@@ -22,10 +22,10 @@ from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
-from client.errors import AgentJobError
-from client.jobs import AgentJobs
-from workers._bench_bare import BareWorkflow, bare_noop
-from workers._bench_measure import (
+from keel.client.errors import AgentJobError
+from keel.client.jobs import AgentJobs
+from keel.workers._bench_bare import BareWorkflow, bare_noop
+from keel.workers._bench_measure import (
     Batch,
     RunFigures,
     bare_runner,
@@ -36,17 +36,17 @@ from workers._bench_measure import (
     run_chain,
     sample_histories,
 )
-from workers._bench_stack import (
+from keel.workers._bench_stack import (
     Children,
     process_cpu_seconds,
     text_server,
     wait_for_pollers,
     worker_env,
 )
-from workers.main import build_worker
-from workers.registry import build_activities, build_deps
-from workers.settings import SIM_API_KEY, WorkerSettings
-from workflows.types import Budget, JobRequest, JobResult
+from keel.workers.main import build_worker
+from keel.workers.registry import build_activities, build_deps
+from keel.workers.settings import SIM_API_KEY, WorkerSettings
+from keel.workflows.types import Budget, JobRequest, JobResult
 
 SIM_MODEL = "sim-small"
 """Model name the simulator answers for, for every role."""
@@ -395,7 +395,7 @@ async def scale(
     for size in config.fleet:
         tag = uuid4().hex[:8]
         task_queue = f"bench-scale-{size}-{tag}"
-        cmd = [sys.executable, "-m", "workers.cli", "worker", "--task-queue", task_queue]
+        cmd = [sys.executable, "-m", "keel.workers.cli", "worker", "--task-queue", task_queue]
         # The queue also goes in the environment: settings read KEEL_TASK_QUEUE(S) whichever
         # way the worker command maps its flag.
         queue_env = env | {"KEEL_TASK_QUEUE": task_queue, "KEEL_TASK_QUEUES": task_queue}

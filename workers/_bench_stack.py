@@ -27,9 +27,9 @@ from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from activities.converter import DATA_CONVERTER
-from workers.devstack import find_binary, port_open
-from workflows import search_attributes as sa
+from keel.activities.converter import DATA_CONVERTER
+from keel.workers.devstack import find_binary, port_open
+from keel.workflows import search_attributes as sa
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_SECONDS = 60.0
@@ -130,7 +130,7 @@ def start_simulator(children: Children) -> tuple[str, int]:
         Its base URL and its process ID.
     """
     port = free_port()
-    cmd = [sys.executable, "-m", "workers.cli", "sim-llm", "--port", str(port)]
+    cmd = [sys.executable, "-m", "keel.workers.cli", "sim-llm", "--port", str(port)]
     proc = children.start("llm-simulator", cmd, port=port)
     return f"http://127.0.0.1:{port}/v1", proc.pid
 

@@ -119,7 +119,7 @@ def bench(
     or, full size, one section: keel bench --only overhead --json bench.json
     Exit code: 0, or 1 on an error or a long-job FAIL, 130 when interrupted.
     """
-    from workers._bench_run import BenchConfig, run
+    from keel.workers._bench_run import BenchConfig, run
 
     config = BenchConfig(
         servers=["sqlite", "memory"] if server is ServerMode.both else [server.value],

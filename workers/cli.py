@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from client.cli import app
-from workers.logs import configure_logging, loggable_url
+from keel.client.cli import app
+from keel.workers.logs import configure_logging, loggable_url
 
 if TYPE_CHECKING:  # imported where used: the dev stack is not needed by most commands
-    from workers.devstack import DevStack
+    from keel.workers.devstack import DevStack
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -66,8 +66,8 @@ def worker(
     ] = None,
 ) -> None:
     """Run a worker until SIGTERM or Ctrl-C; start as many as you like, anywhere."""
-    from workers.main import RedisUnavailable, run_worker
-    from workers.settings import WorkerSettings
+    from keel.workers.main import RedisUnavailable, run_worker
+    from keel.workers.settings import WorkerSettings
 
     configure_logging()
     given = {
@@ -88,7 +88,7 @@ def worker(
     except ValueError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
-    from client.errors import ConnectionFailed
+    from keel.client.errors import ConnectionFailed
 
     try:
         asyncio.run(run_worker(settings))
@@ -116,7 +116,7 @@ def sim_llm(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Serve the OpenAI-compatible LLM simulator (chat completions, embeddings, models)."""
-    from workers.simulator import SimConfig, serve
+    from keel.workers.simulator import SimConfig, serve
 
     configure_logging()
     config = SimConfig(
@@ -140,8 +140,8 @@ def codec_server(
     ] = None,
 ) -> None:
     """Serve Keel's payload codec for the Temporal Web UI and ``temporal --codec-endpoint``."""
-    from client.codec_server import UI_ORIGINS, create_app
-    from workers.serving import serve_app
+    from keel.client.codec_server import UI_ORIGINS, create_app
+    from keel.workers.serving import serve_app
 
     configure_logging()
     origins = cors_origin or list(UI_ORIGINS)
@@ -157,7 +157,7 @@ def _stack(
     sim_port: int,
     codec_port: int,
 ) -> DevStack:
-    from workers.devstack import DevStack
+    from keel.workers.devstack import DevStack
 
     return DevStack(
         state_dir=state_dir,
@@ -218,8 +218,8 @@ def demo(
     ] = None,
 ) -> None:
     """Start the embedded stack, run Keel's main job end to end, and show it live."""
-    from client.cli import submit, watch
-    from workers.devstack import port_open
+    from keel.client.cli import submit, watch
+    from keel.workers.devstack import port_open
 
     stack = _stack(state_dir, temporal_port, ui_port, redis_port, sim_port, codec_port)
     reuse = port_open(temporal_port)
@@ -283,7 +283,7 @@ def _print_stack(stack: DevStack) -> None:
     console.print("In another shell: " + "; ".join(f"export {k}={v}" for k, v in exports.items()))
 
 
-from workers.bench import bench as _bench  # noqa: E402
+from keel.workers.bench import bench as _bench  # noqa: E402
 
 app.command()(_bench)
 

@@ -18,12 +18,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workflows import search_attributes as sa
+from keel.workflows import search_attributes as sa
 
 TRANSFER_RPS = 1000
 """``history.transferProcessorMaxPollRPS`` for the dev server. The stock value (20) throttles
 workflow-task handoffs to about one per 50 ms after a short burst, which doubles a small job's
 latency; raising it makes local latency reflect Keel, not the dev server's throttle."""
+
+KEEL_COMMAND = [sys.executable, "-m", "keel.workers.cli"]
+"""The ``keel`` command as this interpreter runs it (works without the console script)."""
 
 
 def find_binary(name: str) -> str:
@@ -94,17 +97,17 @@ class DevStack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         logs = self.state_dir / "logs"
         logs.mkdir(exist_ok=True)
-        codec = [sys.executable, "-m", "workers.cli", "codec-server", f"--port={self.codec_port}"]
+        codec = [*KEEL_COMMAND, "codec-server", f"--port={self.codec_port}"]
         codec += [f"--cors-origin={origin}" for origin in self._ui_origins()]
         self._spawn("codec-server", codec, self.codec_port, logs)
         self._spawn("temporal", self._temporal_cmd(), self.temporal_port, logs)
         if self.redis_url is None:
             self._spawn("redis", self._redis_cmd(), self.redis_port, logs)
         if self.use_simulator:
-            sim = [sys.executable, "-m", "workers.cli", "sim-llm", "--port", str(self.sim_port)]
+            sim = [*KEEL_COMMAND, "sim-llm", "--port", str(self.sim_port)]
             self._spawn("llm-simulator", sim, self.sim_port, logs)
         if self.start_worker:
-            self._spawn("worker", [sys.executable, "-m", "workers.cli", "worker"], None, logs)
+            self._spawn("worker", [*KEEL_COMMAND, "worker"], None, logs)
 
     def _temporal_cmd(self) -> list[str]:
         return [

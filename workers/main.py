@@ -29,11 +29,11 @@ from temporalio.worker import (
 )
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
-from client.connect import connect
-from client.fleet import describe_fleet
-from workers.logs import loggable_url
-from workers.registry import INTERCEPTORS, WORKFLOWS, build_activities, build_deps
-from workers.settings import WorkerSettings
+from keel.client.connect import connect
+from keel.client.fleet import describe_fleet
+from keel.workers.logs import loggable_url
+from keel.workers.registry import INTERCEPTORS, WORKFLOWS, build_activities, build_deps
+from keel.workers.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
 

@@ -13,12 +13,12 @@ from typing import Any
 import openai
 from temporalio.worker import Interceptor
 
-from activities._backoff import JitteredBackoff
-from activities.llm import LLMActivities, LLMConfig
-from activities.retrieval import RetrievalActivities, Retriever
-from activities.store import KeelStore
-from activities.tools import ToolActivities, ToolRegistry
-from workflows.agent_loop import AgentLoopWorkflow
+from keel.activities._backoff import JitteredBackoff
+from keel.activities.llm import LLMActivities, LLMConfig
+from keel.activities.retrieval import RetrievalActivities, Retriever
+from keel.activities.store import KeelStore
+from keel.activities.tools import ToolActivities, ToolRegistry
+from keel.workflows.agent_loop import AgentLoopWorkflow
 
 WORKFLOWS: list[type] = [AgentLoopWorkflow]
 INTERCEPTORS: list[Interceptor] = [JitteredBackoff()]

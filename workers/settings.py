@@ -14,8 +14,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from activities.llm import DEFAULT_PRICES, LLMConfig
-from workflows import TASK_QUEUES
+from keel.activities.llm import DEFAULT_PRICES, LLMConfig
+from keel.workflows import TASK_QUEUES
 
 SIM_API_KEY = "sim-local-key"
 """The key ``keel dev`` hands the worker when it runs the simulator; refused anywhere else."""

@@ -31,8 +31,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from workers import _sim_logic as logic
-from workers.serving import serve_app
+from keel.workers import _sim_logic as logic
+from keel.workers.serving import serve_app
 
 FaultKind = Literal["500", "503", "429", "timeout", "malformed"]
 

@@ -16,13 +16,13 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, RetryState, TimeoutError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.catalog import BUILTIN_TOOLS
-    from activities.retrieval import RetrievalActivities
-    from activities.tools import ToolActivities
-    from activities.types import Observation, PlanStep, RetrievalQuery, ToolCall
-    from workflows import policies
-    from workflows._budget import BudgetExhausted, Ledger
-    from workflows.types import BudgetName, JobRequest, LoopState
+    from keel.activities.catalog import BUILTIN_TOOLS
+    from keel.activities.retrieval import RetrievalActivities
+    from keel.activities.tools import ToolActivities
+    from keel.activities.types import Observation, PlanStep, RetrievalQuery, ToolCall
+    from keel.workflows import policies
+    from keel.workflows._budget import BudgetExhausted, Ledger
+    from keel.workflows.types import BudgetName, JobRequest, LoopState
 
 MAX_PARALLEL = 4
 """Steps of one wave that run at once; bounds the fan-out a single plan can cause."""

@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 from datetime import datetime, timedelta
 
-from activities.types import (
+from keel.activities.types import (
     CHARS_PER_TOKEN,
     MIN_OUTPUT_TOKENS,
     PROMPT_CHARS_PER_OBSERVATION,
     LLMCallBase,
     Usage,
 )
-from workflows.types import Budget, BudgetName, LoopCounters
+from keel.workflows.types import Budget, BudgetName, LoopCounters
 
 PROMPT_OVERHEAD_TOKENS = 1500
 """Upper bound on the tokens an LLM activity adds around its input: system prompt and tool

@@ -17,11 +17,11 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
-    from activities import errors
-    from workflows import policies
-    from workflows._budget import BudgetExhausted, Ledger, estimate_prompt_tokens
-    from workflows._state import JobFailure
-    from workflows.types import JobRequest, LoopState
+    from keel.activities import errors
+    from keel.workflows import policies
+    from keel.workflows._budget import BudgetExhausted, Ledger, estimate_prompt_tokens
+    from keel.workflows._state import JobFailure
+    from keel.workflows.types import JobRequest, LoopState
 
 R = TypeVar("R", bound=BaseModel)
 

@@ -9,7 +9,7 @@ from datetime import datetime
 
 from temporalio import workflow
 
-from workflows.types import (
+from keel.workflows.types import (
     JobEvent,
     JobRequest,
     JobStatus,

@@ -14,8 +14,8 @@ from typing import Any
 from temporalio import workflow
 from temporalio.common import SearchAttributeUpdate
 
-from workflows import search_attributes as sa
-from workflows.types import JobState, LoopState
+from keel.workflows import search_attributes as sa
+from keel.workflows.types import JobState, LoopState
 
 RUNNING = "running"
 """``KeelState`` while a job works; the client sets it when it starts the job."""

@@ -14,9 +14,9 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities import errors
-    from activities.llm import LLMActivities
-    from activities.types import (
+    from keel.activities import errors
+    from keel.activities.llm import LLMActivities
+    from keel.activities.types import (
         AnswerInput,
         Clarification,
         Plan,
@@ -24,10 +24,10 @@ with workflow.unsafe.imports_passed_through():
         Verdict,
         VerifyInput,
     )
-    from workflows._acting import StepRunner
-    from workflows._budget import BudgetExhausted, Ledger
-    from workflows._calling import ModelCaller
-    from workflows._state import (
+    from keel.workflows._acting import StepRunner
+    from keel.workflows._budget import BudgetExhausted, Ledger
+    from keel.workflows._calling import ModelCaller
+    from keel.workflows._state import (
         JobFailure,
         add_event,
         details_markdown,
@@ -35,8 +35,8 @@ with workflow.unsafe.imports_passed_through():
         observation_summary,
         status_of,
     )
-    from workflows._visibility import Visibility
-    from workflows.types import (
+    from keel.workflows._visibility import Visibility
+    from keel.workflows.types import (
         NOTIFY_SIGNAL,
         AgentLoopInput,
         BudgetName,

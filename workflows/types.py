@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from activities.types import Clarification, Observation, Usage
+from keel.activities.types import Clarification, Observation, Usage
 
 MAX_GOAL_CHARS = 8000
 IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

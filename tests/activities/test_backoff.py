@@ -13,8 +13,8 @@ from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.testing import ActivityEnvironment
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput
 
-from activities import errors
-from activities._backoff import JitteredBackoff, jittered_delay
+from keel.activities import errors
+from keel.activities._backoff import JitteredBackoff, jittered_delay
 
 POLICY = RetryPolicy(
     initial_interval=timedelta(milliseconds=500),

@@ -12,15 +12,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from temporalio.api.common.v1 import Payload
 
-from activities.converter import (
+from keel.activities.converter import (
     _ZDICT_V1,
     DATA_CONVERTER,
     CompressionCodec,
     compress_payload,
     decompress_payload,
 )
-from activities.types import Observation, Plan, PlanResult, PlanStep, ToolCall, Usage
-from workflows.types import AgentLoopInput, JobRequest, JobResult, JobUsage
+from keel.activities.types import Observation, Plan, PlanResult, PlanStep, ToolCall, Usage
+from keel.workflows.types import AgentLoopInput, JobRequest, JobResult, JobUsage
 
 JSON = b"json/plain"
 Z1 = b"binary/keel-z1"

@@ -13,13 +13,13 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities import errors
-from activities.catalog import BUILTIN_TOOLS, tool_schema
-from activities.llm import PLANNER_PROMPT, LLMActivities, LLMConfig
-from activities.store import KeelStore
-from activities.types import AnswerInput, Observation, PlanInput, VerifyInput
-from workers.registry import build_deps
-from workflows._budget import CHARS_PER_TOKEN, PROMPT_OVERHEAD_TOKENS
+from keel.activities import errors
+from keel.activities.catalog import BUILTIN_TOOLS, tool_schema
+from keel.activities.llm import PLANNER_PROMPT, LLMActivities, LLMConfig
+from keel.activities.store import KeelStore
+from keel.activities.types import AnswerInput, Observation, PlanInput, VerifyInput
+from keel.workers.registry import build_deps
+from keel.workflows._budget import CHARS_PER_TOKEN, PROMPT_OVERHEAD_TOKENS
 
 Handler = Callable[[httpx.Request], httpx.Response]
 

@@ -13,10 +13,10 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities import errors
-from activities.llm import LLMActivities, LLMConfig
-from activities.types import PlanInput
-from workers.registry import Deps, build_deps
+from keel.activities import errors
+from keel.activities.llm import LLMActivities, LLMConfig
+from keel.activities.types import PlanInput
+from keel.workers.registry import Deps, build_deps
 
 
 @pytest.fixture

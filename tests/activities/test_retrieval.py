@@ -9,9 +9,9 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.errors import DOCS_NOT_FOUND
-from activities.retrieval import RetrievalActivities, Retriever
-from activities.types import RetrievalQuery
+from keel.activities.errors import DOCS_NOT_FOUND
+from keel.activities.retrieval import RetrievalActivities, Retriever
+from keel.activities.types import RetrievalQuery
 
 
 def write(root: Path, rel: str, text: str) -> Path:

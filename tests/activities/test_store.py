@@ -10,8 +10,8 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from activities.store import KeelStore
-from activities.types import ToolResult
+from keel.activities.store import KeelStore
+from keel.activities.types import ToolResult
 
 
 @pytest.fixture

@@ -24,12 +24,12 @@ from pydantic import ValidationError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities import errors
-from activities.catalog import BUILTIN_TOOLS, ToolInfo, WriteNoteArgs, tool_schema
-from activities.retrieval import Retriever
-from activities.store import KeelStore
-from activities.tools import ToolActivities, ToolContext, ToolRegistry, evaluate_expression
-from activities.types import PREVIEW_CHARS, ToolCall, ToolResult
+from keel.activities import errors
+from keel.activities.catalog import BUILTIN_TOOLS, ToolInfo, WriteNoteArgs, tool_schema
+from keel.activities.retrieval import Retriever
+from keel.activities.store import KeelStore
+from keel.activities.tools import ToolActivities, ToolContext, ToolRegistry, evaluate_expression
+from keel.activities.types import PREVIEW_CHARS, ToolCall, ToolResult
 
 ALL_TOOLS = ["calculator", "http_get", "write_note", "search_docs"]
 LARGE_BODY = "L" * (PREVIEW_CHARS * 3)

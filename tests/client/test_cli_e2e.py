@@ -20,7 +20,7 @@ async def keel(env: WorkflowEnvironment, *args: str, timeout: float = 60) -> tup
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "workers.cli",
+        "keel.workers.cli",
         *args,
         env=proc_env,
         stdout=asyncio.subprocess.PIPE,

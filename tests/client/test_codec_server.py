@@ -13,8 +13,8 @@ from google.protobuf import json_format
 from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.testing import WorkflowEnvironment
 
-from activities.converter import compress_payload
-from client import AgentJobs, JobRequest
+from keel.activities.converter import compress_payload
+from keel.client import AgentJobs, JobRequest
 from tests.conftest import free_port, temporal, unique, wait_port
 
 UI = "http://127.0.0.1:8233"
@@ -25,7 +25,7 @@ GOAL = "What is 6 * 7? use calculator"
 def codec_url() -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "codec-server", f"--port={port}"],
+        [sys.executable, "-m", "keel.workers.cli", "codec-server", f"--port={port}"],
         stdout=subprocess.DEVNULL,
     )
     wait_port(port, proc, "keel codec-server")

@@ -7,9 +7,9 @@ import inspect
 import pytest
 from pydantic import ValidationError
 
-import client
-from client import errors
-from workflows.types import JobRequest
+import keel.client as client
+from keel.client import errors
+from keel.workflows.types import JobRequest
 
 
 def test_every_name_in_all_is_exported() -> None:

@@ -9,7 +9,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from client import AgentJobs, JobRequest
+from keel.client import AgentJobs, JobRequest
 from tests.conftest import temporal, unique
 
 

@@ -22,7 +22,7 @@ from html.parser import HTMLParser
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from client import AgentJobs, JobRequest
+from keel.client import AgentJobs, JobRequest
 from tests.conftest import free_port, start_dev_server, unique, wait_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -91,7 +91,7 @@ async def ui_env() -> AsyncIterator[tuple[WorkflowEnvironment, str]]:
     """A dev server of its own, with the Web UI on a free port using a codec server."""
     port, codec_port = free_port(), free_port()
     codec = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "codec-server", f"--port={codec_port}"]
+        [sys.executable, "-m", "keel.workers.cli", "codec-server", f"--port={codec_port}"]
         + [f"--cors-origin=http://{host}:{port}" for host in ("127.0.0.1", "localhost")],
     )
     try:

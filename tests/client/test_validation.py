@@ -10,9 +10,9 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from client import AgentJobs, InvalidJobRequest, JobRequest
-from client.jobs import list_query, validate_request
-from workflows.types import MAX_GOAL_CHARS
+from keel.client import AgentJobs, InvalidJobRequest, JobRequest
+from keel.client.jobs import list_query, validate_request
+from keel.workflows.types import MAX_GOAL_CHARS
 
 
 class Untouchable:

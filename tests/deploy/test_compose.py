@@ -28,10 +28,10 @@ from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.envconfig import ClientConfig
 from temporalio.testing import WorkflowEnvironment
 
-from client.errors import InvalidJobRequest
-from client.jobs import JOB_ID_PREFIX, validate_request_key
+from keel.client.errors import InvalidJobRequest
+from keel.client.jobs import JOB_ID_PREFIX, validate_request_key
+from keel.workflows import search_attributes as sa
 from tests.conftest import venv_bin
-from workflows import search_attributes as sa
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -252,7 +252,7 @@ def resolved_worker_env(services: dict[str, Any]) -> dict[str, str]:
 def test_worker_settings_accept_the_compose_environment(
     services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from workers.settings import WorkerSettings
+    from keel.workers.settings import WorkerSettings
 
     env = resolved_worker_env(services)
     for key in os.environ:
@@ -275,7 +275,7 @@ def test_worker_settings_accept_the_compose_environment(
 
 
 def test_worker_healthcheck_reads_the_metrics_port(services: dict[str, Any]) -> None:
-    from workers.settings import WorkerSettings
+    from keel.workers.settings import WorkerSettings
 
     env = resolved_worker_env(services)
     check = " ".join(services["worker"]["healthcheck"]["test"])
@@ -285,11 +285,11 @@ def test_worker_healthcheck_reads_the_metrics_port(services: dict[str, Any]) -> 
 
 
 def test_worker_command_is_a_keel_command(services: dict[str, Any], pyproject: Any) -> None:
-    from workers.cli import app
+    from keel.workers.cli import app
 
     command = services["worker"]["command"]
     assert command == ["keel", "worker"]
-    assert pyproject["project"]["scripts"]["keel"] == "workers.cli:main"
+    assert pyproject["project"]["scripts"]["keel"] == "keel.workers.cli:main"
     names = [c.name or c.callback.__name__ for c in app.registered_commands if c.callback]
     assert "worker" in names
     cmd = [i for i in dockerfile_instructions() if i[0] == "CMD"]
@@ -299,7 +299,7 @@ def test_worker_command_is_a_keel_command(services: dict[str, Any], pyproject: A
 def test_the_ui_decodes_payloads_through_the_codec_service(services: dict[str, Any]) -> None:
     import typer
 
-    from workers.cli import app
+    from keel.workers.cli import app
 
     codec, ui = services["codec"], services["temporal-ui"]
     argv = [interpolate(arg, {}) for arg in codec["command"]]
@@ -382,6 +382,10 @@ def test_dockerfile_builds_the_wheel_as_a_non_root_worker(pyproject: Any) -> Non
             copied |= {s.rstrip("/") for s in sources}
     packages = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
     assert set(packages) | {"pyproject.toml", pyproject["project"]["readme"]} <= copied
+    # keel/ links to the folders at the root: the image needs the folders as well as the links.
+    linked = {p.name for p in (ROOT / "keel").iterdir() if p.is_symlink()}
+    assert linked == {"workflows", "activities", "workers", "client"}
+    assert linked <= copied
     assert any(op == "RUN" and "pip install --no-cache-dir ." in arg for op, arg in instructions)
     users = [arg for op, arg in instructions if op == "USER"]
     assert users and users[-1] not in {"root", "0"}
@@ -397,7 +401,8 @@ def test_dockerignore_keeps_local_state_out_and_sources_in(pyproject: Any) -> No
     for needed in (".git", ".venv", ".keel", ".env", ".pytest_cache", "**/__pycache__"):
         assert needed in patterns, needed
     packages = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
-    for kept in [*packages, "pyproject.toml", "README.md"]:
+    linked = [p.name for p in (ROOT / "keel").iterdir() if p.is_symlink()]
+    for kept in [*packages, *linked, "pyproject.toml", "README.md"]:
         assert not any(fnmatch.fnmatch(kept, p) for p in patterns), f"{kept} is ignored"
 
 

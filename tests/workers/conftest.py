@@ -56,7 +56,7 @@ def start_worker(
         argv = ["worker", "--task-queue", task_queue, "--identity", identity]
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "workers.cli", *argv],
+                [sys.executable, "-m", "keel.workers.cli", *argv],
                 env=worker_env | extra_env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

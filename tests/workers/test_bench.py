@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from workers._bench_measure import HISTORY_PARTS
-from workers._bench_sections import met_targets, round_sizes
+from keel.workers._bench_measure import HISTORY_PARTS
+from keel.workers._bench_sections import met_targets, round_sizes
 
 JOBS = 6
 ITERATIONS = 6
@@ -49,7 +49,7 @@ def test_bench_smoke_run_measures_overhead_and_long_job(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "workers.cli",
+            "keel.workers.cli",
             "bench",
             "--server",
             "memory",

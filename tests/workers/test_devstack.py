@@ -13,14 +13,14 @@ from pathlib import Path
 
 import redis
 
+from keel.workers.cli import _print_stack, console
+from keel.workers.devstack import DevStack, port_open
 from tests.conftest import free_port
-from workers.cli import _print_stack, console
-from workers.devstack import DevStack, port_open
 
 
 def keel(*args: str, env: dict[str, str] | None = None, timeout: float = 180):  # type: ignore[no-untyped-def]
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
+        [sys.executable, "-m", "keel.workers.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -55,7 +55,7 @@ def test_demo_then_dev_restart_keeps_jobs_and_notes(tmp_path: Path) -> None:
 
     # Restart the stack on the same state: the job and its note are still there.
     dev = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "dev", *flags],
+        [sys.executable, "-m", "keel.workers.cli", "dev", *flags],
         env=base_env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

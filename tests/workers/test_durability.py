@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from temporalio.api.enums.v1 import EventType
 from temporalio.testing import WorkflowEnvironment
 
-from client import AgentJobs, Budget, JobRequest
+from keel.client import AgentJobs, Budget, JobRequest
 from tests.conftest import (
     free_port,
     start_dev_server,
@@ -39,7 +39,7 @@ async def until_acting(jobs: AgentJobs, ids: list[str]) -> None:
 
 def spawn_worker(env: WorkflowEnvironment, task_queue: str, redis_url: str, sim_url: str):  # type: ignore[no-untyped-def]
     return subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "worker", "--task-queue", task_queue],
+        [sys.executable, "-m", "keel.workers.cli", "worker", "--task-queue", task_queue],
         env=worker_process_env(env, redis_url, sim_url),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -184,7 +184,7 @@ def test_a_worker_without_redis_says_so_and_exits(env: WorkflowEnvironment, sim_
         env, f"redis://:hunter2-pass@127.0.0.1:{port}/0", sim_url, KEEL_TASK_QUEUES=unique("tq")
     )
     done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "worker"],
+        [sys.executable, "-m", "keel.workers.cli", "worker"],
         env=settings,
         capture_output=True,
         text=True,

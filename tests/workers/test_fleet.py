@@ -20,7 +20,7 @@ from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from client import AgentJobError, AgentJobs, JobRequest
+from keel.client import AgentJobError, AgentJobs, JobRequest
 from tests.conftest import unique
 from tests.workers.conftest import GRACE_SECONDS, FleetWorker, StartWorker, until, wait_polling
 

@@ -17,11 +17,11 @@ from google.protobuf.message import Message
 from temporalio.api.common.v1 import Payload
 from temporalio.testing import WorkflowEnvironment
 
-from activities.converter import DATA_CONVERTER
-from client import AgentJobs, JobFailed, JobRequest
+from keel.activities.converter import DATA_CONVERTER
+from keel.client import AgentJobs, JobFailed, JobRequest
+from keel.workers.logs import loggable_url
 from tests.conftest import unique
 from tests.workers.conftest import GRACE_SECONDS, StartWorker, wait_polling
-from workers.logs import loggable_url
 
 SUFFIX = "QZXW"
 """The key's last four characters, which a masked key shows; never in a hex job ID."""
@@ -99,7 +99,7 @@ async def test_worker_logs_are_json_with_job_ids_and_no_key_anywhere(
     started = [r for r in logged if r["event"] == "worker.started"]
     assert [r["llm_endpoint"] for r in started] == [sim_url]
     about_jobs = [
-        r for r in logged if r["logger"].startswith(("activities.", "temporalio.activity"))
+        r for r in logged if r["logger"].startswith(("keel.activities.", "temporalio.activity"))
     ]
     assert {r.get("job_id") for r in about_jobs} == {ok, denied}, about_jobs
     failures = {(r["job_id"], r["error_type"]) for r in about_jobs if r["event"] == "llm.failed"}

@@ -13,8 +13,8 @@ import time
 import httpx
 from temporalio.testing import WorkflowEnvironment
 
-from client import AgentJobs, JobRequest
-from client.fleet import describe_fleet
+from keel.client import AgentJobs, JobRequest
+from keel.client.fleet import describe_fleet
 from tests.conftest import free_port, unique, worker_process_env
 
 
@@ -28,7 +28,7 @@ async def test_fleet_shows_pollers_and_worker_exports_metrics(
         [
             sys.executable,
             "-m",
-            "workers.cli",
+            "keel.workers.cli",
             "worker",
             "--task-queue",
             queue,
@@ -47,7 +47,7 @@ async def test_fleet_shows_pollers_and_worker_exports_metrics(
         assert (await jobs.result(job_id, timeout=60)).outcome == "completed"
 
         fleet = subprocess.run(
-            [sys.executable, "-m", "workers.cli", "fleet", "--task-queue", queue, "--json"],
+            [sys.executable, "-m", "keel.workers.cli", "fleet", "--task-queue", queue, "--json"],
             env=proc_env,
             capture_output=True,
             text=True,

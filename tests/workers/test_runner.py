@@ -6,8 +6,8 @@ import pytest
 from temporalio.worker import UnsandboxedWorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
-from workers.main import workflow_runner
-from workers.settings import WorkerSettings
+from keel.workers.main import workflow_runner
+from keel.workers.settings import WorkerSettings
 
 
 def test_workers_run_unsandboxed_by_default(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,8 +16,8 @@ import pytest
 import uvicorn
 from openai import AsyncOpenAI
 
-from activities.types import Plan, Verdict
-from workers.simulator import SimConfig, create_app
+from keel.activities.types import Plan, Verdict
+from keel.workers.simulator import SimConfig, create_app
 
 CALCULATOR = {
     "name": "calculator",

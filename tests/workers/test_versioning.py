@@ -9,7 +9,7 @@ import time
 
 from temporalio.testing import WorkflowEnvironment
 
-from client import AgentJobs, JobRequest
+from keel.client import AgentJobs, JobRequest
 from tests.conftest import unique, venv_bin, worker_process_env
 
 
@@ -23,7 +23,7 @@ async def test_versioned_worker_runs_jobs_pinned_to_its_build(
         [
             sys.executable,
             "-m",
-            "workers.cli",
+            "keel.workers.cli",
             "worker",
             "--task-queue",
             queue,

@@ -10,10 +10,10 @@ import redis.asyncio as aioredis
 from temporalio.client import Client
 from temporalio.worker import Replayer
 
-from activities.converter import DATA_CONVERTER
-from client import AgentJobs, JobFailed, JobRequest
+from keel.activities.converter import DATA_CONVERTER
+from keel.client import AgentJobs, JobFailed, JobRequest
+from keel.workers.registry import WORKFLOWS
 from tests.conftest import unique
-from workers.registry import WORKFLOWS
 
 HISTORIES = Path(__file__).parent / "histories"
 
@@ -137,8 +137,8 @@ async def test_same_request_key_returns_same_job(client: Client, make_worker) ->
 
 
 async def test_continue_as_new_keeps_state(client: Client, make_worker) -> None:
-    from workflows.agent_loop import AgentLoopWorkflow
-    from workflows.types import AgentLoopInput
+    from keel.workflows.agent_loop import AgentLoopWorkflow
+    from keel.workflows.types import AgentLoopInput
 
     req = JobRequest(goal="What is 9 * 9? [sim: fail_verify=2]")
     async with make_worker(client) as worker:

@@ -12,12 +12,12 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from temporalio.client import Client
 
-from activities.types import Usage
-from client import AgentJobs, Budget, JobRequest
+from keel.activities.types import Usage
+from keel.client import AgentJobs, Budget, JobRequest
+from keel.workflows._budget import BudgetExhausted, Ledger
+from keel.workflows.types import LoopCounters, current_iteration
 from tests.conftest import unique
 from tests.workflows.test_agent_loop import replay_own_history
-from workflows._budget import BudgetExhausted, Ledger
-from workflows.types import LoopCounters, current_iteration
 
 
 async def exhaust(client: Client, make_worker, goal: str, budget: Budget, record_as=None, **req):  # type: ignore[no-untyped-def]

@@ -20,8 +20,8 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
-from activities import errors
-from client import AgentJobs, Budget, JobFailed, JobRequest, JobResult
+from keel.activities import errors
+from keel.client import AgentJobs, Budget, JobFailed, JobRequest, JobResult
 from tests.conftest import free_port, unique, wait_port
 
 JOBS = 24
@@ -41,7 +41,7 @@ def flaky_sim_url() -> Iterator[str]:
     port = free_port()
     argv = ["sim-llm", "--port", str(port), "--fault-rate", "0.5", "--seed", "11"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", *argv, "--fault-kinds", "500,503,429,malformed"],
+        [sys.executable, "-m", "keel.workers.cli", *argv, "--fault-kinds", "500,503,429,malformed"],
         stdout=subprocess.DEVNULL,
     )
     wait_port(port, proc, "flaky LLM simulator")

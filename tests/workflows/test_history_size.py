@@ -20,9 +20,9 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client
 
-from client import AgentJobs, Budget, JobRequest
+from keel.client import AgentJobs, Budget, JobRequest
+from keel.workflows.agent_loop import MAX_OBSERVATIONS
 from tests.conftest import unique
-from workflows.agent_loop import MAX_OBSERVATIONS
 
 ITERATIONS = MAX_OBSERVATIONS + 4
 SIZES = {"small": 2 * 1024, "large": 64 * 1024}

@@ -9,10 +9,10 @@ from temporalio import workflow
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from client import AgentJobs, InputRejected, JobRequest, JobResult
+from keel.client import AgentJobs, InputRejected, JobRequest, JobResult
+from keel.workflows.types import NOTIFY_SIGNAL
 from tests.conftest import unique
 from tests.workflows.test_agent_loop import replay_own_history
-from workflows.types import NOTIFY_SIGNAL
 
 
 async def wait_for_state(jobs: AgentJobs, job_id: str, state: str, timeout: float = 30) -> None:

@@ -8,7 +8,7 @@ import os
 import pytest
 from temporalio.client import Client
 
-from client import AgentJobs, Budget, JobRequest
+from keel.client import AgentJobs, Budget, JobRequest
 from tests.conftest import unique
 
 pytestmark = pytest.mark.skipif(

@@ -23,8 +23,8 @@ from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, WorkflowRunne
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 from temporalio.workflow import NondeterminismError
 
-from activities.converter import DATA_CONVERTER, decompress_payload
-from workers.registry import WORKFLOWS
+from keel.activities.converter import DATA_CONVERTER, decompress_payload
+from keel.workers.registry import WORKFLOWS
 
 HISTORY_DIR = Path(__file__).parent / "histories"
 HISTORIES = sorted(HISTORY_DIR.glob("*.json"))
@@ -83,7 +83,7 @@ async def test_a_changed_command_sequence_fails_replay(monkeypatch: pytest.Monke
     The happy path ran its two tool calls together; with one call per wave the workflow would
     schedule the second only after the first finished, which its history contradicts.
     """
-    from workflows import _acting
+    from keel.workflows import _acting
 
     monkeypatch.setattr(_acting, "MAX_PARALLEL", 1)
     with pytest.raises(NondeterminismError):
