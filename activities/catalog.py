@@ -2,9 +2,9 @@
 
 Owns the *shape* of every built-in tool: what the model may call and with which arguments.
 The client imports this module to check ``--tool`` names when a job is submitted, and the
-tool gateway (``activities/tools.py``) validates arguments against these models, so it depends
-only on pydantic and the standard library and performs no I/O. Not workflow code, though it is
-deterministic and safe to import anywhere.
+tool gateway (``activities/tools/gateway.py``) validates arguments against these models, so it
+depends only on pydantic and the standard library and performs no I/O. Not workflow code,
+though it is deterministic and safe to import anywhere.
 """
 
 from __future__ import annotations

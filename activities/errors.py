@@ -2,20 +2,28 @@
 
 Temporal owns retries, so every failure an activity raises is an ``ApplicationError`` whose
 ``type`` is one of the constants below and whose ``non_retryable`` flag says whether another
-attempt can help. Workflows and retry policies refer to these constants, never to literals.
-Not workflow code; imports nothing non-deterministic at module level.
+attempt can help. The flag is set where the error is raised, not listed in the retry policies
+(``workflows/policies.py`` says why). Workflows refer to these constants, never to literals.
+
+Not workflow code; imports nothing non-deterministic at module level. Workflows import the
+constants, and the client imports the workflows, so the ``openai`` SDK is imported only inside
+the helpers that classify its errors: by the time they run, the worker has built its client.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-import openai
 from temporalio.exceptions import ApplicationError
+
+if TYPE_CHECKING:
+    import openai
 
 # Retryable: the same request may succeed later.
 LLM_TRANSIENT = "LLMTransient"
@@ -49,19 +57,6 @@ BUDGET_EXHAUSTED = "BudgetExhausted"
 # Raised by the workflow itself.
 BAD_MODEL_OUTPUT = "BadModelOutput"
 """The model kept returning output that failed validation after corrective steps."""
-
-NON_RETRYABLE_TYPES = [
-    LLM_REJECTED,
-    LLM_AUTH,
-    TOOL_NOT_ALLOWED,
-    TOOL_NOT_FOUND,
-    TOOL_INPUT_INVALID,
-    TOOL_PERMISSION,
-    TOOL_FAILED,
-    DOCS_NOT_FOUND,
-    BUDGET_EXHAUSTED,
-]
-"""Every error type raised with ``non_retryable=True``; a test keeps the classifiers honest."""
 
 _MAX_RETRY_AFTER = 300.0
 
@@ -170,6 +165,8 @@ def from_openai(err: openai.OpenAIError, secrets: Iterable[str] = ()) -> Applica
     Returns:
         The ApplicationError to raise from the activity.
     """
+    import openai  # Deferred: see the module docstring.
+
     if isinstance(err, openai.APIStatusError):
         return classify_http_status(
             err.status_code,
@@ -192,3 +189,24 @@ def from_openai(err: openai.OpenAIError, secrets: Iterable[str] = ()) -> Applica
         type=LLM_REJECTED,
         non_retryable=True,
     )
+
+
+@contextlib.contextmanager
+def classifying_openai_errors(secrets: Iterable[str] = ()) -> Iterator[None]:
+    """Re-raise whatever the ``openai`` client raises in the block as ``from_openai`` classifies it.
+
+    Args:
+        secrets: The client's API key (and any other), kept out of the message.
+
+    Yields:
+        Nothing; wrap the client call in ``with``.
+
+    Raises:
+        ApplicationError: The classified error, retryable or not, in place of the SDK's.
+    """
+    import openai  # Deferred: see the module docstring.
+
+    try:
+        yield
+    except openai.OpenAIError as err:
+        raise from_openai(err, secrets) from None

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import openai
 import structlog
+from opentelemetry import trace
 from pydantic import BaseModel, Field, ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -22,10 +22,11 @@ from temporalio.exceptions import ApplicationError
 from keel.activities import errors
 from keel.activities._heartbeat import heartbeating
 from keel.activities.catalog import json_schema
-from keel.activities.errors import BUDGET_EXHAUSTED, from_openai
+from keel.activities.errors import BUDGET_EXHAUSTED, classifying_openai_errors
 from keel.activities.store import KeelStore
 from keel.activities.types import (
     CHARS_PER_TOKEN,
+    LLM_REQUEST_TIMEOUT_SECONDS,
     MIN_OUTPUT_TOKENS,
     PROMPT_CHARS_PER_OBSERVATION,
     AnswerInput,
@@ -41,7 +42,12 @@ from keel.activities.types import (
     VerifyResult,
 )
 
+if TYPE_CHECKING:
+    # Only the worker builds the client; see ``errors`` for why the SDK is not imported here.
+    import openai
+
 log = structlog.get_logger(__name__)
+_tracer = trace.get_tracer(__name__)
 
 DEFAULT_PRICES: dict[str, tuple[float, float]] = {
     "gpt-4.1-mini": (0.40, 1.60),
@@ -83,8 +89,12 @@ class LLMConfig(BaseModel):
     answerer_model: str = "gpt-4.1-mini"
     max_output_tokens: int = Field(default=1024, gt=0)
     prices: dict[str, tuple[float, float]] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
-    request_timeout_seconds: float = 50.0
-    """Kept below LLM_CALL's start-to-close timeout so timeouts are classified, not killed."""
+    request_timeout_seconds: float = Field(
+        default=LLM_REQUEST_TIMEOUT_SECONDS, gt=0, le=LLM_REQUEST_TIMEOUT_SECONDS
+    )
+    """Seconds the client waits for one request. At most ``LLM_REQUEST_TIMEOUT_SECONDS``, from
+    which LLM_CALL's start-to-close timeout is derived, so a slow model ends in a classified
+    timeout, never in an attempt Temporal killed."""
 
     def price(self, model: str) -> tuple[float, float]:
         """USD per million prompt and completion tokens; unknown models at the highest price."""
@@ -219,8 +229,12 @@ class LLMActivities:
                 },
                 "max_tokens": self._affordable(inp, model, len(system) + len(user)),
             }
-            response = await self._post(body)
-            usage = _usage(self._config.price(model), response.usage)
+            with _tracer.start_as_current_span(f"chat {model}") as span:
+                # OpenTelemetry GenAI semantic conventions; a no-op without a tracer provider.
+                span.set_attributes(_genai_request(body))
+                response = await self._post(body)
+                usage = _usage(self._config.price(model), response.usage)
+                span.set_attributes(_genai_response(model, usage))
             log.info(
                 "llm.called",
                 prompt_tokens=usage.prompt_tokens,
@@ -239,26 +253,26 @@ class LLMActivities:
         """Send one chat completion request and parse the reply, heartbeating while it runs.
 
         Raises:
-            ApplicationError: The vendor error, classified by ``from_openai`` (retryable or
-                not), or a retryable ``LLM_TRANSIENT`` when the body is not a chat completion.
+            ApplicationError: The vendor error, classified by ``errors.from_openai`` (retryable
+                or not), or a retryable ``LLM_TRANSIENT`` when the body is not a chat completion.
         """
         try:
             async with heartbeating():
-                # The client's own POST (same auth, base URL, timeout, vendor retries off and
-                # error types as ``chat.completions.create``) without the typed method's walk
-                # of every parameter against its TypedDicts, which is about a third of this
-                # activity's CPU; the body is plain JSON already.
-                raw = await self._client.post(
-                    "/chat/completions",
-                    body=body,
-                    cast_to=str,
-                    options={"timeout": self._config.request_timeout_seconds},
-                )
+                with classifying_openai_errors(secrets=(self._client.api_key,)):
+                    # The client's own POST (same auth, base URL, timeout, vendor retries off
+                    # and error types as ``chat.completions.create``) without the typed
+                    # method's walk of every parameter against its TypedDicts, which is about a
+                    # third of this activity's CPU; the body is plain JSON already.
+                    raw = await self._client.post(
+                        "/chat/completions",
+                        body=body,
+                        cast_to=str,
+                        options={"timeout": self._config.request_timeout_seconds},
+                    )
             return _Completion.model_validate_json(raw)
-        except openai.OpenAIError as err:
-            failure = from_openai(err, secrets=(self._client.api_key,))
+        except ApplicationError as failure:
             log.warning("llm.failed", error_type=failure.type, retryable=not failure.non_retryable)
-            raise failure from None
+            raise
         except ValidationError as err:
             log.warning("llm.malformed_body", error_type=errors.LLM_TRANSIENT)
             raise ApplicationError(
@@ -272,7 +286,9 @@ class LLMActivities:
         The prompt is priced at one token per CHARS_PER_TOKEN characters plus the schema
         allowance, the same conservative estimate the workflow budgets tokens with.
         """
-        cap = min(inp.max_output_tokens, self._config.max_output_tokens)
+        cap = self._config.max_output_tokens
+        if inp.max_output_tokens is not None:
+            cap = min(cap, inp.max_output_tokens)
         if inp.max_cost_usd is None:
             return cap
         price_in, price_out = self._config.price(model)
@@ -323,6 +339,27 @@ _ANSWER_SCHEMA: dict[str, Any] = {
     "properties": {"answer": {"type": "string"}},
     "required": ["answer"],
 }
+
+
+def _genai_request(body: dict[str, Any]) -> dict[str, Any]:
+    """Span attributes of a chat request (GenAI semantic conventions); no prompt text."""
+    return {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "openai",
+        "gen_ai.request.model": body["model"],
+        "gen_ai.request.max_tokens": body["max_tokens"],
+        "gen_ai.output.type": "json",
+    }
+
+
+def _genai_response(model: str, usage: Usage) -> dict[str, Any]:
+    """Span attributes of a chat response: the tokens it used and what it cost."""
+    return {
+        "gen_ai.response.model": model,
+        "gen_ai.usage.input_tokens": usage.prompt_tokens,
+        "gen_ai.usage.output_tokens": usage.completion_tokens,
+        "keel.cost_usd": usage.cost_usd,
+    }
 
 
 def _usage(price: tuple[float, float], usage: Any) -> Usage:

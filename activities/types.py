@@ -1,6 +1,7 @@
 """Payloads that cross the activity boundary.
 
-This module owns every model passed into or returned from an activity. It depends only on
+This module owns every model passed into or returned from an activity (and the one text form
+of search hits, which both a workflow and a tool put in front of the model). It depends only on
 pydantic and the standard library so the workflow sandbox can pass it through cheaply, and it
 is deterministic: no I/O, no clocks.
 
@@ -10,6 +11,7 @@ rename or remove a field that a running job may replay.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -26,6 +28,14 @@ CHARS_PER_TOKEN = 3
 
 MIN_OUTPUT_TOKENS = 64
 """A model call that cannot afford this many completion tokens is not worth making."""
+
+LLM_REQUEST_TIMEOUT_SECONDS = 50.0
+"""Longest the openai client waits for one model request. ``LLM_CALL``'s start-to-close timeout
+is derived from it (``workflows/policies.py``), so a slow model ends in a classified timeout the
+activity reports, never in Temporal killing the attempt mid-request."""
+
+NO_HITS = "no matching documents"
+"""What a search that found nothing reads as, to the model and in a tool's result."""
 
 
 class Usage(BaseModel):
@@ -148,8 +158,10 @@ class LLMCallBase(BaseModel):
     tenant: str
     goal: str
     iteration: int
-    max_output_tokens: int = Field(ge=1)
-    """Completion-token cap the workflow could afford for this call."""
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    """Completion-token cap the workflow could afford for this call, set by its budget ledger
+    just before the call. None: only the worker's own cap applies (calls made outside a job).
+    It used to be required, so recorded inputs always carry it."""
     max_cost_usd: float | None = None
     """Dollars the job has left; the activity, which knows the model's price, lowers its
     completion-token cap to fit and refuses the call (``BudgetExhausted``) when even
@@ -269,6 +281,18 @@ class RetrievalHit(BaseModel):
     score: float
     snippet: str
     metadata: dict[str, str] = Field(default_factory=dict)
+
+
+def format_hits(hits: Sequence[RetrievalHit]) -> str:
+    """Search hits as the model reads them, whether a retrieval step or ``search_docs`` ran.
+
+    Args:
+        hits: Ranked hits, best first.
+
+    Returns:
+        One ``path (score 0.87): snippet`` line per hit, or ``NO_HITS`` when there are none.
+    """
+    return "\n".join(f"{h.path} (score {h.score:.2f}): {h.snippet}" for h in hits) or NO_HITS
 
 
 class RetrievalResult(BaseModel):

@@ -7,6 +7,7 @@ Example:
     >>> result = await jobs.result(job_id)
 """
 
+from keel.client._listing import JobSummary
 from keel.client.connect import connect
 from keel.client.errors import (
     AgentJobError,
@@ -17,7 +18,7 @@ from keel.client.errors import (
     JobNotFound,
     JobTimeout,
 )
-from keel.client.jobs import AgentJobs, JobSummary
+from keel.client.jobs import AgentJobs
 from keel.workflows.types import Budget, HumanInput, JobRequest, JobResult, JobStatus
 
 __all__ = [

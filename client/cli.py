@@ -23,16 +23,13 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from keel.client._listing import JobSummary, list_query
+from keel.client._validation import validate_request, validate_request_key
 from keel.client.connect import connect
 from keel.client.errors import AgentJobError, InvalidJobRequest
 from keel.client.fleet import QueueStats, describe_fleet
-from keel.client.jobs import (
-    AgentJobs,
-    JobSummary,
-    list_query,
-    validate_request,
-    validate_request_key,
-)
+from keel.client.jobs import AgentJobs
+from keel.workflows.budget_text import budget_text, budget_use
 from keel.workflows.types import HumanInput, JobEvent, JobResult, JobStatus, current_iteration
 
 __all__ = ["app"]
@@ -349,7 +346,7 @@ def list_jobs(
 
     async def main() -> list[JobSummary]:
         list_query(tenant=tenant, state=state)  # Refuse bad filters before connecting.
-        return await (await _jobs()).list(tenant=tenant, state=state)
+        return await (await _jobs()).list_jobs(tenant=tenant, state=state)
 
     rows = _run(main)
     if as_json:
@@ -367,7 +364,7 @@ def print_jobs(console: Console, rows: Sequence[JobSummary]) -> None:
 
     Args:
         console: Where to print; its width picks the layout.
-        rows: Summaries from ``AgentJobs.list``.
+        rows: Summaries from ``AgentJobs.list_jobs``.
     """
     widest = max((len(row.job_id) for row in rows), default=3)
     if console.width >= widest + WIDE_TABLE_EXTRA:
@@ -416,15 +413,10 @@ def _state_text(row: JobSummary) -> Text:
 
 
 def _budget_table(snap: JobStatus) -> Table:
-    b, u = snap.budget, snap.usage
     table = Table("budget", "used", "limit", show_edge=False, pad_edge=False)
     table.columns[1].justify = table.columns[2].justify = "right"
-    table.add_row("steps", str(u.steps), str(b.max_steps))
-    table.add_row("tool calls", str(u.tool_calls), str(b.max_tool_calls))
-    table.add_row("tokens", f"{u.tokens:,}", f"{b.max_tokens:,}")
-    table.add_row("cost", f"${u.cost_usd:.4f}", f"${b.max_cost_usd:g}")
-    table.add_row("iterations", str(current_iteration(snap.iteration, b)), str(b.max_iterations))
-    table.add_row("seconds", "", f"{b.max_seconds:g}")
+    for row in budget_use(snap.budget, snap.usage, snap.iteration):
+        table.add_row(row.name, row.used or "", row.limit)
     return table
 
 
@@ -437,14 +429,10 @@ def _events_table(events: Sequence[JobEvent]) -> Table:
 
 
 def _progress(snap: JobStatus) -> Group:
-    b, u = snap.budget, snap.usage
     line = Text.assemble(
         (snap.state, _state_style(snap.state)),
-        f"  iteration {current_iteration(snap.iteration, b)}/{b.max_iterations}",
-        f"  steps {u.steps}/{b.max_steps}",
-        f"  tools {u.tool_calls}/{b.max_tool_calls}",
-        f"  tokens {u.tokens:,}/{b.max_tokens:,}",
-        f"  ${u.cost_usd:.4f}/${b.max_cost_usd:g}",
+        "  ",
+        budget_text(snap.budget, snap.usage, snap.iteration, sep="  "),
     )
     parts: list[Any] = [Text.assemble(("job ", "bold"), snap.job_id), line]
     if snap.events:

@@ -10,14 +10,15 @@ default converter would read them back as plain dicts.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
 
-from temporalio.client import Client
+from temporalio.client import Client, Plugin
 from temporalio.envconfig import ClientConfig
 from temporalio.runtime import Runtime
 
-from keel.activities.converter import DATA_CONVERTER
 from keel.client.errors import ConnectionFailed
+from keel.client.plugin import KeelClientPlugin
 
 __all__ = ["DEFAULT_ADDRESS", "connect"]
 
@@ -35,6 +36,7 @@ async def connect(
     address: str | None = None,
     namespace: str | None = None,
     runtime: Runtime | None = None,
+    plugins: Sequence[Plugin] = (),
 ) -> Client:
     """Connect a Temporal client configured for Keel.
 
@@ -42,9 +44,11 @@ async def connect(
         address: ``host:port`` that overrides ``TEMPORAL_ADDRESS`` and the config profile.
         namespace: Namespace that overrides ``TEMPORAL_NAMESPACE`` and the config profile.
         runtime: SDK runtime to use (workers pass one that exports Prometheus metrics).
+        plugins: Plugins for the client; a ``KeelClientPlugin`` (Keel's converter and, when
+            configured, tracing) is added unless one is given (``KeelPlugin`` is one).
 
     Returns:
-        A connected client using ``DATA_CONVERTER``.
+        A connected client using Keel's data converter.
 
     Raises:
         ConnectionFailed: If the server cannot be reached; the message names the address.
@@ -67,9 +71,11 @@ async def connect(
         },
     )
     try:
+        if not any(isinstance(p, KeelClientPlugin) for p in plugins):
+            plugins = [KeelClientPlugin(), *plugins]
         return await Client.connect(
             **config,
-            data_converter=DATA_CONVERTER,
+            plugins=plugins,
             connect_timeout=CONNECT_TIMEOUT,
             runtime=runtime,
         )

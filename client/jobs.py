@@ -3,75 +3,44 @@
 A job is one ``AgentLoopWorkflow`` execution whose workflow ID is the job ID,
 ``agent-job-{request_key}``. Starting is idempotent on the request key: the same key always
 names the same job, whether it is still running or has long ended. Requests are validated
-here, before anything is started, so a malformed job fails fast with the field that is wrong.
+before anything is started (``client._validation``), so a malformed job fails fast with the
+field that is wrong.
 
-Every Temporal exception is mapped onto ``client.errors``; callers never catch SDK types.
+Every Temporal exception is mapped onto ``client.errors`` (``client._error_mapping``); callers
+never catch SDK types. The start options live in ``client._starting``; listing reads visibility
+(``client._listing``) and a closed job's final state comes from ``describe``
+(``client._execution_state``), so neither needs a worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import builtins
 import itertools
-import re
 from collections.abc import AsyncIterator, Mapping
-from datetime import datetime, timedelta
-from pathlib import Path
-from typing import Any, cast, get_args
+from datetime import timedelta
+from typing import Any
 from uuid import uuid4
 
-from pydantic import BaseModel, ValidationError
 from temporalio.client import (
     Client,
     RPCTimeoutOrCancelledError,
-    WorkflowExecution,
-    WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
     WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
 )
-from temporalio.common import (
-    SearchAttributePair,
-    TypedSearchAttributes,
-    WorkflowIDConflictPolicy,
-    WorkflowIDReusePolicy,
-)
-from temporalio.exceptions import (
-    ApplicationError,
-    CancelledError,
-    FailureError,
-    TerminatedError,
-    WorkflowAlreadyStartedError,
-)
-from temporalio.exceptions import (
-    TimeoutError as TemporalTimeoutError,
-)
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from keel.activities.catalog import BUILTIN_TOOLS
-from keel.client.errors import (
-    AgentJobError,
-    ConnectionFailed,
-    InputRejected,
-    InvalidJobRequest,
-    JobFailed,
-    JobNotFound,
-    JobTimeout,
-)
-from keel.workflows import TASK_QUEUE, TASK_QUEUES, WORKFLOW_TYPE
+from keel.client._error_mapping import failure_cause, failure_message, no_worker, rpc_error
+from keel.client._execution_state import describe_closed_state, wait_closed
+from keel.client._listing import JobSummary, list_summaries
+from keel.client._starting import start_options
+from keel.client._validation import human_input, validate_request, validate_request_key
+from keel.client.errors import AgentJobError, InputRejected, JobFailed, JobNotFound
+from keel.workflows import TASK_QUEUE, TASK_QUEUES
 from keel.workflows.agent_loop import AgentLoopWorkflow
-from keel.workflows.search_attributes import (
-    KEEL_COST_USD,
-    KEEL_MODE,
-    KEEL_OUTCOME,
-    KEEL_STATE,
-    KEEL_TENANT,
-    KEEL_TOKENS,
-    KEEL_USER,
-)
 from keel.workflows.types import (
-    IDENT_RE,
     JOB_ID_PREFIX,
     TERMINAL_STATES,
     AgentLoopInput,
@@ -82,153 +51,10 @@ from keel.workflows.types import (
     JobStatus,
 )
 
-__all__ = [
-    "AgentJobs",
-    "JobSummary",
-    "REQUEST_KEY_RE",
-    "list_query",
-    "validate_request",
-    "validate_request_key",
-]
-
-REQUEST_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-"""Caller idempotency keys: the job ID is built from them, so no quotes, spaces or slashes."""
-
-SUMMARY_CHARS = 120
-"""The UI shows ``static_summary`` on one line; longer goals are cut."""
-
-BACKSTOP_SLACK_SECONDS = 600.0
-"""Room over the job's own budgets before Temporal's ``execution_timeout`` kills it."""
+__all__ = ["AgentJobs"]
 
 QUERY_TIMEOUT = timedelta(seconds=10)
 """A status query waits for a worker; without one it would hang, so give up and say why."""
-
-RESULT_POLL_SECONDS = 0.5
-"""How often ``result(timeout=...)`` checks whether the job has closed."""
-
-_JOB_STATES: frozenset[str] = frozenset(get_args(JobState))
-
-_EXECUTION_STATE: dict[WorkflowExecutionStatus, JobState] = {
-    WorkflowExecutionStatus.FAILED: "failed",
-    WorkflowExecutionStatus.TERMINATED: "failed",
-    WorkflowExecutionStatus.TIMED_OUT: "failed",
-    WorkflowExecutionStatus.CANCELED: "cancelled",
-    WorkflowExecutionStatus.COMPLETED: "completed",
-}
-"""Job state implied by a closed execution when its own status query is unavailable."""
-
-
-class JobSummary(BaseModel):
-    """One row of ``AgentJobs.list``, read from visibility (search attributes), not a query."""
-
-    job_id: str
-    """Workflow ID of the job."""
-    state: JobState | None = None
-    """Last ``KeelState`` the workflow upserted; ``None`` before visibility caught up."""
-    outcome: str | None = None
-    """``KeelOutcome`` once the job has ended."""
-    tenant: str | None = None
-    """``KeelTenant`` set at start."""
-    user: str | None = None
-    """``KeelUser`` set at start."""
-    temporal_status: str
-    """Temporal's execution status name, such as ``RUNNING`` or ``COMPLETED``."""
-    started_at: datetime
-    """When the job's current run started."""
-    cost_usd: float | None = None
-    """``KeelCostUsd``: dollars spent so far."""
-    tokens: int | None = None
-    """``KeelTokens``: prompt plus completion tokens so far."""
-
-
-def validate_request(req: JobRequest | Mapping[str, Any]) -> JobRequest:
-    """Validate a job request fully, without contacting Temporal.
-
-    Runs the pydantic model's checks, then the ones it cannot do alone: every tool must be a
-    built-in tool, and ``docs_dir`` must be an existing directory (resolved to an absolute
-    path, so a worker on the same machine finds it whatever its working directory).
-
-    Args:
-        req: A ``JobRequest``, or a mapping to validate into one.
-
-    Returns:
-        The request, with ``docs_dir`` made absolute.
-
-    Raises:
-        InvalidJobRequest: If any field is wrong; ``field`` is its dotted path.
-    """
-    try:
-        request = req if isinstance(req, JobRequest) else JobRequest.model_validate(req)
-    except ValidationError as err:
-        raise InvalidJobRequest.from_validation_error(err) from None
-    unknown = [name for name in request.tools if name not in BUILTIN_TOOLS]
-    if unknown:
-        raise InvalidJobRequest(
-            "tools",
-            f"unknown tool {', '.join(map(repr, unknown))}; "
-            f"known tools: {', '.join(sorted(BUILTIN_TOOLS))}",
-        )
-    if request.docs_dir is not None:
-        docs = Path(request.docs_dir).expanduser().resolve()
-        if not docs.is_dir():
-            problem = "is not a directory" if docs.exists() else "does not exist"
-            raise InvalidJobRequest("docs_dir", f"{docs} {problem}")
-        request = request.model_copy(update={"docs_dir": str(docs)})
-    return request
-
-
-def validate_request_key(request_key: str) -> str:
-    """Check a caller's idempotency key.
-
-    Args:
-        request_key: 1-128 letters, digits, ``.``, ``_`` or ``-``, starting with a letter or
-            digit.
-
-    Returns:
-        The key, unchanged.
-
-    Raises:
-        InvalidJobRequest: With ``field="request_key"`` if the key does not match.
-    """
-    if not REQUEST_KEY_RE.match(request_key):
-        raise InvalidJobRequest(
-            "request_key",
-            "must be 1-128 characters of letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit",
-        )
-    return request_key
-
-
-def list_query(*, tenant: str | None = None, state: str | None = None) -> str:
-    """Build the visibility query that selects Keel jobs, optionally by tenant and state.
-
-    Both values are checked against closed vocabularies before they are put into the query
-    string, so no caller can inject visibility-query syntax.
-
-    Args:
-        tenant: Only this tenant's jobs; must be an identifier (``IDENT_RE``).
-        state: Only jobs in this ``JobState``.
-
-    Returns:
-        A query such as ``WorkflowType = 'AgentLoopWorkflow' AND KeelTenant = 'acme'``.
-
-    Raises:
-        InvalidJobRequest: With ``field`` ``"tenant"`` or ``"state"`` if a value is malformed.
-    """
-    clauses = [f"WorkflowType = '{WORKFLOW_TYPE}'"]
-    if tenant is not None:
-        if not IDENT_RE.match(tenant):
-            raise InvalidJobRequest(
-                "tenant", "must be 1-64 letters, digits, '.', '_' or '-', starting alphanumeric"
-            )
-        clauses.append(f"{KEEL_TENANT.name} = '{tenant}'")
-    if state is not None:
-        if state not in _JOB_STATES:
-            raise InvalidJobRequest(
-                "state", f"unknown state {state!r}; one of: {', '.join(get_args(JobState))}"
-            )
-        clauses.append(f"{KEEL_STATE.name} = '{state}'")
-    return " AND ".join(clauses)
 
 
 class AgentJobs:
@@ -274,35 +100,16 @@ class AgentJobs:
         request = validate_request(req)
         key = uuid4().hex if request_key is None else request_key
         job_id = JOB_ID_PREFIX + validate_request_key(key)
-        budget = request.budget
-        backstop = (
-            budget.max_seconds
-            + budget.max_questions * request.ask_timeout_seconds
-            + BACKSTOP_SLACK_SECONDS
-        )
         try:
             await self._client.start_workflow(
                 AgentLoopWorkflow.run,
                 AgentLoopInput(request=request),
                 id=job_id,
                 task_queue=task_queue or self._fixed_queue or TASK_QUEUES[request.mode],
-                # A retried request with the same key joins the running job; once it has
-                # closed, the key is spent and the start is rejected (caught below).
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                execution_timeout=timedelta(seconds=backstop),
-                search_attributes=TypedSearchAttributes(
-                    [
-                        SearchAttributePair(KEEL_TENANT, request.tenant),
-                        SearchAttributePair(KEEL_USER, request.user),
-                        SearchAttributePair(KEEL_STATE, "running"),
-                        SearchAttributePair(KEEL_MODE, request.mode),
-                    ]
-                ),
-                static_summary=_summary(request.goal),
-                static_details=_details(request),
+                **start_options(request),
             )
         except WorkflowAlreadyStartedError:
+            # The key's job has closed and the key is spent: it still names that job.
             return job_id
         except RPCError as err:
             raise self._rpc_error(err) from None
@@ -328,7 +135,7 @@ class AgentJobs:
         except WorkflowQueryFailedError as err:
             raise AgentJobError(f"status query for job {job_id} failed: {err.message}") from None
         except RPCTimeoutOrCancelledError:
-            raise self._no_worker(job_id, "status query") from None
+            raise no_worker(job_id, "status query", self.task_queue) from None
         except RPCError as err:
             raise self._rpc_error(err, job_id, "status query") from None
 
@@ -347,13 +154,13 @@ class AgentJobs:
             InputRejected: If no question is pending or the job has ended.
             JobNotFound: If no job has this ID.
         """
-        inp = _human_input(answer)
+        inp = human_input(answer)
         try:
             return await self._handle(job_id).execute_update(AgentLoopWorkflow.answer, inp)
         except WorkflowUpdateFailedError as err:
-            raise InputRejected(job_id, _failure_message(err.cause)) from None
+            raise InputRejected(job_id, failure_message(err.cause)) from None
         except RPCTimeoutOrCancelledError:
-            raise self._no_worker(job_id, "answer") from None
+            raise no_worker(job_id, "answer", self.task_queue) from None
         except RPCError as err:
             raise await self._closed_or_missing(err, job_id) from None
 
@@ -371,7 +178,7 @@ class AgentJobs:
             InputRejected: If the job has ended.
             JobNotFound: If no job has this ID.
         """
-        inp = _human_input(answer)
+        inp = human_input(answer)
         try:
             await self._handle(job_id).signal(AgentLoopWorkflow.answer_signal, inp)
         except RPCError as err:
@@ -413,10 +220,10 @@ class AgentJobs:
         handle = self._handle(job_id)
         try:
             if timeout is not None:
-                await self._wait_closed(handle, job_id, timeout)
+                await wait_closed(handle, job_id, timeout)
             return await handle.result()
         except WorkflowFailureError as err:
-            raise JobFailed(job_id, *_cause(err.cause)) from None
+            raise JobFailed(job_id, *failure_cause(err.cause)) from None
         except RPCError as err:
             raise self._rpc_error(err, job_id, "result") from None
 
@@ -460,9 +267,9 @@ class AgentJobs:
             yield last
             await asyncio.sleep(poll)
 
-    async def list(
+    async def list_jobs(
         self, *, tenant: str | None = None, state: str | None = None, limit: int = 50
-    ) -> builtins.list[JobSummary]:
+    ) -> list[JobSummary]:
         """List jobs from Temporal visibility, most recent first.
 
         Args:
@@ -476,53 +283,20 @@ class AgentJobs:
         Raises:
             InvalidJobRequest: If ``tenant``, ``state`` or ``limit`` is malformed.
         """
-        if limit < 1:
-            raise InvalidJobRequest("limit", "must be at least 1")
-        query = list_query(tenant=tenant, state=state)
         try:
-            return [
-                _summarise(execution)
-                async for execution in self._client.list_workflows(query, limit=limit)
-            ]
+            return await list_summaries(self._client, tenant=tenant, state=state, limit=limit)
         except RPCError as err:
             raise self._rpc_error(err, None, "list") from None
 
     def _handle(self, job_id: str) -> WorkflowHandle[AgentLoopWorkflow, JobResult]:
         return self._client.get_workflow_handle_for(AgentLoopWorkflow.run, job_id)
 
-    async def _wait_closed(
-        self, handle: WorkflowHandle[AgentLoopWorkflow, JobResult], job_id: str, timeout: float
-    ) -> None:
-        """Poll ``describe`` until the execution closes or ``timeout`` passes.
-
-        ``asyncio.wait_for(handle.result(), timeout)`` would cancel the SDK's in-flight history
-        long poll, which can leave the process hanging at exit (seen with temporalio 1.35), and
-        ``rpc_timeout`` does not bound that long poll on recent servers
-        (temporalio/temporal#8970). Short describe calls plus a sleep have neither problem.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            desc = await handle.describe()
-            if desc.status is not None and desc.status != WorkflowExecutionStatus.RUNNING:
-                return
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise JobTimeout(job_id, timeout)
-            await asyncio.sleep(min(RESULT_POLL_SECONDS, remaining))
-
     async def _closed_state(self, job_id: str) -> JobState | None:
         """The final job state if the execution has closed, else ``None``."""
         try:
-            desc = await self._handle(job_id).describe()
+            return await describe_closed_state(self._handle(job_id))
         except RPCError as err:
             raise self._rpc_error(err, job_id, "describe") from None
-        if desc.status is None or desc.status not in _EXECUTION_STATE:
-            return None
-        outcome = _job_state(desc.typed_search_attributes.get(KEEL_OUTCOME))
-        if desc.status == WorkflowExecutionStatus.COMPLETED and outcome in TERMINAL_STATES:
-            return outcome
-        return _EXECUTION_STATE[desc.status]
 
     async def _closed_or_missing(self, err: RPCError, job_id: str) -> AgentJobError:
         """Tell "no such job" from "job has ended"; the server says NOT_FOUND for both."""
@@ -539,98 +313,5 @@ class AgentJobs:
     def _rpc_error(
         self, err: RPCError, job_id: str | None = None, what: str = "request"
     ) -> AgentJobError:
-        if err.status == RPCStatusCode.NOT_FOUND and job_id is not None:
-            return JobNotFound(job_id)
-        if err.status == RPCStatusCode.UNAVAILABLE:
-            return ConnectionFailed(self._address(), err.message)
-        if err.status in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED):
-            return self._no_worker(job_id, what)
-        hint = ""
-        if "search attribute" in err.message.lower():
-            hint = "; Keel's search attributes are not registered (`keel dev` registers them)"
-        return AgentJobError(
-            f"Temporal refused the {what} ({err.status.name}): {err.message}{hint}"
-        )
-
-    def _no_worker(self, job_id: str | None, what: str) -> AgentJobError:
-        target = f" for job {job_id}" if job_id else ""
-        return AgentJobError(
-            f"{what}{target} timed out; is a Keel worker polling task queue {self.task_queue!r}?"
-        )
-
-    def _address(self) -> str:
-        return self._client.service_client.config.target_host
-
-
-def _summary(goal: str) -> str:
-    line = " ".join(goal.split())
-    return line if len(line) <= SUMMARY_CHARS else line[: SUMMARY_CHARS - 1] + "…"
-
-
-def _details(req: JobRequest) -> str:
-    """Markdown for the Temporal UI: who asked and within which limits. Holds no secrets."""
-    b = req.budget
-    return "\n".join(
-        [
-            f"**Tenant:** `{req.tenant}` · **User:** `{req.user}`",
-            f"**Tools:** {', '.join(f'`{t}`' for t in req.tools) or 'none'}",
-            f"**Documents:** {'yes' if req.docs_dir else 'no'}",
-            f"**Budget:** {b.max_steps} steps · {b.max_tool_calls} tool calls · "
-            f"{b.max_tokens:,} tokens · ${b.max_cost_usd:g} · {b.max_seconds:g}s · "
-            f"{b.max_iterations} iterations · {b.max_questions} questions",
-        ]
-    )
-
-
-def _human_input(answer: HumanInput | str) -> HumanInput:
-    if isinstance(answer, HumanInput):
-        return answer
-    try:
-        return HumanInput(text=answer)
-    except ValidationError as err:
-        raise InvalidJobRequest.from_validation_error(err) from None
-
-
-def _failure_message(err: BaseException) -> str:
-    return err.message if isinstance(err, FailureError) else str(err)
-
-
-def _cause(err: BaseException) -> tuple[str, str]:
-    """``(cause_type, message)`` of a workflow failure, from its innermost ApplicationError."""
-    chain: builtins.list[BaseException] = []
-    current: BaseException | None = err
-    while current is not None and len(chain) < 20:
-        chain.append(current)
-        current = current.__cause__
-    for failure in reversed(chain):
-        if isinstance(failure, ApplicationError) and failure.type:
-            return failure.type, failure.message
-    kinds: builtins.list[tuple[type[BaseException], str]] = [
-        (CancelledError, "Cancelled"),
-        (TerminatedError, "Terminated"),
-        (TemporalTimeoutError, "TimedOut"),
-    ]
-    for kind, name in kinds:
-        if isinstance(err, kind):
-            return name, _failure_message(err)
-    return type(err).__name__, _failure_message(err)
-
-
-def _job_state(value: str | None) -> JobState | None:
-    """A search-attribute value as a JobState; None for a value this build does not know."""
-    return cast(JobState, value) if value in _JOB_STATES else None
-
-
-def _summarise(execution: WorkflowExecution) -> JobSummary:
-    attrs = execution.typed_search_attributes
-    return JobSummary(
-        job_id=execution.id,
-        state=_job_state(attrs.get(KEEL_STATE)),
-        outcome=attrs.get(KEEL_OUTCOME),
-        tenant=attrs.get(KEEL_TENANT),
-        user=attrs.get(KEEL_USER),
-        temporal_status=execution.status.name if execution.status else "UNKNOWN",
-        started_at=execution.start_time,
-        cost_usd=attrs.get(KEEL_COST_USD),
-        tokens=attrs.get(KEEL_TOKENS),
-    )
+        address = self._client.service_client.config.target_host
+        return rpc_error(err, address=address, task_queue=self.task_queue, job_id=job_id, what=what)

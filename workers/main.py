@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -32,7 +31,8 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 from keel.client.connect import connect
 from keel.client.fleet import describe_fleet
 from keel.workers.logs import loggable_url
-from keel.workers.registry import INTERCEPTORS, WORKFLOWS, build_activities, build_deps
+from keel.workers.plugin import KeelPlugin
+from keel.workers.registry import deps_from_settings
 from keel.workers.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
@@ -48,9 +48,9 @@ class RedisUnavailable(RuntimeError):
 
 
 def build_worker(
-    client: Client, settings: WorkerSettings, activities: list[Callable[..., Any]], queue: str
+    client: Client, settings: WorkerSettings, queue: str, *, plugin: KeelPlugin
 ) -> Worker:
-    """A Worker for Keel's workflows and the given activities on one queue, tuned by settings."""
+    """A Worker running ``plugin`` (Keel's workflow and activities) on one queue, tuned."""
     tuning: dict[str, Any] = {}
     if settings.resource_tuner:
         tuning["tuner"] = WorkerTuner.create_resource_based(
@@ -71,9 +71,7 @@ def build_worker(
         client,
         task_queue=queue,
         workflow_runner=workflow_runner(settings),
-        workflows=WORKFLOWS,
-        activities=activities,
-        interceptors=INTERCEPTORS,
+        plugins=[plugin],
         graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown_seconds),
         identity=settings.identity,
         **tuning,
@@ -134,14 +132,7 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event | None = None
             loop.add_signal_handler(sig, stop.set)
     runtime = metrics_runtime(settings.metrics_port)
     client = await connect(runtime=runtime)
-    deps = build_deps(
-        redis_url=settings.redis_url,
-        openai_base_url=settings.openai_base_url,
-        openai_api_key=settings.openai_api_key.get_secret_value(),
-        llm_config=settings.llm_config(),
-        http_allowed_hosts=settings.allowed_hosts(),
-        http_max_bytes=settings.http_max_bytes,
-    )
+    deps = deps_from_settings(settings)
     try:
         await deps.store.ping()
     except RedisError as err:
@@ -150,8 +141,9 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event | None = None
             f"cannot reach Redis at {loggable_url(settings.redis_url)} ({err}); "
             "start one with `keel dev`, or set REDIS_URL"
         ) from None
-    activities = build_activities(deps)
-    workers = [build_worker(client, settings, activities, q) for q in settings.queues()]
+    # One plugin, one set of clients, shared by every queue's worker.
+    plugin = KeelPlugin(deps)
+    workers = [build_worker(client, settings, q, plugin=plugin) for q in settings.queues()]
     gauges = None
     if runtime is not None:
         gauges = asyncio.create_task(

@@ -18,6 +18,7 @@ from keel.activities.llm import LLMActivities, LLMConfig
 from keel.activities.retrieval import RetrievalActivities, Retriever
 from keel.activities.store import KeelStore
 from keel.activities.tools import ToolActivities, ToolRegistry
+from keel.workers.settings import WorkerSettings
 from keel.workflows.agent_loop import AgentLoopWorkflow
 
 WORKFLOWS: list[type] = [AgentLoopWorkflow]
@@ -66,6 +67,27 @@ def build_deps(
         http_client=openai.DefaultAioHttpClient(),
     )
     return Deps(llm=llm, llm_config=llm_config, store=store, tools=tools, retriever=retriever)
+
+
+def deps_from_settings(
+    settings: WorkerSettings, *, http_allowed_hosts: list[str] | None = None
+) -> Deps:
+    """The real dependencies as ``keel worker`` builds them from its settings.
+
+    Args:
+        settings: The worker's settings (environment).
+        http_allowed_hosts: Overrides the settings' ``http_get`` allow-list.
+    """
+    return build_deps(
+        redis_url=settings.redis_url,
+        openai_base_url=settings.openai_base_url,
+        openai_api_key=settings.openai_api_key.get_secret_value(),
+        llm_config=settings.llm_config(),
+        http_allowed_hosts=settings.allowed_hosts()
+        if http_allowed_hosts is None
+        else http_allowed_hosts,
+        http_max_bytes=settings.http_max_bytes,
+    )
 
 
 def build_activities(deps: Deps) -> list[Callable[..., Any]]:

@@ -12,14 +12,12 @@ import asyncio
 from collections.abc import Callable
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, RetryState, TimeoutError
 
 with workflow.unsafe.imports_passed_through():
-    from keel.activities.catalog import BUILTIN_TOOLS
     from keel.activities.retrieval import RetrievalActivities
     from keel.activities.tools import ToolActivities
-    from keel.activities.types import Observation, PlanStep, RetrievalQuery, ToolCall
+    from keel.activities.types import Observation, PlanStep, RetrievalQuery, ToolCall, format_hits
     from keel.workflows import policies
     from keel.workflows._budget import BudgetExhausted, Ledger
     from keel.workflows.types import BudgetName, JobRequest, LoopState
@@ -107,15 +105,11 @@ class StepRunner:
             )
         except ActivityError as err:
             return self._failed(base, err)
-        lines = [f"{h.path} (score {h.score:.2f}): {h.snippet}" for h in result.hits]
-        content = "\n".join(lines) or "no matches"
-        return base.model_copy(update={"ok": True, "content": content})
+        return base.model_copy(update={"ok": True, "content": format_hits(result.hits)})
 
     async def _tool(self, step: PlanStep) -> Observation:
         tool = step.tool or ""
         base = Observation(step_id=step.id, kind="tool", name=tool or "?", ok=False)
-        info = BUILTIN_TOOLS.get(tool)
-        config = policies.TOOL_WRITE if info and info.side_effecting else policies.TOOL_READ
         call = ToolCall(
             tenant=self._req.tenant,
             step_key=f"{self._s.iteration}:{step.id}",
@@ -125,14 +119,13 @@ class StepRunner:
         )
         if self._req.docs_dir:
             call.docs_dir = self._req.docs_dir
-        ceiling = (config.get("retry_policy") or RetryPolicy()).maximum_attempts or 1_000
-        attempts = self._ledger.attempts_for(tool, ceiling)
+        attempts = self._ledger.attempts_for(tool, policies.TOOL_ATTEMPTS)
         try:
             result = await workflow.execute_activity_method(
                 ToolActivities.execute_tool,
                 call,
                 **policies.capped(
-                    config,
+                    policies.TOOL_CALL,
                     self._ledger.remaining(workflow.now()),
                     attempts,
                     summary=f"tool {tool}",

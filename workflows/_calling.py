@@ -43,7 +43,11 @@ class ModelCaller:
         self._req, self._s, self._ledger, self._charged = req, state, ledger, charged
 
     def fields(self, **optional: Any) -> dict[str, Any]:
-        """Fields of an LLM input; optional ones only when set, so payloads stay small."""
+        """Fields of an LLM input; optional ones only when set, so payloads stay small.
+
+        The budget fields (``max_output_tokens``, ``max_cost_usd``) are left unset: ``call``
+        fills them in once the ledger has reserved the call.
+        """
         optional |= {
             # Stored outputs go by reference only: the activity reads them from Redis, and the
             # tool's result in history already holds their preview.
@@ -56,11 +60,13 @@ class ModelCaller:
             "tenant": self._req.tenant,
             "goal": self._req.goal,
             "iteration": self._s.iteration,
-            "max_output_tokens": 1,
         }
 
     async def call(self, method: Callable[[Any, Any], Awaitable[R]], inp: Any, phase: str) -> R:
         """Run one LLM activity inside the budget: reserve the worst case, call, charge actual.
+
+        The prompt is estimated from ``inp`` as built by ``fields``; the reservation's token cap
+        and dollars left are then set on it, the only fields a reservation decides.
 
         Raises:
             BudgetExhausted: A budget cannot cover the call, or ran out while it was retried.

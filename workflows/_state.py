@@ -9,13 +9,13 @@ from datetime import datetime
 
 from temporalio import workflow
 
+from keel.workflows.budget_text import budget_text
 from keel.workflows.types import (
     JobEvent,
     JobRequest,
     JobStatus,
     JobUsage,
     LoopState,
-    current_iteration,
 )
 
 MAX_EVENTS = 20
@@ -66,15 +66,9 @@ def status_of(job_id: str, req: JobRequest, state: LoopState) -> JobStatus:
 
 
 def details_markdown(req: JobRequest, state: LoopState) -> str:
-    """Current details for the Temporal UI: phase, iteration and budget use."""
-    b, c = req.budget, state.counters
-    return (
-        f"**{state.state}** · "
-        f"iteration {current_iteration(state.iteration, b)}/{b.max_iterations}\n\n"
-        f"steps {c.steps}/{b.max_steps} · tool calls {c.tool_calls}/{b.max_tool_calls} · "
-        f"tokens {c.usage.total_tokens}/{b.max_tokens} · "
-        f"${c.usage.cost_usd:.4f}/${b.max_cost_usd:.2f}"
-    )
+    """Current details for the Temporal UI: phase, then iteration and budget use."""
+    usage = JobUsage.of(state.counters)
+    return f"**{state.state}**\n\n{budget_text(req.budget, usage, state.iteration)}"
 
 
 def observation_summary(state: LoopState) -> str | None:

@@ -1,6 +1,6 @@
 """Retry policies and timeouts for every kind of activity, declared once.
 
-Deterministic constants only.
+Deterministic constants, and ``capped``, a pure function of its arguments.
 
 Non-retryable failures are marked where they are raised (``ApplicationError(non_retryable=True)``
 from the classification helpers in ``activities.errors``, covered by their tests), not repeated
@@ -14,20 +14,31 @@ tool that has used its retry budget), never widen them.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
+from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.workflow import ActivityConfig
 
-LLM_REQUEST_TIMEOUT_SECONDS = 50.0
-"""The openai client's own request timeout; kept inside LLM_CALL's start-to-close timeout so the
-activity reports a classified timeout instead of being killed by Temporal mid-request."""
+with workflow.unsafe.imports_passed_through():
+    from keel.activities.types import LLM_REQUEST_TIMEOUT_SECONDS
+
+LLM_ATTEMPT_SLACK = timedelta(seconds=10)
+"""Room over the client's request timeout for building the prompt and reading the reply, so the
+activity, not Temporal, is the one that gives up on a slow model (and says why)."""
+
+HEARTBEAT_TIMEOUT = timedelta(seconds=10)
+"""Every activity that can stall heartbeats every 2 s; a worker killed mid-call is noticed in
+10 s instead of at the end of the attempt's start-to-close timeout."""
+
+TOOL_ATTEMPTS = 6
+"""Most attempts one tool call may use; the job's ``max_retries_per_tool`` lowers it per call."""
 
 LLM_CALL = ActivityConfig(
-    # One attempt may take a slow model 50 s; the timeout must be longer than the client's.
-    start_to_close_timeout=timedelta(seconds=60),
-    # The activity heartbeats every 2 s; a worker killed mid-call is noticed in 10 s.
-    heartbeat_timeout=timedelta(seconds=10),
+    # The attempt timeout is the client's own request timeout plus slack, never shorter.
+    start_to_close_timeout=timedelta(seconds=LLM_REQUEST_TIMEOUT_SECONDS) + LLM_ATTEMPT_SLACK,
+    heartbeat_timeout=HEARTBEAT_TIMEOUT,
     # Ten attempts ride out a provider brown-out of one to two and a half minutes: the worker
     # jitters each wait into the upper half of 1, 2, 4 ... 30 s (activities/_backoff.py), so
     # jobs that failed together do not retry together; Retry-After on 429 is a floor instead.
@@ -40,39 +51,26 @@ LLM_CALL = ActivityConfig(
     ),
 )
 
-TOOL_READ = ActivityConfig(
-    # Read-only tools (calculator, http_get, search_docs) are cheap to repeat.
+TOOL_CALL = ActivityConfig(
+    # One policy for reads and writes alike. Reads (calculator, http_get, search_docs) are safe
+    # to repeat; writes (write_note) are made so by their op_key: the gateway replays a recorded
+    # result and the store writes a note at most once per key. A gentler policy for writes would
+    # only lose the retries that carry them through a short Redis outage.
     start_to_close_timeout=timedelta(seconds=30),
-    heartbeat_timeout=timedelta(seconds=10),
+    heartbeat_timeout=HEARTBEAT_TIMEOUT,
     schedule_to_close_timeout=timedelta(minutes=3),
     retry_policy=RetryPolicy(
         initial_interval=timedelta(milliseconds=250),
         backoff_coefficient=2.0,
         maximum_interval=timedelta(seconds=10),
-        # The job's max_retries_per_tool budget lowers this per call; this is the ceiling.
-        maximum_attempts=6,
-    ),
-)
-
-TOOL_WRITE = ActivityConfig(
-    # Side-effecting tools carry an op_key and are recorded in Redis, so a retry after a
-    # timeout replays the recorded result instead of repeating the effect.
-    start_to_close_timeout=timedelta(seconds=30),
-    heartbeat_timeout=timedelta(seconds=10),
-    schedule_to_close_timeout=timedelta(minutes=3),
-    retry_policy=RetryPolicy(
-        initial_interval=timedelta(milliseconds=250),
-        backoff_coefficient=2.0,
-        maximum_interval=timedelta(seconds=10),
-        maximum_attempts=6,
+        maximum_attempts=TOOL_ATTEMPTS,
     ),
 )
 
 RETRIEVAL = ActivityConfig(
     # Indexing a folder the first time can take a few seconds; searches after that are fast.
     start_to_close_timeout=timedelta(seconds=60),
-    # The activity heartbeats every 2 s; a worker killed mid-call is noticed in 10 s.
-    heartbeat_timeout=timedelta(seconds=10),
+    heartbeat_timeout=HEARTBEAT_TIMEOUT,
     schedule_to_close_timeout=timedelta(minutes=3),
     retry_policy=RetryPolicy(
         initial_interval=timedelta(milliseconds=250),
@@ -91,20 +89,25 @@ def capped(
 ) -> ActivityConfig:
     """``config`` narrowed, never widened, for one call (with its UI ``summary``).
 
-    Schedule-to-close is cut to the wall-clock time the job has left and, when ``attempts`` is
-    given (a tool's retry budget), the retry policy allows at most that many attempts.
+    Args:
+        config: One of the policies above.
+        remaining: Wall-clock time the job has left; schedule-to-close is cut to it (it is the
+            whole limit for a policy that sets none).
+        attempts: A tool's retry budget: at most this many attempts (of the server's default
+            policy for a policy that sets none).
+        summary: What the Temporal UI calls this step.
+
+    Returns:
+        A copy of ``config`` with the narrowed limits.
     """
     narrowed = config.copy()
     if summary is not None:
         narrowed["summary"] = summary
-    limit = config.get("schedule_to_close_timeout") or timedelta(minutes=5)
-    narrowed["schedule_to_close_timeout"] = min(limit, remaining)
+    limit = config.get("schedule_to_close_timeout")
+    narrowed["schedule_to_close_timeout"] = remaining if limit is None else min(limit, remaining)
     if attempts is not None:
         policy = config.get("retry_policy") or RetryPolicy()
-        narrowed["retry_policy"] = RetryPolicy(
-            initial_interval=policy.initial_interval,
-            backoff_coefficient=policy.backoff_coefficient,
-            maximum_interval=policy.maximum_interval,
-            maximum_attempts=attempts,
-        )
+        if policy.maximum_attempts > 0:  # Zero is Temporal's "unlimited".
+            attempts = min(attempts, policy.maximum_attempts)
+        narrowed["retry_policy"] = dataclasses.replace(policy, maximum_attempts=attempts)
     return narrowed

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from pydantic import ValidationError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -17,7 +18,13 @@ from keel.activities import errors
 from keel.activities.catalog import BUILTIN_TOOLS, tool_schema
 from keel.activities.llm import PLANNER_PROMPT, LLMActivities, LLMConfig
 from keel.activities.store import KeelStore
-from keel.activities.types import AnswerInput, Observation, PlanInput, VerifyInput
+from keel.activities.types import (
+    LLM_REQUEST_TIMEOUT_SECONDS,
+    AnswerInput,
+    Observation,
+    PlanInput,
+    VerifyInput,
+)
 from keel.workers.registry import build_deps
 from keel.workflows._budget import CHARS_PER_TOKEN, PROMPT_OVERHEAD_TOKENS
 
@@ -267,3 +274,17 @@ async def test_stored_observations_reach_the_prompt_from_redis(redis_url: str) -
     assert contents[0] == "A" * 4000  # PROMPT_CHARS_PER_OBSERVATION of the stored output
     assert contents[1] == "(output of 900 characters no longer stored)"
     assert contents[2] == "4"
+
+
+async def test_without_a_workflow_cap_the_worker_cap_applies() -> None:
+    acts, seen = activities(lambda _: httpx.Response(200, json=completion('{"answer": "4"}')))
+    inp = PlanInput(tenant="t", goal="What is 2 + 2?", iteration=0)
+    assert inp.max_output_tokens is None
+    await ActivityEnvironment().run(acts.plan_step, inp)
+    assert json.loads(seen[0].content)["max_tokens"] == LLMConfig().max_output_tokens
+
+
+def test_request_timeout_cannot_outgrow_the_attempt_timeout() -> None:
+    assert LLMConfig().request_timeout_seconds == LLM_REQUEST_TIMEOUT_SECONDS
+    with pytest.raises(ValidationError):
+        LLMConfig(request_timeout_seconds=LLM_REQUEST_TIMEOUT_SECONDS + 1)

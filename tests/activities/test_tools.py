@@ -29,7 +29,7 @@ from keel.activities.catalog import BUILTIN_TOOLS, ToolInfo, WriteNoteArgs, tool
 from keel.activities.retrieval import Retriever
 from keel.activities.store import KeelStore
 from keel.activities.tools import ToolActivities, ToolContext, ToolRegistry, evaluate_expression
-from keel.activities.types import PREVIEW_CHARS, ToolCall, ToolResult
+from keel.activities.types import NO_HITS, PREVIEW_CHARS, ToolCall, ToolResult, format_hits
 
 ALL_TOOLS = ["calculator", "http_get", "write_note", "search_docs"]
 LARGE_BODY = "L" * (PREVIEW_CHARS * 3)
@@ -421,6 +421,19 @@ async def test_search_docs_formats_hits(acts: ToolActivities, tenant: str, tmp_p
     assert rest == []
     call = make_call(tenant, "search_docs", {"query": "zebra"}, docs_dir=str(tmp_path))
     assert (await run(acts, call)).content == "no matching documents"
+
+
+async def test_search_docs_and_retrieval_steps_format_hits_alike(
+    acts: ToolActivities, tenant: str, tmp_path: Path
+) -> None:
+    """One formatter: what search_docs returns is what a workflow's retrieval step observes."""
+    (tmp_path / "a.md").write_text("Budgets cap tokens. Budgets cap dollars.")
+    (tmp_path / "b.md").write_text("Tokens are counted before every call.")
+    hits = await Retriever().search(str(tmp_path), "budgets tokens", 5)
+    call = make_call(tenant, "search_docs", {"query": "budgets tokens"}, docs_dir=str(tmp_path))
+    assert (await run(acts, call)).content == format_hits(hits)
+    assert len(format_hits(hits).splitlines()) == len(hits) == 2
+    assert format_hits([]) == NO_HITS
 
 
 async def test_search_docs_needs_a_docs_folder(

@@ -10,8 +10,8 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from keel.client import JobSummary
 from keel.client.cli import app, print_jobs
-from keel.client.jobs import JobSummary
 
 
 def closed_port_address() -> str:

@@ -37,7 +37,7 @@ async def test_search_attributes_summary_and_details(env: WorkflowEnvironment, m
         assert rows[0]["execution"]["workflowId"] == waiting
         rows = await wait_listed(env, f"KeelTenant='{tenant}' AND KeelOutcome='completed'", 1)
         assert rows[0]["execution"]["workflowId"] == done
-        listed = await jobs.list(tenant=tenant, state="waiting_for_input")
+        listed = await jobs.list_jobs(tenant=tenant, state="waiting_for_input")
         assert [j.job_id for j in listed] == [waiting]
 
         described = temporal(env, "workflow", "describe", "--workflow-id", done)

@@ -11,7 +11,8 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from keel.client import AgentJobs, InvalidJobRequest, JobRequest
-from keel.client.jobs import list_query, validate_request
+from keel.client._listing import list_query
+from keel.client._validation import validate_request
 from keel.workflows.types import MAX_GOAL_CHARS
 
 
@@ -132,7 +133,7 @@ def test_list_query_combines_filters() -> None:
 
 async def test_list_refuses_bad_filter_before_touching_the_client(jobs: AgentJobs) -> None:
     with pytest.raises(InvalidJobRequest):
-        await jobs.list(state="nope")
+        await jobs.list_jobs(state="nope")
 
 
 JOB_FIELDS = st.sampled_from(

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from keel.workers._bench_measure import HISTORY_PARTS
-from keel.workers._bench_sections import met_targets, round_sizes
+from keel.workers.bench.history import HISTORY_PARTS
+from keel.workers.bench.overhead import met_targets, round_sizes
 
 JOBS = 6
 ITERATIONS = 6

@@ -1,4 +1,5 @@
-"""``keel demo`` and ``keel dev`` as a user runs them: real processes, state survives restarts."""
+"""``keel demo`` and ``keel dev`` as a user runs them: real processes, state survives restarts,
+and a worker killed under ``keel dev`` is started again while the rest of the stack stays up."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from keel.workers.cli import _print_stack, console
-from keel.workers.devstack import DevStack, port_open
+from keel.workers.devstack import DevStack
+from keel.workers.supervisor import port_open
 from tests.conftest import free_port
 
 
@@ -88,3 +92,81 @@ def test_the_stack_banner_never_shows_a_redis_password(tmp_path: Path) -> None:
     with console.capture() as shown:
         _print_stack(started)
     assert "export REDIS_URL=redis://127.0.0.1:6390/0" in shown.get()
+
+
+def worker_pids(parent: int) -> list[int]:
+    """PIDs of the ``keel worker`` children of ``parent``, from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"keel.workers.cli" in argv and b"worker" in argv:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def wait_for(
+    what: str,
+    check: Callable[[], Any],
+    dev: subprocess.Popen[bytes],
+    log: Path,
+    timeout: float = 90,
+) -> Any:
+    """What ``check()`` returns once it is truthy; fails if ``keel dev`` exits first."""
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert dev.poll() is None, f"keel dev exited while waiting for {what}:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s:\n{log.read_text()}"
+        time.sleep(0.2)
+    return found
+
+
+def test_dev_restarts_a_killed_worker_and_keeps_the_stack_up(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in ("temporal", "ui", "redis", "sim", "codec")}
+    state = tmp_path / "state"
+    flags = ["--state-dir", str(state)]
+    for name, port in ports.items():
+        flags += [f"--{name}-port", str(port)]
+    base_env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OPENAI_API_KEY", "REDIS_URL", "KEEL_TASK_QUEUE", "KEEL_TASK_QUEUES")
+        and not k.startswith("TEMPORAL_")
+    }
+    console_log = tmp_path / "dev-console.log"
+    with console_log.open("wb") as out:
+        dev = subprocess.Popen(
+            [sys.executable, "-m", "keel.workers.cli", "dev", *flags],
+            env=base_env,
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+        )
+    try:
+        [first] = wait_for("worker", lambda: worker_pids(dev.pid), dev, console_log)
+        assert all(port_open(p) for p in ports.values())  # it starts the worker last
+        os.kill(first, signal.SIGKILL)
+
+        restarted = "worker exited with -9; restarted (1)"
+        wait_for("restart", lambda: restarted in console_log.read_text(), dev, console_log)
+        [second] = wait_for("new worker", lambda: worker_pids(dev.pid), dev, console_log)
+        assert second != first
+        assert port_open(ports["temporal"]) and port_open(ports["redis"])
+        assert restarted in (state / "logs" / "worker.log").read_text()
+
+        # The new worker runs jobs: one submitted now completes.
+        env = base_env | {"TEMPORAL_ADDRESS": f"127.0.0.1:{ports['temporal']}"}
+        submitted = keel("submit", "Compute 2 + 2 with the calculator", "--json", env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = json.loads(submitted.stdout)["job_id"]
+        done = keel("result", job_id, "--json", "--timeout", "90", env=env, timeout=120)
+        assert done.returncode == 0, done.stderr + console_log.read_text()
+        assert json.loads(done.stdout)["outcome"] == "completed"
+        assert dev.poll() is None and worker_pids(dev.pid) == [second]
+    finally:
+        dev.send_signal(signal.SIGTERM)
+        dev.wait(timeout=90)
+    assert dev.returncode == 0, console_log.read_text()
+    assert not any(port_open(p) for p in ports.values()), "dev left something running"

@@ -17,7 +17,7 @@ import uvicorn
 from openai import AsyncOpenAI
 
 from keel.activities.types import Plan, Verdict
-from keel.workers.simulator import SimConfig, create_app
+from keel.workers.sim import SimConfig, create_app
 
 CALCULATOR = {
     "name": "calculator",

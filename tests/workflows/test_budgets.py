@@ -14,6 +14,7 @@ from temporalio.client import Client
 
 from keel.activities.types import Usage
 from keel.client import AgentJobs, Budget, JobRequest
+from keel.workflows import policies
 from keel.workflows._budget import BudgetExhausted, Ledger
 from keel.workflows.types import LoopCounters, current_iteration
 from tests.conftest import unique
@@ -137,8 +138,8 @@ def test_ledger_hands_the_dollars_left_to_the_call_and_stops_at_zero() -> None:
 
 
 TOOL_NAMES = ("calculator", "http_get", "write_note")
-RETRY_CEILING = 6
-"""The tool policies' own maximum_attempts (workflows/policies.py)."""
+RETRY_CEILING = policies.TOOL_ATTEMPTS
+"""The tool policy's own maximum_attempts (workflows/policies.py)."""
 
 OPS = st.lists(
     st.one_of(

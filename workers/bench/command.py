@@ -1,7 +1,8 @@
-"""``keel bench``: what Keel costs over bare Temporal, long-job history growth, worker scaling.
+"""The ``keel bench`` command: its options, validated into a ``BenchConfig``, and nothing more.
 
-This module holds the command; the baseline it compares against is ``workers._bench_bare``, and
-the machinery lives in ``workers/_bench_*.py``, imported only when the command runs.
+The ``keel`` command line imports this module to build its help, so it imports only typer and
+the standard library; the machinery (``workers.bench.run`` and what it imports) is imported
+when the command runs.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ def bench(
     or, full size, one section: keel bench --only overhead --json bench.json
     Exit code: 0, or 1 on an error or a long-job FAIL, 130 when interrupted.
     """
-    from keel.workers._bench_run import BenchConfig, run
+    from keel.workers.bench.config import BenchConfig
+    from keel.workers.bench.run import run
 
     config = BenchConfig(
         servers=["sqlite", "memory"] if server is ServerMode.both else [server.value],

@@ -1,7 +1,8 @@
-"""The servers and processes ``keel bench`` starts for itself, and how it stops every one.
+"""The servers and processes ``keel bench`` starts for itself, and the Keel workers it runs.
 
 Everything listens on 127.0.0.1 on a free port and keeps its files in the benchmark's temporary
-directory. ``Children`` stops each child process it started, newest first, however the benchmark
+directory. Child processes (Redis, the simulator, ``keel worker`` fleets) run under a
+``workers.supervisor.Supervisor``, which stops each one, newest first, however the benchmark
 ends (Ctrl-C and SIGTERM included); the Temporal dev server is owned by its
 ``WorkflowEnvironment`` and the text server by its context manager.
 """
@@ -11,13 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -28,93 +27,32 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from keel.activities.converter import DATA_CONVERTER
-from keel.workers.devstack import find_binary, port_open
+from keel.workers.bench.config import SIM_MODEL, Servers
+from keel.workers.main import build_worker
+from keel.workers.plugin import KeelPlugin
+from keel.workers.registry import deps_from_settings
+from keel.workers.settings import SIM_API_KEY, WorkerSettings
+from keel.workers.supervisor import Supervisor, find_binary, free_port
 from keel.workflows import search_attributes as sa
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_SECONDS = 60.0
 """How long a child process may take to accept connections or to start polling."""
 STOP_TIMEOUT_SECONDS = 30.0
 """How long a child may take to exit after SIGTERM before it is killed."""
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def supervisor(log_dir: Path) -> Supervisor:
+    """The supervisor of the benchmark's child processes, logging to ``log_dir``."""
+    return Supervisor(
+        log_dir,
+        cwd=PROJECT_ROOT,
+        start_timeout=START_TIMEOUT_SECONDS,
+        stop_timeout=STOP_TIMEOUT_SECONDS,
+    )
 
 
-class Children:
-    """Child processes of the benchmark, each logging to its own file in ``log_dir``."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self._procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    def __enter__(self) -> Children:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop_all()
-
-    def start(
-        self,
-        name: str,
-        cmd: list[str],
-        *,
-        env: dict[str, str] | None = None,
-        port: int | None = None,
-    ) -> subprocess.Popen[bytes]:
-        """Start ``cmd``; with ``port``, wait until it accepts connections there.
-
-        Raises:
-            RuntimeError: If the process exits or does not listen within the start timeout.
-        """
-        log = self.log_path(name)
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=PROJECT_ROOT,
-            )
-        self._procs.append((name, proc))
-        if port is not None:
-            deadline = time.monotonic() + START_TIMEOUT_SECONDS
-            while not port_open(port):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop(proc)
-                    raise RuntimeError(f"{name} did not start; see {log}")
-                time.sleep(0.05)
-        return proc
-
-    def log_path(self, name: str) -> Path:
-        """Where the child called ``name`` writes its output."""
-        return self.log_dir / f"{name}.log"
-
-    def stop(self, *procs: subprocess.Popen[bytes]) -> None:
-        """Terminate the given children (SIGTERM, then SIGKILL after the stop timeout)."""
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._procs = [(n, p) for n, p in self._procs if p not in procs]
-
-    def stop_all(self) -> None:
-        """Stop every child still tracked, newest first."""
-        self.stop(*[p for _, p in reversed(self._procs)])
-
-
-def start_redis(children: Children, data_dir: Path) -> str:
+def start_redis(children: Supervisor, data_dir: Path) -> str:
     """A throwaway redis-server (no snapshots, no append-only file); returns its URL."""
     port = free_port()
     cmd = [find_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1"]
@@ -123,7 +61,7 @@ def start_redis(children: Children, data_dir: Path) -> str:
     return f"redis://127.0.0.1:{port}/0"
 
 
-def start_simulator(children: Children) -> tuple[str, int]:
+def start_simulator(children: Supervisor) -> tuple[str, int]:
     """The project's LLM simulator (zero latency, no faults) as a process.
 
     Returns:
@@ -304,3 +242,30 @@ def process_cpu_seconds(pid: int) -> float | None:
     fields = stat.rsplit(")", 1)[1].split()
     # Fields 14 and 15 of /proc/PID/stat (utime, stime) sit at 11 and 12 after "pid (comm)".
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.asynccontextmanager
+async def in_process_worker(
+    client: Client, servers: Servers, task_queue: str
+) -> AsyncIterator[None]:
+    """One Keel worker in this process, built as ``keel worker`` builds its own.
+
+    ``workers.main.build_worker`` with the worker's settings: the same workflow runner
+    (unsandboxed unless ``KEEL_WORKFLOW_SANDBOX`` is set), slot counts and shutdown grace.
+    """
+    overrides = {  # keyed as the environment spells them (the settings' validation aliases)
+        "REDIS_URL": servers.redis_url,
+        "OPENAI_BASE_URL": servers.sim_url,
+        "OPENAI_API_KEY": SIM_API_KEY,
+        "model_planner": SIM_MODEL,
+        "model_verifier": SIM_MODEL,
+        "model_answerer": SIM_MODEL,
+    }
+    settings = WorkerSettings(**overrides)  # type: ignore[arg-type]
+    deps = deps_from_settings(settings, http_allowed_hosts=["127.0.0.1"])
+    try:
+        await deps.store.ping()
+        async with build_worker(client, settings, task_queue, plugin=KeelPlugin(deps)):
+            yield
+    finally:
+        await deps.aclose()

@@ -1,0 +1,124 @@
+"""The tool gateway: the ``execute_tool`` activity every tool call of a job goes through.
+
+Owns the job's allow-list, argument validation against ``activities/catalog.py``, exactly-once
+recording of side-effecting calls per op_key, and moving large outputs to a Redis blob so only a
+preview enters workflow history. Not workflow code: it runs tools and reads and writes Redis.
+"""
+
+from __future__ import annotations
+
+import structlog
+from pydantic import BaseModel, ValidationError
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from keel.activities._heartbeat import heartbeating
+from keel.activities.catalog import ToolInfo
+from keel.activities.errors import TOOL_INPUT_INVALID, TOOL_NOT_ALLOWED, TOOL_NOT_FOUND
+from keel.activities.store import KeelStore
+from keel.activities.tools.base import ToolContext, ToolImpl
+from keel.activities.tools.registry import ToolRegistry
+from keel.activities.types import PREVIEW_CHARS, ToolCall, ToolResult
+
+__all__ = ["ToolActivities"]
+
+_log = structlog.get_logger(__name__)
+
+
+class ToolActivities:
+    """The tool gateway activity, bound to a registry and the store."""
+
+    def __init__(self, registry: ToolRegistry, store: KeelStore) -> None:
+        self._registry = registry
+        self._store = store
+
+    @activity.defn(name="execute_tool")
+    async def execute_tool(self, call: ToolCall) -> ToolResult:
+        """Run one tool call through the gateway.
+
+        Args:
+            call: The tool, its arguments, the job's allow-list and the call's op_key.
+
+        Returns:
+            The output (or its preview and blob ref); for a side-effecting call that already
+            completed, the recorded result with ``replayed=True``.
+
+        Raises:
+            ApplicationError: ``TOOL_NOT_ALLOWED``, ``TOOL_NOT_FOUND`` or ``TOOL_INPUT_INVALID``
+                (non-retryable) before the tool runs, or whatever the tool raised.
+        """
+        job_id = _job_id(call.job_id)
+        op_key = call.op_key or f"{job_id}:{call.step_key}"
+        with structlog.contextvars.bound_contextvars(
+            job_id=job_id, tenant=call.tenant, tool=call.tool, op_key=op_key
+        ):
+            info, impl, args = self._admit(call)
+            if info.side_effecting:
+                recorded = await self._store.get_record(call.tenant, op_key)
+                if recorded is not None:
+                    _log.info("tool.replayed")
+                    return recorded.model_copy(update={"replayed": True})
+            ctx = ToolContext(job_id, call.tenant, op_key, call.docs_dir)
+            async with heartbeating():
+                output = await impl(args, ctx)
+            result = await self._package(ctx, output)
+            if info.side_effecting:
+                await self._store.put_record(call.tenant, op_key, result)
+            _log.info("tool.executed", size=result.size or len(result.content), ref=result.ref)
+            return result
+
+    def _admit(self, call: ToolCall) -> tuple[ToolInfo, ToolImpl, BaseModel]:
+        """Apply the allow-list, look the tool up and validate its arguments."""
+        if call.tool not in call.allowed_tools:
+            raise ApplicationError(
+                f"tool {call.tool!r} is not allowed for this job "
+                f"(allowed: {', '.join(call.allowed_tools) or 'none'})",
+                type=TOOL_NOT_ALLOWED,
+                non_retryable=True,
+            )
+        found = self._registry.get(call.tool)
+        if found is None:
+            raise ApplicationError(
+                f"no tool named {call.tool!r} on this worker",
+                type=TOOL_NOT_FOUND,
+                non_retryable=True,
+            )
+        info, impl = found
+        try:
+            args = info.args_model.model_validate(call.args)
+        except ValidationError as e:
+            raise ApplicationError(
+                f"invalid arguments for {call.tool}: {_summarize(e)}",
+                type=TOOL_INPUT_INVALID,
+                non_retryable=True,
+            ) from None
+        return info, impl, args
+
+    async def _package(self, ctx: ToolContext, output: str) -> ToolResult:
+        """Keep small outputs inline; move large ones to a blob and keep a preview."""
+        attempt = activity.info().attempt
+        if len(output) <= PREVIEW_CHARS:
+            # Inline: the content is the whole output, so its length is the size.
+            return ToolResult(content=output, attempt=attempt)
+        # Workflow history has a 2 MB payload limit, so only a preview and the ref go there.
+        ref = await self._store.put_blob(ctx.tenant, ctx.op_key, output)
+        return ToolResult(
+            content=output[:PREVIEW_CHARS],
+            ref=ref,
+            size=len(output),
+            attempt=attempt,
+        )
+
+
+def _summarize(error: ValidationError) -> str:
+    """Field names and messages of a validation error, without the (possibly large) inputs."""
+    parts = [
+        f"{'.'.join(str(p) for p in err['loc']) or '(args)'}: {err['msg']}"
+        for err in error.errors(include_url=False, include_input=False)
+    ]
+    return "; ".join(parts)[:500]
+
+
+def _job_id(given: str) -> str:
+    """The job a call belongs to: as given, or the calling workflow's ID (the job ID)."""
+    return given or activity.info().workflow_id or ""

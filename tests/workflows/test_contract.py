@@ -1,0 +1,46 @@
+"""The client's contract (``AgentLoop``) and the workflow (``AgentLoopWorkflow``) agree exactly."""
+
+from __future__ import annotations
+
+import typing
+
+from temporalio.workflow import _Definition  # the SDK's own reading of a workflow class
+
+from keel.workflows.agent_loop import AgentLoopWorkflow
+from keel.workflows.contract import AgentLoop
+
+
+def hints(fn: object) -> dict[str, object]:
+    return typing.get_type_hints(fn)
+
+
+def test_same_workflow_type_and_run_signature() -> None:
+    contract, impl = (
+        _Definition.must_from_class(AgentLoop),
+        _Definition.must_from_class(AgentLoopWorkflow),
+    )
+    assert contract.name == impl.name == "AgentLoopWorkflow"
+    assert hints(AgentLoop.run) == hints(AgentLoopWorkflow.run)
+
+
+def test_every_handler_matches_in_name_and_types() -> None:
+    contract, impl = (
+        _Definition.must_from_class(AgentLoop),
+        _Definition.must_from_class(AgentLoopWorkflow),
+    )
+    assert set(contract.queries) == set(impl.queries) == {"get_status"}
+    assert set(contract.updates) == set(impl.updates) == {"answer"}
+    assert set(contract.signals) == set(impl.signals) == {"answer_signal"}
+    for name in ("get_status", "answer", "answer_signal"):
+        assert hints(getattr(AgentLoop, name)) == hints(getattr(AgentLoopWorkflow, name)), name
+
+
+def test_the_contract_does_not_run() -> None:
+    import asyncio
+
+    import pytest
+
+    with pytest.raises(NotImplementedError):
+        AgentLoop().get_status()
+    with pytest.raises(NotImplementedError):
+        asyncio.run(AgentLoop().run(None))  # type: ignore[arg-type]

@@ -1,0 +1,11 @@
+"""The OpenAI-compatible LLM simulator that ``keel sim-llm`` serves.
+
+``app`` holds the HTTP surface (``create_app``, ``serve``), ``config`` its ``SimConfig``,
+``state`` the per-app counters, faults and latency, and ``directives``, ``replies`` and ``wire``
+the pure, deterministic logic behind each reply.
+"""
+
+from keel.workers.sim.app import create_app, serve
+from keel.workers.sim.config import FaultKind, SimConfig
+
+__all__ = ["FaultKind", "SimConfig", "create_app", "serve"]

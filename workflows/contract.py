@@ -1,0 +1,43 @@
+"""What a client may call on an agent job: ``AgentLoopWorkflow``'s run, query, update and signal.
+
+Deterministic and I/O-free: a declaration only. Clients make typed calls through this class
+(``handle.query(AgentLoop.get_status)``) instead of importing the workflow itself, whose module
+pulls in every activity's code and the ``openai`` SDK; with it, ``keel status`` starts without
+them. The names and payload types are the wire contract with ``AgentLoopWorkflow`` (same
+workflow type name, same handler names); ``tests/workflows/test_contract.py`` holds the two
+together, so neither can change alone. Workers register ``AgentLoopWorkflow``, never this class.
+"""
+
+from __future__ import annotations
+
+from temporalio import workflow
+
+from keel.workflows import WORKFLOW_TYPE
+from keel.workflows.types import AgentLoopInput, HumanInput, JobResult, JobStatus
+
+__all__ = ["AgentLoop"]
+
+
+@workflow.defn(name=WORKFLOW_TYPE)
+class AgentLoop:
+    """The client's view of ``AgentLoopWorkflow``; calling its methods directly is an error."""
+
+    @workflow.run
+    async def run(self, inp: AgentLoopInput) -> JobResult:
+        """Run the job to its outcome."""
+        raise NotImplementedError("a contract: start AgentLoopWorkflow through a client")
+
+    @workflow.query
+    def get_status(self) -> JobStatus:
+        """A snapshot of the job."""
+        raise NotImplementedError("a contract: query AgentLoopWorkflow through a client")
+
+    @workflow.update
+    def answer(self, inp: HumanInput) -> str:
+        """Answer the pending question; refused when none is pending."""
+        raise NotImplementedError("a contract: update AgentLoopWorkflow through a client")
+
+    @workflow.signal
+    def answer_signal(self, inp: HumanInput) -> None:
+        """Answer the pending question without an acknowledgement."""
+        raise NotImplementedError("a contract: signal AgentLoopWorkflow through a client")
