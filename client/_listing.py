@@ -8,12 +8,11 @@ visibility-query syntax.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import cast, get_args
 
-from pydantic import BaseModel
 from temporalio.client import Client, WorkflowExecution
 
+from keel.client._summary import JobSummary
 from keel.client.errors import InvalidJobRequest
 from keel.workflows import WORKFLOW_TYPE
 from keel.workflows.search_attributes import (
@@ -29,29 +28,6 @@ from keel.workflows.types import IDENT_RE, JobState
 __all__ = ["JobSummary", "job_state", "list_query", "list_summaries"]
 
 _JOB_STATES: frozenset[str] = frozenset(get_args(JobState))
-
-
-class JobSummary(BaseModel):
-    """One row of ``AgentJobs.list_jobs``, read from visibility (search attributes), not a query."""
-
-    job_id: str
-    """Workflow ID of the job."""
-    state: JobState | None = None
-    """Last ``KeelState`` the workflow upserted; ``None`` before visibility caught up."""
-    outcome: str | None = None
-    """``KeelOutcome`` once the job has ended."""
-    tenant: str | None = None
-    """``KeelTenant`` set at start."""
-    user: str | None = None
-    """``KeelUser`` set at start."""
-    temporal_status: str
-    """Temporal's execution status name, such as ``RUNNING`` or ``COMPLETED``."""
-    started_at: datetime
-    """When the job's current run started."""
-    cost_usd: float | None = None
-    """``KeelCostUsd``: dollars spent so far."""
-    tokens: int | None = None
-    """``KeelTokens``: prompt plus completion tokens so far."""
 
 
 def list_query(*, tenant: str | None = None, state: str | None = None) -> str:

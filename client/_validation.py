@@ -15,7 +15,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from keel.activities.catalog import BUILTIN_TOOLS
 from keel.client.errors import InvalidJobRequest
 from keel.workflows.types import HumanInput, JobRequest
 
@@ -45,6 +44,9 @@ def validate_request(req: JobRequest | Mapping[str, Any]) -> JobRequest:
         request = req if isinstance(req, JobRequest) else JobRequest.model_validate(req)
     except ValidationError as err:
         raise InvalidJobRequest.from_validation_error(err) from None
+    # Imported here: the catalog builds the tools' argument models, which only submitting needs.
+    from keel.activities.catalog import BUILTIN_TOOLS
+
     unknown = [name for name in request.tools if name not in BUILTIN_TOOLS]
     if unknown:
         raise InvalidJobRequest(

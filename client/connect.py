@@ -45,7 +45,7 @@ async def connect(
         namespace: Namespace that overrides ``TEMPORAL_NAMESPACE`` and the config profile.
         runtime: SDK runtime to use (workers pass one that exports Prometheus metrics).
         plugins: Plugins for the client; a ``KeelClientPlugin`` (Keel's converter and, when
-            configured, tracing) is added unless one is given (``KeelPlugin`` is one).
+            configured, tracing) is added unless a Keel plugin is given (``KeelPlugin``).
 
     Returns:
         A connected client using Keel's data converter.
@@ -71,7 +71,7 @@ async def connect(
         },
     )
     try:
-        if not any(isinstance(p, KeelClientPlugin) for p in plugins):
+        if not any(p.name().startswith("keel.") for p in plugins):
             plugins = [KeelClientPlugin(), *plugins]
         return await Client.connect(
             **config,

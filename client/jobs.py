@@ -39,7 +39,7 @@ from keel.client._starting import start_options
 from keel.client._validation import human_input, validate_request, validate_request_key
 from keel.client.errors import AgentJobError, InputRejected, JobFailed, JobNotFound
 from keel.workflows import TASK_QUEUE, TASK_QUEUES
-from keel.workflows.agent_loop import AgentLoopWorkflow
+from keel.workflows.contract import AgentLoop
 from keel.workflows.types import (
     JOB_ID_PREFIX,
     TERMINAL_STATES,
@@ -102,7 +102,7 @@ class AgentJobs:
         job_id = JOB_ID_PREFIX + validate_request_key(key)
         try:
             await self._client.start_workflow(
-                AgentLoopWorkflow.run,
+                AgentLoop.run,
                 AgentLoopInput(request=request),
                 id=job_id,
                 task_queue=task_queue or self._fixed_queue or TASK_QUEUES[request.mode],
@@ -129,9 +129,7 @@ class AgentJobs:
             AgentJobError: If no worker answered in time or the query failed.
         """
         try:
-            return await self._handle(job_id).query(
-                AgentLoopWorkflow.get_status, rpc_timeout=QUERY_TIMEOUT
-            )
+            return await self._handle(job_id).query(AgentLoop.get_status, rpc_timeout=QUERY_TIMEOUT)
         except WorkflowQueryFailedError as err:
             raise AgentJobError(f"status query for job {job_id} failed: {err.message}") from None
         except RPCTimeoutOrCancelledError:
@@ -156,7 +154,7 @@ class AgentJobs:
         """
         inp = human_input(answer)
         try:
-            return await self._handle(job_id).execute_update(AgentLoopWorkflow.answer, inp)
+            return await self._handle(job_id).execute_update(AgentLoop.answer, inp)
         except WorkflowUpdateFailedError as err:
             raise InputRejected(job_id, failure_message(err.cause)) from None
         except RPCTimeoutOrCancelledError:
@@ -180,7 +178,7 @@ class AgentJobs:
         """
         inp = human_input(answer)
         try:
-            await self._handle(job_id).signal(AgentLoopWorkflow.answer_signal, inp)
+            await self._handle(job_id).signal(AgentLoop.answer_signal, inp)
         except RPCError as err:
             raise await self._closed_or_missing(err, job_id) from None
 
@@ -288,8 +286,8 @@ class AgentJobs:
         except RPCError as err:
             raise self._rpc_error(err, None, "list") from None
 
-    def _handle(self, job_id: str) -> WorkflowHandle[AgentLoopWorkflow, JobResult]:
-        return self._client.get_workflow_handle_for(AgentLoopWorkflow.run, job_id)
+    def _handle(self, job_id: str) -> WorkflowHandle[AgentLoop, JobResult]:
+        return self._client.get_workflow_handle_for(AgentLoop.run, job_id)
 
     async def _closed_state(self, job_id: str) -> JobState | None:
         """The final job state if the execution has closed, else ``None``."""

@@ -13,40 +13,20 @@ worker interceptors); ``keel.client.connect`` uses this one.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from temporalio.client import ClientConfig
-from temporalio.client import Interceptor as ClientInterceptor
+from temporalio.client import ClientConfig, Plugin
 from temporalio.converter import DataConverter
-from temporalio.plugin import SimplePlugin
-from temporalio.worker import Interceptor as WorkerInterceptor
+from temporalio.service import ConnectConfig, ServiceClient
 
 from keel.activities.converter import DATA_CONVERTER
+from keel.client.telemetry import tracing_configured
 
-__all__ = ["KeelClientPlugin", "tracing_configured"]
-
-OTEL_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-"""Either names where spans go, which is what "OpenTelemetry is configured" means here."""
+__all__ = ["KeelClientPlugin", "keel_converter", "tracing_interceptors", "unique_by_type"]
 
 
-def tracing_configured(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether the standard OpenTelemetry variables ask for traces to be exported.
-
-    True when an OTLP endpoint is set or ``OTEL_TRACES_EXPORTER`` names an exporter, unless
-    ``OTEL_SDK_DISABLED`` is true or ``OTEL_TRACES_EXPORTER`` is ``none``.
-    """
-    env = os.environ if environ is None else environ
-    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
-        return False
-    exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
-    if exporter == "none":
-        return False
-    return bool(exporter) or any(env.get(name) for name in OTEL_ENDPOINT_VARS)
-
-
-def _keel_converter(existing: DataConverter | None) -> DataConverter:
+def keel_converter(existing: DataConverter | None) -> DataConverter:
     """Keel's converter in place of the SDK default; a different custom converter is an error."""
     if existing is None or existing is DataConverter.default or existing is DATA_CONVERTER:
         return DATA_CONVERTER
@@ -69,46 +49,53 @@ def unique_by_type(items: Sequence[Any]) -> list[Any]:
     return kept
 
 
-class KeelClientPlugin(SimplePlugin):
+def tracing_interceptors(tracing: bool | None) -> list[Any]:
+    """Temporal's OpenTelemetry tracing interceptor when ``tracing`` (default: configured)."""
+    if not (tracing_configured() if tracing is None else tracing):
+        return []
+    # Imported only when asked for: OpenTelemetry costs every CLI command ~50 ms.
+    from temporalio.contrib.opentelemetry import TracingInterceptor
+
+    return [TracingInterceptor()]
+
+
+class KeelClientPlugin(Plugin):
     """Keel's data converter and, when OpenTelemetry is configured, its tracing interceptor.
+
+    A client plugin only (the SDK's ``SimplePlugin`` would load the worker machinery into every
+    ``keel status``); ``keel.workers.KeelPlugin`` is the plugin for clients that run workers.
 
     Example:
         >>> client = await Client.connect("localhost:7233", plugins=[KeelClientPlugin()])
         >>> jobs = AgentJobs(client)
     """
 
-    def __init__(
-        self,
-        *,
-        tracing: bool | None = None,
-        worker_interceptors: Sequence[WorkerInterceptor] = (),
-        **worker_parts: Any,
-    ) -> None:
+    def __init__(self, *, tracing: bool | None = None) -> None:
         """Build the plugin.
 
         Args:
             tracing: Add Temporal's OpenTelemetry tracing interceptor; by default only when
                 ``tracing_configured()``.
-            worker_interceptors: Worker-only interceptors (used by ``KeelPlugin``).
-            **worker_parts: ``SimplePlugin`` worker parameters (used by ``KeelPlugin``).
         """
-        interceptors: list[ClientInterceptor | WorkerInterceptor] = list(worker_interceptors)
-        if tracing_configured() if tracing is None else tracing:
-            # Imported only when asked for: OpenTelemetry costs every CLI command ~50 ms.
-            from temporalio.contrib.opentelemetry import TracingInterceptor
+        self._interceptors = tracing_interceptors(tracing)
+        self.tracing = bool(self._interceptors)
 
-            interceptors.append(TracingInterceptor())
-        self.tracing = any(type(i).__name__ == "TracingInterceptor" for i in interceptors)
-        super().__init__(
-            "keel.KeelPlugin",
-            data_converter=_keel_converter,
-            interceptors=interceptors,
-            **worker_parts,
-        )
+    def name(self) -> str:
+        """See base class."""
+        return "keel.KeelClientPlugin"
 
     def configure_client(self, config: ClientConfig) -> ClientConfig:
-        """See base class; interceptors of one type are kept once."""
-        config = super().configure_client(config)
-        if "interceptors" in config:
-            config["interceptors"] = unique_by_type(config["interceptors"])
+        """Keel's converter; the tracing interceptor once, however many Keel plugins meet."""
+        config["data_converter"] = keel_converter(config.get("data_converter"))
+        config["interceptors"] = unique_by_type(
+            [*config.get("interceptors", []), *self._interceptors]
+        )
         return config
+
+    async def connect_service_client(
+        self,
+        config: ConnectConfig,
+        next: Callable[[ConnectConfig], Awaitable[ServiceClient]],
+    ) -> ServiceClient:
+        """See base class; connecting is unchanged."""
+        return await next(config)

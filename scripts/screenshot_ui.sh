@@ -28,6 +28,7 @@ ui_port="${SHOT_UI_PORT:-28433}"
 redis_port="${SHOT_REDIS_PORT:-26479}"
 sim_port="${SHOT_SIM_PORT:-28189}"
 codec_port="${SHOT_CODEC_PORT:-28234}"
+api_port="${SHOT_API_PORT:-28235}"
 devtools_port="${SHOT_DEVTOOLS_PORT:-29333}"
 ui="http://127.0.0.1:$ui_port"
 
@@ -52,9 +53,9 @@ wait_port() {  # wait_port PORT SECONDS
 
 # 1. The embedded stack: Temporal dev server + UI, Redis, LLM simulator, codec server, a worker.
 .venv/bin/keel dev --state-dir "$work/state" --temporal-port "$temporal_port" --ui-port "$ui_port" \
-  --redis-port "$redis_port" --sim-port "$sim_port" --codec-port "$codec_port" >"$work/dev.log" 2>&1 &
+  --redis-port "$redis_port" --sim-port "$sim_port" --codec-port "$codec_port" --api-port "$api_port" >"$work/dev.log" 2>&1 &
 dev_pid=$!
-for port in "$temporal_port" "$ui_port" "$redis_port" "$sim_port" "$codec_port"; do wait_port "$port" 60; done
+for port in "$temporal_port" "$ui_port" "$redis_port" "$sim_port" "$codec_port" "$api_port"; do wait_port "$port" 60; done
 export TEMPORAL_ADDRESS="127.0.0.1:$temporal_port" TEMPORAL_NAMESPACE=default
 
 # 2. Jobs.

@@ -1,292 +1,53 @@
-"""The ``keel`` command: the job commands from ``client.cli`` plus the process commands.
+"""The ``keel`` command's composition root: the one place its app is built.
 
-This module is the composition root of the command line: ``worker``, ``sim-llm``, ``dev`` and
-``demo`` start processes, so they live with the workers; the job commands (submit, status,
-watch, result, answer, cancel, list) come from ``client.cli`` unchanged.
+It mounts the job commands that callers use (``keel.client.cli.COMMANDS``: submit, status,
+watch, result, answer, cancel, list, fleet), the commands that start processes
+(``keel.workers.commands.COMMANDS``: worker, sim-llm, codec-server, dev, demo) and the
+benchmark. Every command module imports only typer, rich's console and the standard library at
+module level, so ``keel --help`` and ``keel status`` pay only for what they run.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import os
-import signal
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
-from keel.client.cli import app
-from keel.workers.logs import configure_logging, loggable_url
+from keel.client.cli import COMMANDS as JOB_COMMANDS
+from keel.workers.bench import bench
+from keel.workers.commands import COMMANDS as PROCESS_COMMANDS
 
-if TYPE_CHECKING:  # imported where used: the dev stack is not needed by most commands
-    from keel.workers.devstack import DevStack
-
-console = Console(stderr=True, soft_wrap=True)
-
-DEMO_GOAL = (
-    "What is 17 * (23 + 4)? Use the calculator, use search_docs to find how Keel budgets a "
-    "job, and record what you found with write_note."
-)
+__all__ = ["app", "build_app", "main"]
 
 
-@app.command()
-def worker(
-    task_queue: Annotated[
-        list[str] | None,
-        typer.Option(help="Task queue to poll (repeat; default: keel-interactive, keel-batch)."),
-    ] = None,
-    max_concurrent_activities: Annotated[int | None, typer.Option(min=1)] = None,
-    max_concurrent_workflow_tasks: Annotated[int | None, typer.Option(min=1)] = None,
-    resource_tuner: Annotated[
-        bool, typer.Option(help="Size slots by CPU and memory (Temporal's resource tuner).")
-    ] = False,
-    identity: Annotated[str | None, typer.Option(help="Worker identity shown in Temporal.")] = None,
-    metrics_port: Annotated[
-        int | None, typer.Option(help="Serve Prometheus metrics on this port.")
-    ] = None,
-    graceful_shutdown_seconds: Annotated[
-        float | None, typer.Option(help="On SIGTERM, time running activities get to finish.")
-    ] = None,
-    build_id: Annotated[
-        str | None, typer.Option(help="Build ID; with --deployment-name enables versioning.")
-    ] = None,
-    deployment_name: Annotated[str | None, typer.Option(help="Worker Deployment name.")] = None,
-    sandbox: Annotated[
-        bool | None,
-        typer.Option(
-            "--sandbox/--no-sandbox",
-            help="Run workflows in Temporal's sandbox (default off; KEEL_WORKFLOW_SANDBOX).",
-        ),
-    ] = None,
-) -> None:
-    """Run a worker until SIGTERM or Ctrl-C; start as many as you like, anywhere."""
-    from keel.workers.main import RedisUnavailable, run_worker
-    from keel.workers.settings import WorkerSettings
-
-    configure_logging()
-    given = {
-        "task_queues": ",".join(task_queue) if task_queue else None,
-        "max_concurrent_activities": max_concurrent_activities,
-        "max_concurrent_workflow_tasks": max_concurrent_workflow_tasks,
-        "resource_tuner": resource_tuner or None,
-        "identity": identity,
-        "metrics_port": metrics_port,
-        "graceful_shutdown_seconds": graceful_shutdown_seconds,
-        "build_id": build_id,
-        "deployment_name": deployment_name,
-        "workflow_sandbox": sandbox,
-    }
-    overrides = {k: v for k, v in given.items() if v is not None}
-    try:
-        settings = WorkerSettings(**overrides)  # type: ignore[arg-type]
-    except ValueError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
-    from keel.client.errors import ConnectionFailed
-
-    try:
-        asyncio.run(run_worker(settings))
-    except ConnectionFailed as err:
-        console.print(f"[red]error:[/red] {err.message}")
-        raise typer.Exit(1) from None
-    except RedisUnavailable as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from None
-
-
-@app.command("sim-llm")
-def sim_llm(
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8089,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    latency_ms: Annotated[float, typer.Option(min=0)] = 0.0,
-    latency_jitter_ms: Annotated[float, typer.Option(min=0)] = 0.0,
-    fault_rate: Annotated[float, typer.Option(min=0, max=1)] = 0.0,
-    fault_kinds: Annotated[
-        str, typer.Option(help="Comma list: 500,503,429,timeout,malformed")
-    ] = "503",
-    fail_first_verify: Annotated[
-        bool, typer.Option(help="Fail verification on iteration 0.")
-    ] = False,
-    seed: Annotated[int, typer.Option()] = 0,
-) -> None:
-    """Serve the OpenAI-compatible LLM simulator (chat completions, embeddings, models)."""
-    from keel.workers.sim import SimConfig, serve
-
-    configure_logging()
-    config = SimConfig(
-        latency_ms=latency_ms,
-        latency_jitter_ms=latency_jitter_ms,
-        fault_rate=fault_rate,
-        fault_kinds=[k.strip() for k in fault_kinds.split(",") if k.strip()],  # type: ignore[misc]
-        fail_first_verify=fail_first_verify,
-        seed=seed,
+def build_app() -> typer.Typer:
+    """The ``keel`` app: job commands first, then process commands, then the benchmark."""
+    built = typer.Typer(
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        # Plain help, formatted by click: rich's help panels cost every `keel --help` ~50 ms of
+        # imports (markdown, tracebacks); commands still use rich for what they print.
+        rich_markup_mode=None,
+        help="Keel: durable AI-agent jobs on Temporal.",
     )
-    serve(config, host=host, port=port)
+    for name, command in [*JOB_COMMANDS, *PROCESS_COMMANDS, ("bench", bench)]:
+        built.command(name)(command)
+    return built
 
 
-@app.command("codec-server")
-def codec_server(
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8234,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    cors_origin: Annotated[
-        list[str] | None,
-        typer.Option(help="Origin of a Temporal Web UI that may call it (repeat)."),
-    ] = None,
-) -> None:
-    """Serve Keel's payload codec for the Temporal Web UI and ``temporal --codec-endpoint``."""
-    from keel.client.codec_server import UI_ORIGINS, create_app
-    from keel.workers.serving import serve_app
-
-    configure_logging()
-    origins = cors_origin or list(UI_ORIGINS)
-    console.print(f"Codec server on http://{host}:{port} for {', '.join(origins)}")
-    serve_app(create_app(origins), host, port)
+app = build_app()
 
 
-def _stack(
-    state_dir: Path,
-    temporal_port: int,
-    ui_port: int,
-    redis_port: int,
-    sim_port: int,
-    codec_port: int,
-) -> DevStack:
-    from keel.workers.devstack import DevStack
+def _configure_tracing() -> None:
+    """Export spans over OTLP when the standard ``OTEL_*`` variables ask for it."""
+    from keel.client.telemetry import tracing_configured
 
-    return DevStack(
-        state_dir=state_dir,
-        temporal_port=temporal_port,
-        ui_port=ui_port,
-        redis_port=redis_port,
-        sim_port=sim_port,
-        codec_port=codec_port,
-        redis_url=os.environ.get("REDIS_URL"),
-        use_simulator=not os.environ.get("OPENAI_API_KEY"),
-        notify=lambda line: console.print(line, style="yellow", markup=False),
-    )
+    if tracing_configured():
+        from keel.workers.tracing import configure_tracing
 
-
-StateDir = Annotated[Path, typer.Option(help="Where Temporal's SQLite file and Redis's AOF live.")]
-Port = Annotated[int, typer.Option(min=1, max=65535)]
-
-
-@app.command()
-def dev(
-    state_dir: StateDir = Path(".keel"),
-    temporal_port: Port = 7233,
-    ui_port: Port = 8233,
-    redis_port: Port = 6379,
-    sim_port: Port = 8089,
-    codec_port: Port = 8234,
-) -> None:
-    """Run the embedded stack (Temporal, Redis, LLM simulator, codec, a worker) until Ctrl-C."""
-    stack = _stack(state_dir, temporal_port, ui_port, redis_port, sim_port, codec_port)
-    stopping = False
-
-    def _stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    _start(stack)
-    while not stopping:
-        if (dead := stack.check()) is not None:
-            console.print(f"[red]{dead} exited; stopping[/red] (logs in {state_dir / 'logs'})")
-            break
-        time.sleep(0.5)
-    console.print("stopping…")
-    stack.stop()
-
-
-@app.command()
-def demo(
-    state_dir: StateDir = Path(".keel"),
-    temporal_port: Port = 7233,
-    ui_port: Port = 8233,
-    redis_port: Port = 6379,
-    sim_port: Port = 8089,
-    codec_port: Port = 8234,
-    stay: Annotated[
-        bool | None,
-        typer.Option(help="Keep the stack up after the job for the UI (default: on a terminal)."),
-    ] = None,
-) -> None:
-    """Start the embedded stack, run Keel's main job end to end, and show it live."""
-    from keel.client.cli import submit, watch
-    from keel.workers.supervisor import port_open
-
-    stack = _stack(state_dir, temporal_port, ui_port, redis_port, sim_port, codec_port)
-    reuse = port_open(temporal_port)
-    if reuse:
-        console.print(f"Using the Temporal server already on port {temporal_port}.")
-    else:
-        with console.status("Starting Temporal, Redis, the LLM simulator and a worker…"):
-            _start(stack)
-    os.environ.update(stack.env())
-    try:
-        job_id = _submit_demo(submit)
-        console.print(f"Job [bold]{job_id}[/bold]")
-        console.print(f"Inspect it: {stack.ui_url}/namespaces/default/workflows/{job_id}")
-        watch(job_id)
-        if stay if stay is not None else (sys.stdin.isatty() and not reuse):
-            console.print("The stack stays up for the UI; Ctrl-C stops it.")
-            with contextlib.suppress(KeyboardInterrupt):
-                while stack.check() is None:
-                    time.sleep(0.5)
-    finally:
-        if not reuse:
-            stack.stop()
-
-
-def _submit_demo(submit: Callable[..., None]) -> str:
-    """Submit the demo job through the same code path as ``keel submit --json``."""
-    import io
-    import json
-
-    docs = Path(__file__).resolve().parents[1] / "docs" / "corpus"
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        submit(
-            DEMO_GOAL,
-            tool=["calculator", "search_docs", "write_note"],
-            docs=str(docs) if docs.is_dir() else None,
-            as_json=True,
-        )
-    return str(json.loads(out.getvalue())["job_id"])
-
-
-def _start(stack: DevStack) -> None:
-    """Start the stack and print where its parts listen, or exit 1 with why it could not."""
-    try:
-        stack.start()
-    except (RuntimeError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from None
-    _print_stack(stack)
-
-
-def _print_stack(stack: DevStack) -> None:
-    env = stack.env()
-    console.print(f"[bold]Temporal[/bold]  grpc {stack.temporal_address}   UI {stack.ui_url}")
-    console.print(f"[bold]Redis[/bold]     {loggable_url(env['REDIS_URL'])}")
-    llm = env.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_BASE_URL", "OpenAI")
-    console.print(f"[bold]LLM[/bold]       {llm}")
-    console.print(f"[bold]Codec[/bold]     {stack.codec_url} (the UI decodes payloads with it)")
-    # A REDIS_URL of the caller's own is already in their environment and may hold a password.
-    exports = {k: v for k, v in env.items() if k != "REDIS_URL" or stack.redis_url is None}
-    console.print("In another shell: " + "; ".join(f"export {k}={v}" for k, v in exports.items()))
-
-
-from keel.workers.bench import bench as _bench  # noqa: E402
-
-app.command()(_bench)
+        worker = len(sys.argv) > 1 and sys.argv[1] == "worker"
+        configure_tracing("keel-worker" if worker else "keel-cli")
 
 
 def main() -> None:
@@ -294,17 +55,32 @@ def main() -> None:
 
     Exits with ``os._exit`` once the command has finished and flushed its output: letting the
     interpreter finalise while the Temporal SDK's native runtime threads are still alive can
-    abort the process (SIGABRT) after the command already succeeded or failed cleanly.
+    abort the process (SIGABRT) after the command already succeeded or failed cleanly. Spans
+    a command recorded are flushed first.
     """
+    _configure_tracing()
     code = 0
     try:
         app()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    _flush_spans()
     sys.stdout.flush()
     sys.stderr.flush()
-    logging.shutdown()
+    if "logging" in sys.modules:  # commands that log imported it; --help never does
+        sys.modules["logging"].shutdown()
     os._exit(code)
+
+
+def _flush_spans() -> None:
+    if "opentelemetry.sdk.trace" not in sys.modules:
+        return
+    from opentelemetry import trace
+
+    provider = trace.get_tracer_provider()
+    shutdown = getattr(provider, "shutdown", None)
+    if shutdown is not None:
+        shutdown()
 
 
 if __name__ == "__main__":

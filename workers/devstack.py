@@ -42,6 +42,7 @@ class DevStack:
     redis_port: int = 6379
     sim_port: int = 8089
     codec_port: int = 8234
+    api_port: int = 8235
     redis_url: str | None = None
     """Use this Redis instead of starting one."""
     use_simulator: bool = True
@@ -69,12 +70,18 @@ class DevStack:
         """Codec server the UI and the ``temporal`` CLI decode Keel's payloads with."""
         return f"http://127.0.0.1:{self.codec_port}"
 
+    @property
+    def api_url(self) -> str:
+        """Keel's HTTP API, which the ``keel`` command reads jobs through."""
+        return f"http://127.0.0.1:{self.api_port}"
+
     def env(self) -> dict[str, str]:
         """Environment every Keel command needs to find this stack."""
         env = {
             "TEMPORAL_ADDRESS": self.temporal_address,
             "TEMPORAL_NAMESPACE": "default",
             "TEMPORAL_CODEC_ENDPOINT": self.codec_url,
+            "KEEL_API_URL": self.api_url,
             "REDIS_URL": self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0",
         }
         if self.use_simulator:
@@ -106,6 +113,8 @@ class DevStack:
         codec += [f"--cors-origin={origin}" for origin in self._ui_origins()]
         start("codec-server", codec, env=env, port=self.codec_port)
         start("temporal", self._temporal_cmd(), env=env, port=self.temporal_port)
+        api = [*KEEL_COMMAND, "api", f"--port={self.api_port}"]
+        start("api", api, env=env, port=self.api_port, restart=WORKER_RESTARTS)
         if self.redis_url is None:
             start("redis", self._redis_cmd(), env=env, port=self.redis_port)
         if self.use_simulator:

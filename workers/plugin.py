@@ -21,9 +21,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+from temporalio.client import ClientConfig
+from temporalio.plugin import SimplePlugin
 from temporalio.worker import WorkerConfig
 
-from keel.client.plugin import KeelClientPlugin, unique_by_type
+from keel.client.plugin import keel_converter, tracing_interceptors, unique_by_type
 from keel.workers.registry import INTERCEPTORS, WORKFLOWS, Deps, build_activities
 
 __all__ = ["KeelPlugin"]
@@ -39,7 +41,7 @@ def _append_missing(ours: Sequence[Any]) -> Callable[[Sequence[Any] | None], lis
     return add
 
 
-class KeelPlugin(KeelClientPlugin):
+class KeelPlugin(SimplePlugin):
     """Keel's converter, interceptors, workflow and activities as one Temporal plugin.
 
     Without ``deps`` it is a client-side plugin (converter and tracing) that also registers
@@ -67,13 +69,23 @@ class KeelPlugin(KeelClientPlugin):
         activities = build_activities(deps) if deps is not None else []
         self._close_deps = close_deps and deps is not None
         self._running = 0
+        interceptors = [*INTERCEPTORS, *tracing_interceptors(tracing)]
+        self.tracing = len(interceptors) > len(INTERCEPTORS)
         super().__init__(
-            tracing=tracing,
-            worker_interceptors=INTERCEPTORS,
+            "keel.KeelPlugin",
+            data_converter=keel_converter,
+            interceptors=interceptors,
             workflows=_append_missing(WORKFLOWS),
             activities=_append_missing(activities) if activities else None,
             run_context=self._run_context,
         )
+
+    def configure_client(self, config: ClientConfig) -> ClientConfig:
+        """See base class; interceptors of one type are kept once."""
+        config = super().configure_client(config)
+        if "interceptors" in config:
+            config["interceptors"] = unique_by_type(config["interceptors"])
+        return config
 
     def configure_worker(self, config: WorkerConfig) -> WorkerConfig:
         """See base class; interceptors of one type are kept once."""

@@ -1,6 +1,7 @@
 """Run an ASGI app with uvicorn until SIGINT or SIGTERM, then return after a clean shutdown.
 
-Used by the processes ``keel`` starts that serve HTTP: the LLM simulator and the codec server.
+Used by the processes ``keel`` starts that serve HTTP: the API, the LLM simulator and the codec
+server.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Any
 import uvicorn
 
 
-def serve_app(app: Any, host: str, port: int, *, graceful_seconds: int = 2) -> None:
+def serve_app(
+    app: Any, host: str, port: int, *, graceful_seconds: int = 2, lifespan: bool = False
+) -> None:
     """Serve ``app`` on ``host:port`` until signalled; return rather than re-raise the signal.
 
     Args:
@@ -20,6 +23,7 @@ def serve_app(app: Any, host: str, port: int, *, graceful_seconds: int = 2) -> N
         host: Interface to bind.
         port: TCP port to bind.
         graceful_seconds: How long in-flight requests get at shutdown.
+        lifespan: Run the app's startup and shutdown (the HTTP API connects to Temporal there).
     """
     server = uvicorn.Server(
         uvicorn.Config(
@@ -28,7 +32,7 @@ def serve_app(app: Any, host: str, port: int, *, graceful_seconds: int = 2) -> N
             port=port,
             log_level="warning",
             access_log=False,
-            lifespan="off",
+            lifespan="on" if lifespan else "off",
             http="httptools",  # C parser: a third less CPU per request than h11
             timeout_graceful_shutdown=graceful_seconds,
         )

@@ -12,7 +12,7 @@ import atexit
 
 import structlog
 
-from keel.client.plugin import tracing_configured
+from keel.client.telemetry import tracing_configured
 
 log = structlog.get_logger(__name__)
 

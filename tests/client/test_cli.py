@@ -11,7 +11,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from keel.client import JobSummary
-from keel.client.cli import app, print_jobs
+from keel.client.cli.render import print_jobs
+from keel.workers.cli import app
 
 
 def closed_port_address() -> str:
@@ -174,3 +175,21 @@ def test_job_ids_are_never_truncated(width: int) -> None:
         assert any(row.job_id in line for line in lines), row.job_id
     assert "…" not in out.getvalue()
     assert "terminated" in out.getvalue()
+
+
+@pytest.mark.parametrize("argv", [["status", "agent-job-x", "--json"], ["list", "--json"]])
+def test_an_unreachable_api_is_one_line_and_exit_1(argv: list[str]) -> None:
+    api = f"http://{closed_port_address()}"
+    done = CliRunner(env={"KEEL_API_URL": api}).invoke(app, argv)
+    assert done.exit_code == 1
+    assert done.output.strip().startswith(f"error: cannot reach Keel's API at {api}")
+    assert "Traceback" not in done.output
+
+
+def test_help_lists_every_command_once() -> None:
+    done = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert done.exit_code == 0
+    for name in ("submit", "status", "watch", "result", "answer", "cancel", "list", "fleet"):
+        assert f" {name} " in done.output, name
+    for name in ("worker", "sim-llm", "codec-server", "api", "dev", "demo", "bench"):
+        assert f" {name} " in done.output, name

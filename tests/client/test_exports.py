@@ -35,8 +35,23 @@ def test_all_names_the_documented_api() -> None:
         "InvalidJobRequest",
         "JobTimeout",
         "ConnectionFailed",
+        "KeelClientPlugin",
     }
     assert set(client.__all__) == documented
+
+
+def test_exports_load_lazily_and_unknown_names_fail_clearly() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, keel.client as c; before = 'temporalio.client' in sys.modules; "
+        "c.AgentJobs; print(before, 'temporalio.client' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "True"]
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        client.Nope  # noqa: B018
 
 
 def test_every_error_is_exported() -> None:

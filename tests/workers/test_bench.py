@@ -146,3 +146,34 @@ def test_bench_smoke_run_measures_overhead_and_long_job(tmp_path: Path) -> None:
 
     assert "Overhead" in run.stdout and "PASS" in run.stdout
     assert "targets vs bare:" in run.stdout and "targets vs bare-u:" in run.stdout
+
+
+def test_bench_cli_section_times_whole_keel_processes(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REDIS_URL", "OPENAI_API_KEY", "KEEL_API_URL")
+    }
+    argv = ["bench", "--server", "memory", "--only", "cli", "--cli-runs", "3", "--warmup", "1"]
+    run = subprocess.run(
+        [sys.executable, "-m", "keel.workers.cli", *argv, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    cli = json.loads(out.read_text())["results"]["memory"]["cli"]
+    assert cli["runs"] == 3
+    assert set(cli["timings"]) == {
+        "help",
+        "status_api",
+        "list_api",
+        "status_direct",
+        "list_direct",
+    }
+    for name, t in cli["timings"].items():
+        assert 0 < t["min_ms"] <= t["median_ms"] <= t["p95_ms"] <= t["max_ms"], name
+    assert set(cli["targets_met"]) == {"help", "status_api", "list_api"}
+    assert "keel --help" in run.stdout and "(API)" in run.stdout

@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from keel.workers.cli import _print_stack, console
+from keel.workers.commands import _print_stack, console
 from keel.workers.devstack import DevStack
 from keel.workers.supervisor import port_open
 from tests.conftest import free_port
@@ -33,7 +33,7 @@ def keel(*args: str, env: dict[str, str] | None = None, timeout: float = 180):  
 
 
 def test_demo_then_dev_restart_keeps_jobs_and_notes(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("temporal", "ui", "redis", "sim")}
+    ports = {name: free_port() for name in ("temporal", "ui", "redis", "sim", "codec", "api")}
     flags = [
         "--state-dir",
         str(tmp_path / "state"),
@@ -45,6 +45,10 @@ def test_demo_then_dev_restart_keeps_jobs_and_notes(tmp_path: Path) -> None:
         str(ports["redis"]),
         "--sim-port",
         str(ports["sim"]),
+        "--codec-port",
+        str(ports["codec"]),
+        "--api-port",
+        str(ports["api"]),
     ]
     base_env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "REDIS_URL")}
 
@@ -125,7 +129,7 @@ def wait_for(
 
 
 def test_dev_restarts_a_killed_worker_and_keeps_the_stack_up(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("temporal", "ui", "redis", "sim", "codec")}
+    ports = {name: free_port() for name in ("temporal", "ui", "redis", "sim", "codec", "api")}
     state = tmp_path / "state"
     flags = ["--state-dir", str(state)]
     for name, port in ports.items():
@@ -165,6 +169,18 @@ def test_dev_restarts_a_killed_worker_and_keeps_the_stack_up(tmp_path: Path) -> 
         assert done.returncode == 0, done.stderr + console_log.read_text()
         assert json.loads(done.stdout)["outcome"] == "completed"
         assert dev.poll() is None and worker_pids(dev.pid) == [second]
+
+        # Through the stack's HTTP API (the fast path keel dev exports), status and list say
+        # what they say straight from Temporal.
+        via_api = env | {"KEEL_API_URL": f"http://127.0.0.1:{ports['api']}"}
+        for argv in (["status", job_id, "--json"], ["list", "--json"]):
+            direct, fast = keel(*argv, env=env), keel(*argv, env=via_api)
+            assert direct.returncode == fast.returncode == 0, direct.stderr + fast.stderr
+            assert json.loads(fast.stdout) == json.loads(direct.stdout), argv
+        missing = keel("status", "agent-job-nope", "--json", env=via_api)
+        assert missing.returncode == 1 and "not found" in missing.stderr
+        bad = keel("list", "--state", "sleeping", env=via_api)
+        assert bad.returncode == 2 and "state" in bad.stderr
     finally:
         dev.send_signal(signal.SIGTERM)
         dev.wait(timeout=90)

@@ -21,7 +21,8 @@ from temporalio.worker import Worker
 
 from keel.activities.llm import LLMConfig
 from keel.client import AgentJobs, JobRequest
-from keel.client.plugin import KeelClientPlugin, tracing_configured
+from keel.client.plugin import KeelClientPlugin
+from keel.client.telemetry import tracing_configured
 from keel.workers.plugin import KeelPlugin
 from keel.workers.registry import build_deps
 from tests.conftest import unique

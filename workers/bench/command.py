@@ -22,7 +22,7 @@ class ServerMode(StrEnum):
     both = "both"
 
 
-SECTIONS = ("overhead", "long", "scale")
+SECTIONS = ("overhead", "long", "scale", "cli")
 """Benchmark sections, in the order they run."""
 
 
@@ -53,7 +53,7 @@ def bench(
         ServerMode, typer.Option(help="Temporal dev server persistence to run against.")
     ] = ServerMode.both,
     only: Annotated[
-        str, typer.Option(help="Comma list of sections: overhead,long,scale.")
+        str, typer.Option(help="Comma list of sections: overhead,long,scale,cli.")
     ] = ",".join(SECTIONS),
     jobs: Annotated[int, typer.Option(min=1, help="Jobs per throughput run.")] = 200,
     concurrency: Annotated[int, typer.Option(min=1, help="Jobs in flight at most.")] = 16,
@@ -87,6 +87,9 @@ def bench(
         int, typer.Option(min=1, max=200, help="KiB of text each long-job tool call returns.")
     ] = 20,
     fleet: Annotated[str, typer.Option(help="Worker process counts for the scale run.")] = "1,2,3",
+    cli_runs: Annotated[
+        int, typer.Option(min=1, max=200, help="Timed runs of each keel command (cli).")
+    ] = 20,
     transfer_rps: Annotated[
         int | None,
         typer.Option(
@@ -115,6 +118,9 @@ def bench(
     long: one job of --iterations rounds with --output-kib tool outputs; PASS
     when no run's history exceeds 2 MB and the iteration limit was reached.
     scale: Keel jobs on 1, 2 and 3 `keel worker` processes (--fleet).
+    cli: wall time of whole `keel` processes (--cli-runs each): --help, and
+    status and list through `keel api` (KEEL_API_URL) and straight to Temporal;
+    targets: --help <= 200 ms, status and list through the API <= 300 ms.
 
     Reproduce: keel bench --server memory --jobs 50 --concurrency 8 --iterations 30
     or, full size, one section: keel bench --only overhead --json bench.json
@@ -135,6 +141,7 @@ def bench(
         iterations=iterations,
         output_kib=output_kib,
         fleet=_fleet(fleet),
+        cli_runs=cli_runs,
         transfer_rps=transfer_rps,
         json_path=json_path,
     )

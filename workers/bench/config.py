@@ -39,6 +39,8 @@ class BenchConfig:
     iterations: int = 1000
     output_kib: int = 20
     fleet: list[int] = field(default_factory=lambda: [1, 2, 3])
+    cli_runs: int = 20
+    """Timed runs of each ``keel`` command in the cli section."""
     transfer_rps: int | None = None
     """None: ``workers.devstack.TRANSFER_RPS``."""
     json_path: Path | None = None

@@ -34,6 +34,7 @@ from rich.progress import (
 )
 from temporalio.client import Client
 
+from keel.workers.bench.cli_timing import cli_timing
 from keel.workers.bench.config import BenchConfig, Servers
 from keel.workers.bench.long_job import long_job
 from keel.workers.bench.overhead import overhead
@@ -60,6 +61,7 @@ SECTIONS: dict[str, Section] = {
     "overhead": lambda client, cfg, servers, progress, _: overhead(client, cfg, servers, progress),
     "long": lambda client, cfg, servers, progress, _: long_job(client, cfg, servers, progress),
     "scale": scale,
+    "cli": cli_timing,
 }
 
 
@@ -179,6 +181,7 @@ def _settings(config: BenchConfig, rps: int) -> dict[str, Any]:
         "iterations": config.iterations,
         "output_kib": config.output_kib,
         "fleet": config.fleet,
+        "cli_runs": config.cli_runs,
         "cpu_count": os.cpu_count(),
         "redis": "REDIS_URL" if os.environ.get("REDIS_URL") else "started",
         "python": platform.python_version(),

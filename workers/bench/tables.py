@@ -12,6 +12,7 @@ from typing import Any
 
 from rich.table import Table
 
+from keel.workers.bench.cli_timing import CLI_TARGETS_MS
 from keel.workers.bench.config import BenchConfig
 from keel.workers.bench.overhead import OVERHEAD_TARGETS
 
@@ -180,8 +181,46 @@ def _scale_table(mode: str, rps: int, config: BenchConfig, data: dict[str, Any])
     return table
 
 
+CLI_ROWS = (
+    ("help", "keel --help"),
+    ("status_api", "keel status JOB --json (API)"),
+    ("list_api", "keel list --json (API)"),
+    ("status_direct", "keel status JOB --json (Temporal)"),
+    ("list_direct", "keel list --json (Temporal)"),
+)
+"""The cli table's rows: timing key and the command as a user types it."""
+
+
+def _cli_table(mode: str, rps: int, config: BenchConfig, data: dict[str, Any]) -> Table:
+    table = Table(title=_title("The keel command, process start included", mode, rps))
+    for col in ("command", "min (ms)", "median (ms)", "p95 (ms)", "target"):
+        table.add_column(col, justify="left" if col == "command" else "right")
+    for key, label in CLI_ROWS:
+        t = data["timings"][key]
+        limit = CLI_TARGETS_MS.get(key)
+        verdict = (
+            ""
+            if limit is None
+            else (f"<= {limit:.0f} " + ("met" if data["targets_met"][key] else "MISSED"))
+        )
+        table.add_row(
+            label,
+            _f(t["min_ms"], ",.0f"),
+            _f(t["median_ms"], ",.0f"),
+            _f(t["p95_ms"], ",.0f"),
+            verdict,
+        )
+    table.caption = (
+        f"{data['runs']} runs of each after warm-up, wall time of the whole process; "
+        "(API) reads through `keel api` (KEEL_API_URL, as `keel dev` exports), "
+        "(Temporal) connects with the Temporal SDK"
+    )
+    return table
+
+
 TABLES: dict[str, Callable[[str, int, BenchConfig, dict[str, Any]], Table]] = {
     "overhead": _overhead_table,
     "long": _long_table,
     "scale": _scale_table,
+    "cli": _cli_table,
 }

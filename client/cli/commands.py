@@ -1,0 +1,284 @@
+"""``keel`` job commands: submit, status, watch, result, answer, cancel, fleet, list.
+
+A thin layer over ``AgentJobs``. Every command connects with ``keel.client.connect``
+(environment config), and every error becomes one line on stderr in one place
+(``_common.run``): exit code 2 for invalid input, 1 for anything else, never a traceback. With
+``--json`` stdout carries exactly one JSON document and nothing else.
+
+Commands import what they use when they run: at import this module loads typer and the
+standard library only, so ``keel --help`` and the composition root stay fast, and a command
+loads the Temporal client, the models and rich rendering only when it needs them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from keel.client.cli._common import JobArg, JsonOpt, api_url, emit_json, guard, jobs, run
+
+if TYPE_CHECKING:
+    from keel.client._summary import JobSummary
+    from keel.client.fleet import QueueStats
+    from keel.workflows.types import JobResult, JobStatus
+
+
+def submit(
+    goal: Annotated[str, typer.Argument(metavar="GOAL", help="What the agent should achieve.")],
+    tenant: Annotated[
+        str | None, typer.Option(metavar="T", help="Tenant the job is billed to.")
+    ] = None,
+    user: Annotated[str | None, typer.Option(metavar="U", help="User who asked.")] = None,
+    tool: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tool", metavar="NAME", help="Allow a tool (repeat; default: calculator, write_note)."
+        ),
+    ] = None,
+    docs: Annotated[
+        str | None, typer.Option("--docs", metavar="DIR", help="Folder of documents to search.")
+    ] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(metavar="N", help="Activity calls of any kind.")
+    ] = None,
+    max_tool_calls: Annotated[
+        int | None, typer.Option(metavar="N", help="Tool and retrieval calls.")
+    ] = None,
+    max_retries_per_tool: Annotated[
+        int | None, typer.Option(metavar="N", help="Extra attempts per tool over the whole job.")
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(metavar="N", help="Prompt plus completion tokens.")
+    ] = None,
+    max_cost: Annotated[
+        float | None, typer.Option(metavar="USD", help="Dollars at the worker's prices.")
+    ] = None,
+    max_seconds: Annotated[
+        float | None, typer.Option(metavar="S", help="Wall-clock seconds of work.")
+    ] = None,
+    max_iterations: Annotated[
+        int | None, typer.Option(metavar="N", help="Plan-act-verify rounds.")
+    ] = None,
+    ask_timeout: Annotated[
+        float | None,
+        typer.Option(metavar="S", help="Seconds a question waits before the default is used."),
+    ] = None,
+    request_key: Annotated[
+        str | None,
+        typer.Option(metavar="K", help="Idempotency key; the same key returns the same job."),
+    ] = None,
+    notify_workflow: Annotated[
+        str | None,
+        typer.Option(metavar="ID", help="Workflow to signal with the result when the job ends."),
+    ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            "--mode",
+            metavar="interactive|batch",
+            help="Queue class: batch jobs run on keel-batch, never ahead of interactive ones.",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Submit a job and print its ID at once."""
+    budget = {
+        name: value
+        for name, value in {
+            "max_steps": max_steps,
+            "max_tool_calls": max_tool_calls,
+            "max_retries_per_tool": max_retries_per_tool,
+            "max_tokens": max_tokens,
+            "max_cost_usd": max_cost,
+            "max_seconds": max_seconds,
+            "max_iterations": max_iterations,
+        }.items()
+        if value is not None
+    }
+    optional = {
+        "tenant": tenant,
+        "user": user,
+        "tools": tool,
+        "docs_dir": docs,
+        "ask_timeout_seconds": ask_timeout,
+        "notify_workflow": notify_workflow,
+        "mode": mode,
+        "budget": budget or None,
+    }
+    payload: dict[str, Any] = {"goal": goal}
+    payload.update({name: value for name, value in optional.items() if value is not None})
+
+    async def main() -> str:
+        from keel.client._validation import validate_request, validate_request_key
+
+        # Validate fully before connecting, so a malformed job fails fast even with no server.
+        request = validate_request(payload)
+        key = validate_request_key(request_key) if request_key is not None else None
+        return await (await jobs()).start(request, request_key=key)
+
+    job_id = run(main)
+    if as_json:
+        emit_json({"job_id": job_id})
+    else:
+        typer.echo(job_id)
+
+
+def status(job_id: JobArg, as_json: JsonOpt = False) -> None:
+    """Show a job's state, budget use, pending question and recent events."""
+    if api := api_url():
+        from urllib.parse import quote
+
+        from keel.client.cli._http import get_json
+        from keel.workflows.types import JobStatus
+
+        path = f"/v1/jobs/{quote(job_id, safe='')}"
+        snap = guard(lambda: JobStatus.model_validate(get_json(api, path)))
+    else:
+
+        async def main() -> JobStatus:
+            return await (await jobs()).status(job_id)
+
+        snap = run(main)
+    if as_json:
+        typer.echo(snap.model_dump_json())
+        return
+    from keel.client.cli.render import print_status
+
+    print_status(snap)
+
+
+def watch(job_id: JobArg) -> None:
+    """Follow a job live until it ends, then print its result."""
+    from keel.client.cli.render import follow, print_result
+
+    async def main() -> JobResult:
+        agent_jobs = await jobs()
+        await follow(agent_jobs.wait_terminal(job_id))
+        return await agent_jobs.result(job_id)
+
+    print_result(run(main))
+
+
+def result(
+    job_id: JobArg,
+    as_json: JsonOpt = False,
+    timeout: Annotated[
+        float | None, typer.Option(metavar="S", help="Give up waiting after S seconds.")
+    ] = None,
+) -> None:
+    """Wait for a job to end and print its outcome and answer."""
+
+    async def main() -> JobResult:
+        return await (await jobs()).result(job_id, timeout=timeout)
+
+    res = run(main)
+    if as_json:
+        emit_json(res.model_dump(mode="json"))
+    else:
+        from keel.client.cli.render import print_result
+
+        print_result(res)
+
+
+def answer(
+    job_id: JobArg,
+    text: Annotated[
+        str, typer.Argument(metavar="TEXT", help="Answer to the job's pending question.")
+    ],
+) -> None:
+    """Answer a job's pending question and wait for the job to accept it."""
+
+    async def main() -> str:
+        from keel.workflows.types import HumanInput
+
+        inp = HumanInput(text=text)  # Refuse a blank answer before connecting.
+        return await (await jobs()).send_input(job_id, inp)
+
+    typer.echo(run(main))
+
+
+def cancel(job_id: JobArg) -> None:
+    """Cancel a job; it ends with outcome "cancelled" and its best answer so far."""
+
+    async def main() -> None:
+        await (await jobs()).cancel(job_id)
+
+    run(main)
+    typer.echo(f"cancellation requested: {job_id}")
+
+
+def fleet(
+    task_queue: Annotated[
+        list[str] | None,
+        typer.Option(help="Task queue to describe (repeat; default: interactive and batch)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show pollers and backlog per task queue: the signal to scale workers on."""
+
+    async def main() -> list[QueueStats]:
+        from keel.client.connect import connect
+        from keel.client.fleet import describe_fleet
+
+        return await describe_fleet(await connect(), task_queue or None)
+
+    rows = run(main)
+    if as_json:
+        emit_json([r.model_dump(mode="json") for r in rows])
+        return
+    from keel.client.cli.render import print_fleet
+
+    print_fleet(rows)
+
+
+def list_jobs(
+    tenant: Annotated[
+        str | None, typer.Option(metavar="T", help="Only this tenant's jobs.")
+    ] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(
+            metavar="S", help="Only jobs in this state (running, waiting_for_input, completed...)."
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List recent jobs from Temporal visibility."""
+    if api := api_url():
+        from keel.client._summary import JobSummary
+        from keel.client.cli._http import get_json
+
+        params = {"tenant": tenant, "state": state}
+        found = guard(lambda: get_json(api, "/v1/jobs", params))
+        rows = [JobSummary.model_validate(row) for row in found]
+    else:
+
+        async def main() -> list[JobSummary]:
+            from keel.client._listing import list_query
+
+            list_query(tenant=tenant, state=state)  # Refuse bad filters before connecting.
+            return await (await jobs()).list_jobs(tenant=tenant, state=state)
+
+        rows = run(main)
+    if as_json:
+        emit_json([row.model_dump(mode="json") for row in rows])
+    elif rows:
+        from keel.client.cli.render import print_jobs, stdout_console
+
+        print_jobs(stdout_console(), rows)
+    else:
+        typer.echo("no jobs found", err=True)
+
+
+COMMANDS: list[tuple[str, Any]] = [
+    ("submit", submit),
+    ("status", status),
+    ("watch", watch),
+    ("result", result),
+    ("answer", answer),
+    ("cancel", cancel),
+    ("list", list_jobs),
+    ("fleet", fleet),
+]
+"""The job commands as (name, function): the ``keel`` composition root mounts each one."""
