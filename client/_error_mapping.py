@@ -7,6 +7,7 @@ Owns the translation only: an ``RPCError`` by its status code, a workflow failur
 
 from __future__ import annotations
 
+from pydantic import ValidationError
 from temporalio.exceptions import (
     ApplicationError,
     CancelledError,
@@ -19,6 +20,7 @@ from temporalio.exceptions import (
 from temporalio.service import RPCError, RPCStatusCode
 
 from keel.client.errors import AgentJobError, ConnectionFailed, JobNotFound
+from keel.workflows.types import JobResult
 
 __all__ = ["failure_cause", "failure_message", "no_worker", "rpc_error"]
 
@@ -93,6 +95,20 @@ def failure_message(err: BaseException) -> str:
         ``FailureError.message``, or ``str(err)`` for anything else.
     """
     return err.message if isinstance(err, FailureError) else str(err)
+
+
+def failed_result(err: BaseException) -> JobResult | None:
+    """The ``JobResult`` a failed workflow attached to its ``ApplicationError``, if any.
+
+    Args:
+        err: The ``cause`` of a ``WorkflowFailureError``.
+    """
+    if not isinstance(err, ApplicationError) or not err.details:
+        return None
+    try:
+        return JobResult.model_validate(err.details[0])
+    except ValidationError:
+        return None
 
 
 def failure_cause(err: BaseException) -> tuple[str, str]:

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
+    from keel.workflows.types import JobResult
+
 __all__ = [
     "AgentJobError",
     "ConnectionFailed",
@@ -60,7 +62,9 @@ class JobFailed(AgentJobError):
     outcome itself.
     """
 
-    def __init__(self, job_id: str, cause_type: str, message: str) -> None:
+    def __init__(
+        self, job_id: str, cause_type: str, message: str, result: JobResult | None = None
+    ) -> None:
         super().__init__(f"job {job_id} failed ({cause_type}): {message}")
         self.job_id = job_id
         """The failed job."""
@@ -68,6 +72,9 @@ class JobFailed(AgentJobError):
         """Machine-readable reason; compare against ``activities.errors`` constants."""
         self.reason = message
         """The failure's own message, without the job ID prefix."""
+        self.result = result
+        """The job's own ``JobResult`` (outcome ``failed``, error, usage, partial answer) when
+        the workflow attached it to its failure; None when Temporal ended the job."""
 
 
 class InputRejected(AgentJobError):

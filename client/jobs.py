@@ -32,7 +32,13 @@ from temporalio.client import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from keel.client._error_mapping import failure_cause, failure_message, no_worker, rpc_error
+from keel.client._error_mapping import (
+    failed_result,
+    failure_cause,
+    failure_message,
+    no_worker,
+    rpc_error,
+)
 from keel.client._execution_state import describe_closed_state, wait_closed
 from keel.client._listing import JobSummary, list_summaries
 from keel.client._starting import start_options
@@ -221,7 +227,8 @@ class AgentJobs:
                 await wait_closed(handle, job_id, timeout)
             return await handle.result()
         except WorkflowFailureError as err:
-            raise JobFailed(job_id, *failure_cause(err.cause)) from None
+            cause = err.cause
+            raise JobFailed(job_id, *failure_cause(cause), failed_result(cause)) from None
         except RPCError as err:
             raise self._rpc_error(err, job_id, "result") from None
 

@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from keel.activities.types import Observation, PlanStep, RetrievalQuery, ToolCall, format_hits
     from keel.workflows import policies
     from keel.workflows._budget import BudgetExhausted, Ledger
+    from keel.workflows._state import raise_if_cancelled
     from keel.workflows.types import BudgetName, JobRequest, LoopState
 
 MAX_PARALLEL = 4
@@ -104,6 +105,7 @@ class StepRunner:
                 ),
             )
         except ActivityError as err:
+            raise_if_cancelled(err)
             return self._failed(base, err)
         return base.model_copy(update={"ok": True, "content": format_hits(result.hits)})
 
@@ -132,6 +134,7 @@ class StepRunner:
                 ),
             )
         except ActivityError as err:
+            raise_if_cancelled(err)
             return self._failed(base, err, tool, attempts)
         self._ledger.charge_retries(tool, result.attempt - 1)
         update = {"ok": True, "content": result.content}

@@ -20,7 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from keel.activities import errors
     from keel.workflows import policies
     from keel.workflows._budget import BudgetExhausted, Ledger, estimate_prompt_tokens
-    from keel.workflows._state import JobFailure
+    from keel.workflows._state import JobFailure, raise_if_cancelled
     from keel.workflows.types import JobRequest, LoopState
 
 R = TypeVar("R", bound=BaseModel)
@@ -84,6 +84,7 @@ class ModelCaller:
         try:
             result = await workflow.execute_activity_method(method, inp, **config)
         except ActivityError as err:
+            raise_if_cancelled(err)
             if workflow.now() >= ledger.deadline():
                 raise BudgetExhausted("max_seconds") from None
             cause = err.cause

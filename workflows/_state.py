@@ -5,9 +5,11 @@ Deterministic: functions of their arguments only; times come in from ``workflow.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 
 from temporalio import workflow
+from temporalio.exceptions import ActivityError, CancelledError
 
 from keel.workflows.budget_text import budget_text
 from keel.workflows.types import (
@@ -32,6 +34,25 @@ class JobFailure(Exception):
     def __init__(self, error_type: str, message: str) -> None:
         super().__init__(message)
         self.error_type = error_type
+
+
+CANCEL_IS_AN_OUTCOME = "cancel-is-an-outcome"
+"""Patch ID: a job cancelled while an activity runs ends ``cancelled`` (issue 13). Before it,
+the activity's cancellation was read as a failed call and the job ended ``failed``."""
+
+
+def raise_if_cancelled(err: ActivityError) -> None:
+    """Re-raise an activity's cancellation as the job's own, so the job ends ``cancelled``.
+
+    When a job is cancelled, Temporal cancels its running activities, and awaiting one raises
+    ``ActivityError`` caused by ``CancelledError``: a cancellation, not a failed call.
+
+    Raises:
+        asyncio.CancelledError: If ``err`` is the activity's cancellation (on histories that
+            have this patch; older ones replay as they ran).
+    """
+    if isinstance(err.cause, CancelledError) and workflow.patched(CANCEL_IS_AN_OUTCOME):
+        raise asyncio.CancelledError from None
 
 
 def history_is_long() -> bool:

@@ -16,7 +16,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from keel.client.cli._common import JobArg, JsonOpt, api_url, emit_json, guard, jobs, run
+from keel.client.cli._common import (
+    EXIT_FAILED,
+    JobArg,
+    JsonOpt,
+    api_url,
+    emit_json,
+    fail,
+    guard,
+    jobs,
+    run,
+)
 
 if TYPE_CHECKING:
     from keel.client._summary import JobSummary
@@ -168,17 +178,25 @@ def result(
     ] = None,
 ) -> None:
     """Wait for a job to end and print its outcome and answer."""
+    from keel.client.errors import JobFailed
 
-    async def main() -> JobResult:
-        return await (await jobs()).result(job_id, timeout=timeout)
+    async def main() -> tuple[JobResult, JobFailed | None]:
+        try:
+            return await (await jobs()).result(job_id, timeout=timeout), None
+        except JobFailed as failed:
+            if failed.result is None:
+                raise
+            return failed.result, failed  # a failed job's result is data too
 
-    res = run(main)
+    res, failed = run(main)
     if as_json:
         emit_json(res.model_dump(mode="json"))
     else:
         from keel.client.cli.render import print_result
 
         print_result(res)
+    if failed is not None:
+        fail(failed.message, EXIT_FAILED)
 
 
 def answer(

@@ -100,3 +100,25 @@ async def test_unknown_job_is_a_clear_error(env: WorkflowEnvironment) -> None:
     code, out, err = await keel(env, "status", "agent-job-does-not-exist", "--json")
     assert code == 1 and out == ""
     assert "agent-job-does-not-exist" in err and "Traceback" not in err
+
+
+async def test_a_failed_jobs_result_is_printed_and_the_exit_is_nonzero(
+    env: WorkflowEnvironment, make_worker
+) -> None:
+    async with make_worker(env.client, task_queue="keel-interactive-" + unique("f")) as worker:
+        os.environ["KEEL_TASK_QUEUE"] = worker.task_queue
+        try:
+            code, out, err = await keel(
+                env, "submit", "What is 1 + 1? use calculator [sim: fault=401]", "--json"
+            )
+            assert code == 0, err
+            job_id = json.loads(out)["job_id"]
+            code, out, err = await keel(env, "result", job_id, "--json", "--timeout", "60")
+        finally:
+            os.environ.pop("KEEL_TASK_QUEUE", None)
+    assert code == 1
+    result = json.loads(out)  # stdout still carries exactly one JSON document: the result
+    assert result["job_id"] == job_id and result["outcome"] == "failed"
+    assert result["error"].startswith("LLMAuthFailed")
+    assert set(result["usage"]) >= {"tokens", "cost_usd", "steps"}
+    assert "LLMAuthFailed" in err and "Traceback" not in err

@@ -29,6 +29,8 @@ from keel.workers.registry import WORKFLOWS
 HISTORY_DIR = Path(__file__).parent / "histories"
 HISTORIES = sorted(HISTORY_DIR.glob("*.json"))
 EXPECTED = {"happy_path", "refine_x2", "budget_exhausted", "ask_answered", "cancelled"}
+PATCHED = {"cancelled_in_flight": "cancel-is-an-outcome"}
+"""Histories that carry a patch marker, and the patch: a job cancelled while a call ran."""
 PATCHES: tuple[str, ...] = ()
 """Prefixes of histories recorded by older workflow code that new code must still replay.
 Empty: Keel 0.1 has no patch (``lean-history`` was retired before the first release)."""
@@ -60,6 +62,23 @@ def test_every_loop_path_has_a_recorded_history() -> None:
     assert stems >= EXPECTED
     for patch in PATCHES:
         assert stems >= {f"{patch}.{name}" for name in EXPECTED}
+
+
+def test_patched_histories_carry_their_marker() -> None:
+    for name, patch in PATCHED.items():
+        events = json.loads((HISTORY_DIR / f"{name}.json").read_text())["events"]
+        markers = [
+            e["markerRecordedEventAttributes"]
+            for e in events
+            if "markerRecordedEventAttributes" in e
+        ]
+        ids = [
+            json.loads(base64.b64decode(p["data"]))["id"]
+            for m in markers
+            if m["markerName"] == "core_patch"
+            for p in m["details"]["patch-data"]["payloads"]
+        ]
+        assert ids == [patch], name
 
 
 def test_current_histories_are_lean() -> None:
