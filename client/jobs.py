@@ -1,7 +1,8 @@
 """``AgentJobs``: the typed façade callers use to start, inspect, answer and collect agent jobs.
 
 A job is one ``AgentLoopWorkflow`` execution whose workflow ID is the job ID,
-``agent-job-{request_key}``. Starting is idempotent on the request key: the same key always
+``agent-job-{tenant}:{request_key}``. Starting is idempotent on the request key within a
+tenant: the same tenant and key always
 names the same job, whether it is still running or has long ended. Requests are validated
 before anything is started (``client._validation``), so a malformed job fails fast with the
 field that is wrong.
@@ -43,11 +44,16 @@ from keel.client._execution_state import describe_closed_state, wait_closed
 from keel.client._listing import JobSummary, list_summaries
 from keel.client._starting import start_options
 from keel.client._validation import human_input, validate_request, validate_request_key
-from keel.client.errors import AgentJobError, InputRejected, JobFailed, JobNotFound
+from keel.client.errors import (
+    AgentJobError,
+    InputRejected,
+    InvalidJobRequest,
+    JobFailed,
+    JobNotFound,
+)
 from keel.workflows import TASK_QUEUE, TASK_QUEUES
 from keel.workflows.contract import AgentLoop
 from keel.workflows.types import (
-    JOB_ID_PREFIX,
     TERMINAL_STATES,
     AgentLoopInput,
     HumanInput,
@@ -55,6 +61,8 @@ from keel.workflows.types import (
     JobResult,
     JobState,
     JobStatus,
+    job_id_for,
+    tenant_of,
 )
 
 __all__ = ["AgentJobs"]
@@ -70,10 +78,17 @@ class AgentJobs:
         client: A connected client using the pydantic data converter (see
             ``client.connect``). Never created here, so tests and servers share one.
         task_queue: Queue the workers for ``AgentLoopWorkflow`` listen on.
+        tenant: Scope every call to this tenant: jobs start as its jobs, another tenant's job
+            is ``JobNotFound`` (never "forbidden", which would confirm it exists), and lists
+            show only its jobs. ``None`` (operators, trusted services) sees every tenant.
     """
 
-    def __init__(self, client: Client, *, task_queue: str | None = None) -> None:
+    def __init__(
+        self, client: Client, *, task_queue: str | None = None, tenant: str | None = None
+    ) -> None:
         self._client = client
+        self.tenant = tenant
+        """The tenant every call is scoped to, or None for all tenants."""
         self._fixed_queue = task_queue
         self.task_queue = task_queue or TASK_QUEUE
         """Task queue for new jobs when set explicitly; otherwise each job's ``mode`` picks
@@ -90,9 +105,9 @@ class AgentJobs:
 
         Args:
             req: The job to run, as a model or a mapping.
-            request_key: Idempotency key; the job ID is ``agent-job-{request_key}``. Sending
-                the same key again returns the same job ID and starts nothing, even after
-                that job has ended. Defaults to a fresh random key.
+            request_key: Idempotency key; the job ID is ``agent-job-{tenant}:{request_key}``.
+                Sending the same key for the same tenant again returns the same job ID and
+                starts nothing, even after that job has ended. Defaults to a fresh random key.
             task_queue: Overrides the façade's task queue for this job.
 
         Returns:
@@ -104,8 +119,12 @@ class AgentJobs:
             AgentJobError: If the server refused the start for another reason.
         """
         request = validate_request(req)
+        if self.tenant is not None and request.tenant != self.tenant:
+            if "tenant" in request.model_fields_set:
+                raise InvalidJobRequest("tenant", f"this client acts for tenant {self.tenant}")
+            request = request.model_copy(update={"tenant": self.tenant})
         key = uuid4().hex if request_key is None else request_key
-        job_id = JOB_ID_PREFIX + validate_request_key(key)
+        job_id = job_id_for(request.tenant, validate_request_key(key))
         try:
             await self._client.start_workflow(
                 AgentLoop.run,
@@ -134,14 +153,18 @@ class AgentJobs:
             JobNotFound: If no job has this ID.
             AgentJobError: If no worker answered in time or the query failed.
         """
+        self._own(job_id)
         try:
-            return await self._handle(job_id).query(AgentLoop.get_status, rpc_timeout=QUERY_TIMEOUT)
+            snap = await self._handle(job_id).query(AgentLoop.get_status, rpc_timeout=QUERY_TIMEOUT)
         except WorkflowQueryFailedError as err:
             raise AgentJobError(f"status query for job {job_id} failed: {err.message}") from None
         except RPCTimeoutOrCancelledError:
             raise no_worker(job_id, "status query", self.task_queue) from None
         except RPCError as err:
             raise self._rpc_error(err, job_id, "status query") from None
+        if self.tenant is not None and snap.tenant != self.tenant:
+            raise JobNotFound(job_id)  # the job's own record disagrees with its ID
+        return snap
 
     async def send_input(self, job_id: str, answer: HumanInput | str) -> str:
         """Answer the job's pending question and wait for the job to acknowledge it (an update).
@@ -159,6 +182,7 @@ class AgentJobs:
             JobNotFound: If no job has this ID.
         """
         inp = human_input(answer)
+        self._own(job_id)
         try:
             return await self._handle(job_id).execute_update(AgentLoop.answer, inp)
         except WorkflowUpdateFailedError as err:
@@ -183,6 +207,7 @@ class AgentJobs:
             JobNotFound: If no job has this ID.
         """
         inp = human_input(answer)
+        self._own(job_id)
         try:
             await self._handle(job_id).signal(AgentLoop.answer_signal, inp)
         except RPCError as err:
@@ -199,6 +224,7 @@ class AgentJobs:
         Raises:
             JobNotFound: If no job has this ID.
         """
+        self._own(job_id)
         try:
             await self._handle(job_id).cancel()
         except RPCError as err:
@@ -221,6 +247,7 @@ class AgentJobs:
             JobTimeout: If ``timeout`` passed first; the job keeps running.
             JobNotFound: If no job has this ID.
         """
+        self._own(job_id)
         handle = self._handle(job_id)
         try:
             if timeout is not None:
@@ -288,10 +315,23 @@ class AgentJobs:
         Raises:
             InvalidJobRequest: If ``tenant``, ``state`` or ``limit`` is malformed.
         """
+        if self.tenant is not None:
+            if tenant not in (None, self.tenant):
+                return []  # another tenant's jobs are not there, as far as this caller knows
+            tenant = self.tenant
         try:
             return await list_summaries(self._client, tenant=tenant, state=state, limit=limit)
         except RPCError as err:
             raise self._rpc_error(err, None, "list") from None
+
+    def _own(self, job_id: str) -> None:
+        """Refuse, as not found, a job outside this client's tenant (checked before any call).
+
+        Raises:
+            JobNotFound: If the client is scoped and the ID names another tenant's job.
+        """
+        if self.tenant is not None and tenant_of(job_id) != self.tenant:
+            raise JobNotFound(job_id)
 
     def _handle(self, job_id: str) -> WorkflowHandle[AgentLoop, JobResult]:
         return self._client.get_workflow_handle_for(AgentLoop.run, job_id)

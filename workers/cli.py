@@ -15,6 +15,7 @@ import sys
 import typer
 
 from keel.client.cli import COMMANDS as JOB_COMMANDS
+from keel.client.cli.keys import keys_app
 from keel.workers.bench import bench
 from keel.workers.commands import COMMANDS as PROCESS_COMMANDS
 
@@ -33,6 +34,7 @@ def build_app() -> typer.Typer:
     )
     for name, command in [*JOB_COMMANDS, *PROCESS_COMMANDS, ("bench", bench)]:
         built.command(name)(command)
+    built.add_typer(keys_app, name="keys")
     return built
 
 

@@ -145,23 +145,11 @@ def codec_server(
     serve_app(create_app(origins), host, port)
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-"""Where ``keel api`` may listen while it has no authentication (issue 13 adds API keys)."""
-
-
 def api(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8235,
-    host: Annotated[str, typer.Option(help="Address to bind (loopback only for now).")] = (
-        "127.0.0.1"
-    ),
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
 ) -> None:
-    """Serve Keel's HTTP API: keel status and keel list read through it (KEEL_API_URL)."""
-    if host not in LOOPBACK:
-        console.print(
-            f"[red]error:[/red] --host {host}: the API has no authentication yet, so it "
-            "listens on loopback only"
-        )
-        raise typer.Exit(2)
+    """Serve Keel's HTTP API (API keys per tenant: keel keys create)."""
     from keel.client.api import create_app
     from keel.workers.logs import configure_logging
     from keel.workers.serving import serve_app
@@ -314,6 +302,13 @@ def _print_stack(stack: DevStack) -> None:
     console.print(
         f"[bold]API[/bold]       {stack.api_url} (keel status and keel list read through it)"
     )
+    if stack.api_key:
+        saved = stack.state_dir / "dev-api-key"
+        console.print(f"[bold]API key[/bold]   {stack.api_key} (development, operator; in {saved})")
+        console.print(
+            f"  curl -H 'Authorization: Bearer {stack.api_key}' {stack.api_url}/v1/jobs",
+            markup=False,
+        )
     # A REDIS_URL of the caller's own is already in their environment and may hold a password.
     exports = {k: v for k, v in env.items() if k != "REDIS_URL" or stack.redis_url is None}
     console.print("In another shell: " + "; ".join(f"export {k}={v}" for k, v in exports.items()))

@@ -49,6 +49,8 @@ class DevStack:
     start_worker: bool = True
     notify: Callable[[str], object] | None = None
     """Told, in one line, when the worker is restarted or its restarts are given up."""
+    api_key: str | None = field(default=None, repr=False)
+    """The development API key (an operator's, for tenant ``default``), once started."""
     supervisor: Supervisor = field(init=False, repr=False)
     """Runs the parts; its log directory is ``state_dir/logs``."""
 
@@ -82,6 +84,7 @@ class DevStack:
             "TEMPORAL_NAMESPACE": "default",
             "TEMPORAL_CODEC_ENDPOINT": self.codec_url,
             "KEEL_API_URL": self.api_url,
+            **({"KEEL_API_KEY": self.api_key} if self.api_key else {}),
             "REDIS_URL": self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0",
         }
         if self.use_simulator:
@@ -113,10 +116,11 @@ class DevStack:
         codec += [f"--cors-origin={origin}" for origin in self._ui_origins()]
         start("codec-server", codec, env=env, port=self.codec_port)
         start("temporal", self._temporal_cmd(), env=env, port=self.temporal_port)
-        api = [*KEEL_COMMAND, "api", f"--port={self.api_port}"]
-        start("api", api, env=env, port=self.api_port, restart=WORKER_RESTARTS)
         if self.redis_url is None:
             start("redis", self._redis_cmd(), env=env, port=self.redis_port)
+        self.api_key = dev_api_key(self.state_dir, self.env()["REDIS_URL"])
+        api = [*KEEL_COMMAND, "api", f"--port={self.api_port}"]
+        start("api", api, env=env, port=self.api_port, restart=WORKER_RESTARTS)
         if self.use_simulator:
             sim = [*KEEL_COMMAND, "sim-llm", "--port", str(self.sim_port)]
             start("llm-simulator", sim, env=env, port=self.sim_port)
@@ -174,3 +178,39 @@ class DevStack:
     def stop(self, timeout: float = 20.0) -> None:
         """Terminate every part, newest first, killing any that outlives ``timeout`` seconds."""
         self.supervisor.stop_all(timeout)
+
+
+DEV_KEY_FILE = "dev-api-key"
+"""Where ``keel dev`` keeps its development key (mode 0600), so a restart reuses it."""
+
+
+def dev_api_key(state_dir: Path, redis_url: str) -> str:
+    """The stack's development API key: the saved one while Redis still knows it, else new.
+
+    An operator's key for tenant ``default``, so the ``keel`` command sees every job through
+    the API as it does through Temporal. It is for this machine's stack only.
+    """
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from keel.client.api.keys import ApiKeys
+
+    path = state_dir / DEV_KEY_FILE
+
+    async def find_or_create() -> str:
+        redis = aioredis.Redis.from_url(redis_url, socket_timeout=5)
+        try:
+            keys = ApiKeys(redis)
+            saved = path.read_text().strip() if path.exists() else ""
+            if saved and await keys.lookup(saved) is not None:
+                return saved
+            key, _ = await keys.create("default", "operator", "dev")
+            return key
+        finally:
+            await redis.aclose()
+
+    key = asyncio.run(find_or_create())
+    path.touch(mode=0o600)
+    path.write_text(key + "\n")
+    return key

@@ -21,6 +21,25 @@ MAX_GOAL_CHARS = 8000
 IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 WORKFLOW_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,199}$")
 JOB_ID_PREFIX = "agent-job-"
+TENANT_SEPARATOR = ":"
+"""Between the tenant and the request key in a job ID; neither may contain it."""
+
+
+def job_id_for(tenant: str, request_key: str) -> str:
+    """The job ID of ``tenant``'s request ``request_key``: ``agent-job-{tenant}:{key}``.
+
+    The tenant is part of the ID, so two tenants' request keys never name the same job, and
+    the separator appears in neither part, so an ID names exactly one (tenant, key) pair.
+    """
+    return f"{JOB_ID_PREFIX}{tenant}{TENANT_SEPARATOR}{request_key}"
+
+
+def tenant_of(job_id: str) -> str | None:
+    """The tenant a job ID names, or None for an ID of another shape (such as before 0.2)."""
+    if not job_id.startswith(JOB_ID_PREFIX) or TENANT_SEPARATOR not in job_id:
+        return None
+    tenant = job_id[len(JOB_ID_PREFIX) :].split(TENANT_SEPARATOR, 1)[0]
+    return tenant if IDENT_RE.match(tenant) else None
 
 
 def _identifier(value: str) -> str:

@@ -1,8 +1,8 @@
 """Keel's HTTP API: a thin FastAPI layer over ``AgentJobs`` (``keel api``).
 
-Today it serves reads (a job's status, the job list) for the ``keel`` command's fast path and
-binds to loopback only; authentication, tenancy and the write endpoints arrive with the gateway
-(issue 13), which is also when it may listen beyond this host.
+Every call carries an API key (``keel keys create``); the key decides the tenant, user and
+role, and another tenant's job is a 404. Jobs are submitted, read, answered and cancelled here;
+the ``keel`` command reads through it when ``KEEL_API_URL`` is set.
 """
 
 from keel.client.api.app import create_app

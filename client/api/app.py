@@ -1,35 +1,46 @@
-"""The HTTP API's app: routes, the one Temporal client it shares, and errors as JSON.
+"""The HTTP API's app: authentication, routes over ``AgentJobs``, and errors as JSON.
 
-Every route is a thin call on ``AgentJobs``; responses are the client's models as JSON, and
-every ``AgentJobError`` becomes a JSON error with a stable ``code`` and the HTTP status that
-means it (never a 500 for a caller's mistake).
+Every request carries an API key (``Authorization: Bearer keel_...``); the key decides the
+tenant and user, and every route runs on an ``AgentJobs`` scoped to that tenant (operators: all
+tenants), so another tenant's job is a 404 like a job that does not exist. Every
+``AgentJobError`` becomes a JSON error with a stable ``code`` and the HTTP status that means it,
+never a 500 for a caller's mistake. Request bodies are size-capped.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Query, Request
+import redis.asyncio as aioredis
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from temporalio.client import Client
 
 from keel.client._summary import JobSummary
+from keel.client.api.keys import ApiKeys, Principal
+from keel.client.api.models import AnswerIn, JobAccepted, JobCreate, job_links
 from keel.client.errors import (
     AgentJobError,
     ConnectionFailed,
+    InputRejected,
     InvalidJobRequest,
+    JobFailed,
     JobNotFound,
     JobTimeout,
 )
 from keel.client.jobs import AgentJobs
-from keel.workflows.types import JobStatus
+from keel.workflows.types import HumanInput, JobResult, JobStatus
 
-__all__ = ["ERROR_STATUS", "create_app"]
+__all__ = ["ERROR_STATUS", "MAX_BODY_BYTES", "create_app"]
 
 ERROR_STATUS: dict[type[AgentJobError], tuple[int, str]] = {
     JobNotFound: (404, "job_not_found"),
     InvalidJobRequest: (400, "invalid_request"),
+    InputRejected: (409, "input_rejected"),
     ConnectionFailed: (503, "temporal_unavailable"),
     JobTimeout: (504, "timeout"),
 }
@@ -37,45 +48,129 @@ ERROR_STATUS: dict[type[AgentJobError], tuple[int, str]] = {
 
 MAX_LIST = 500
 """Most jobs one list request returns."""
+MAX_BODY_BYTES = 64 * 1024
+"""Largest request body: a goal is at most 8,000 characters; nothing needs more."""
+MAX_WAIT_SECONDS = 60.0
+"""Longest ``wait`` a request may hold a connection for."""
 
 
-def _jobs(request: Request) -> AgentJobs:
-    jobs: AgentJobs = request.app.state.jobs
-    return jobs
+def _error(status: int, code: str, message: str, **extra: object) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status)
+
+
+async def _principal(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Principal:
+    scheme, _, key = (authorization or "").partition(" ")
+    keys: ApiKeys = request.app.state.keys
+    principal = await keys.lookup(key.strip()) if scheme.lower() == "bearer" else None
+    if principal is None:
+        raise _Unauthorized
+    return principal
+
+
+class _Unauthorized(Exception):
+    """No valid API key on the request."""
+
+
+Caller = Annotated[Principal, Depends(_principal)]
+
+
+def _jobs(request: Request, caller: Caller) -> AgentJobs:
+    scope = None if caller.role == "operator" else caller.tenant
+    queue = request.app.state.task_queue
+    return AgentJobs(request.app.state.client, task_queue=queue, tenant=scope)
 
 
 Jobs = Annotated[AgentJobs, Depends(_jobs)]
 
 
-def create_app(jobs: AgentJobs | None = None) -> FastAPI:
+def create_app(
+    client: Client | None = None, keys: ApiKeys | None = None, task_queue: str | None = None
+) -> FastAPI:
     """The API's ASGI app.
 
     Args:
-        jobs: The façade to serve; by default one is connected from the environment
-            (``keel.client.connect``) when the app starts, and shared by every request.
+        client: The Temporal client every request shares; by default one is connected from
+            the environment (``keel.client.connect``) when the app starts.
+        keys: Where API keys live; by default Redis at ``REDIS_URL``.
+        task_queue: Pin every job to this queue (tests); by default each job's mode picks.
     """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if jobs is None:
+        redis = None
+        if client is None:
             from keel.client.connect import connect
 
-            app.state.jobs = AgentJobs(await connect())
+            app.state.client = await connect()
+        if keys is None:
+            url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+            redis = aioredis.Redis.from_url(url, socket_timeout=5)
+            app.state.keys = ApiKeys(redis)
         yield
+        if redis is not None:
+            await redis.aclose()
 
     app = FastAPI(title="Keel", version="1", lifespan=lifespan)
-    if jobs is not None:
-        app.state.jobs = jobs
+    app.state.client, app.state.keys, app.state.task_queue = client, keys, task_queue
+    _install_errors(app)
+    _install_routes(app)
+    return app
+
+
+def _install_errors(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def cap_body(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return _error(413, "body_too_large", f"request bodies are at most {MAX_BODY_BYTES} B")
+        return await call_next(request)
+
+    @app.exception_handler(_Unauthorized)
+    async def on_unauthorized(_request: Request, _exc: _Unauthorized) -> JSONResponse:
+        response = _error(401, "unauthorized", "a valid API key is required (Bearer keel_...)")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        field = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+        return _error(422, "invalid_request", str(first.get("msg", "invalid")), field=field)
 
     @app.exception_handler(AgentJobError)
     async def on_job_error(_request: Request, exc: AgentJobError) -> JSONResponse:
         status, code = next(
             (v for k, v in ERROR_STATUS.items() if isinstance(exc, k)), (502, "job_error")
         )
-        body: dict[str, object] = {"code": code, "message": exc.message}
-        if isinstance(exc, InvalidJobRequest):
-            body["field"] = exc.field
-        return JSONResponse({"error": body}, status_code=status)
+        extra = {"field": exc.field} if isinstance(exc, InvalidJobRequest) else {}
+        return _error(status, code, exc.message, **extra)
+
+
+def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one short function per route
+    @app.post("/v1/jobs", status_code=202, response_model=JobAccepted)
+    async def create_job(
+        body: JobCreate,
+        jobs: Jobs,
+        caller: Caller,
+        response: Response,
+        idempotency_key: Annotated[str | None, Header()] = None,
+        wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS)] = 0,
+    ) -> JobAccepted:
+        """Start a job (idempotent on ``Idempotency-Key``); with ``wait``, answer inline."""
+        request = body.to_request(caller.tenant, caller.user or caller.key_id)
+        job_id = await jobs.start(request, request_key=idempotency_key)
+        accepted = JobAccepted(job_id=job_id, links=job_links(job_id))
+        if wait > 0:
+            try:
+                accepted.result = await _result(jobs, job_id, wait)
+                response.status_code = 200
+            except JobTimeout:
+                pass
+        return accepted
 
     @app.get("/v1/jobs/{job_id}", response_model=JobStatus)
     async def get_job(job_id: str, jobs: Jobs) -> JobStatus:
@@ -89,11 +184,48 @@ def create_app(jobs: AgentJobs | None = None) -> FastAPI:
         state: str | None = None,
         limit: Annotated[int, Query(ge=1, le=MAX_LIST)] = 50,
     ) -> list[JobSummary]:
-        """Recent jobs from Temporal visibility, newest first."""
+        """Recent jobs from Temporal visibility, newest first (a member's own tenant only)."""
         return await jobs.list_jobs(tenant=tenant, state=state, limit=limit)
+
+    @app.get("/v1/jobs/{job_id}/result", response_model=JobResult)
+    async def get_result(
+        job_id: str, jobs: Jobs, wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS)] = 0
+    ) -> JobResult:
+        """How the job ended, failed jobs included; 409 while it runs (after ``wait``)."""
+        try:
+            return await _result(jobs, job_id, wait)
+        except JobTimeout:
+            raise _StillRunning(job_id) from None
+
+    @app.exception_handler(_StillRunning)
+    async def on_running(_request: Request, exc: _StillRunning) -> JSONResponse:
+        return _error(409, "job_running", f"job {exc.args[0]} has not ended yet")
+
+    @app.post("/v1/jobs/{job_id}/answer")
+    async def answer(job_id: str, body: AnswerIn, jobs: Jobs) -> dict[str, str]:
+        """Answer the job's pending question; acknowledged once the job recorded it."""
+        return {"ack": await jobs.send_input(job_id, HumanInput(text=body.text))}
+
+    @app.post("/v1/jobs/{job_id}/cancel", status_code=202)
+    async def cancel(job_id: str, jobs: Jobs) -> dict[str, str]:
+        """Ask the job to stop; it ends ``cancelled`` with its partial result."""
+        await jobs.cancel(job_id)
+        return {"job_id": job_id, "status": "cancellation requested"}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, bool]:
         return {"ok": True}
 
-    return app
+
+class _StillRunning(Exception):
+    """The job has not ended within the request's wait."""
+
+
+async def _result(jobs: AgentJobs, job_id: str, wait: float) -> JobResult:
+    """The job's result, failed jobs' included; ``JobTimeout`` if it runs past ``wait``."""
+    try:
+        return await jobs.result(job_id, timeout=max(wait, 0.001))
+    except JobFailed as failed:
+        if failed.result is None:
+            raise
+        return failed.result

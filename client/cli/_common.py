@@ -27,6 +27,8 @@ EXIT_FAILED = 1
 TASK_QUEUE_ENV = "KEEL_TASK_QUEUE"
 """Environment variable pinning the task queue jobs start on (default: chosen by mode)."""
 
+API_KEY_ENV = "KEEL_API_KEY"
+"""The API key the commands send to Keel's HTTP API (``keel keys create``; never logged)."""
 API_URL_ENV = "KEEL_API_URL"
 """Base URL of Keel's HTTP API (``http://127.0.0.1:8235``); unset, commands go to Temporal."""
 

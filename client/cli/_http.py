@@ -11,12 +11,13 @@ the commands print and exit exactly as on the direct path.
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
 
-from keel.client.cli._common import API_URL_ENV
+from keel.client.cli._common import API_KEY_ENV, API_URL_ENV
 from keel.client.errors import AgentJobError, InvalidJobRequest, JobNotFound
 
 __all__ = ["ApiUnavailable", "get_json"]
@@ -46,7 +47,10 @@ def get_json(base: str, path: str, params: dict[str, Any] | None = None) -> Any:
     """
     query = {k: v for k, v in (params or {}).items() if v is not None}
     url = base + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    headers = {"Accept": "application/json"}
+    if key := os.environ.get(API_KEY_ENV, "").strip():
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:
             return json.load(response)
@@ -65,6 +69,8 @@ def _api_error(err: urllib.error.HTTPError, path: str) -> AgentJobError:
     message = str(error.get("message") or f"HTTP {err.code} from {path}")
     if err.code == 404 and error.get("code") == "job_not_found":
         return JobNotFound(urllib.parse.unquote(path.rsplit("/", 1)[-1]))
+    if err.code == 401:
+        return AgentJobError(f"Keel's API refused the key in {API_KEY_ENV}: {message}")
     if err.code in (400, 422):
         field = str(error.get("field") or "request")
         return InvalidJobRequest(field, message.removeprefix(f"{field}: "))

@@ -28,9 +28,10 @@ from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.envconfig import ClientConfig
 from temporalio.testing import WorkflowEnvironment
 
+from keel.client._validation import validate_request_key
 from keel.client.errors import InvalidJobRequest
-from keel.client.jobs import JOB_ID_PREFIX, validate_request_key
 from keel.workflows import search_attributes as sa
+from keel.workflows.types import job_id_for
 from tests.conftest import venv_bin
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -361,7 +362,8 @@ def test_dynamic_config_is_mounted_and_fits_keel_ids(services: dict[str, Any]) -
 
     longest_key = max(n for n in range(1, 300) if _valid_request_key("a" * n))
     max_id = config["limit.maxIDLength"][0]["value"]
-    assert len(JOB_ID_PREFIX) + longest_key <= max_id <= 255
+    longest_tenant = "t" * 64  # IDENT_RE allows 64 characters
+    assert len(job_id_for(longest_tenant, "k" * longest_key)) <= max_id <= 255
 
 
 def _valid_request_key(key: str) -> bool:

@@ -55,7 +55,7 @@ def test_demo_then_dev_restart_keeps_jobs_and_notes(tmp_path: Path) -> None:
     demo = keel("demo", "--no-stay", *flags, env=base_env)
     output = demo.stdout + demo.stderr
     assert demo.returncode == 0, output
-    job_id = re.search(r"(agent-job-[0-9a-f]{32})", output)
+    job_id = re.search(r"(agent-job-default:[0-9a-f]{32})", output)
     assert job_id, output
     assert f"http://127.0.0.1:{ports['ui']}" in output
     assert "completed" in output
@@ -172,7 +172,9 @@ def test_dev_restarts_a_killed_worker_and_keeps_the_stack_up(tmp_path: Path) -> 
 
         # Through the stack's HTTP API (the fast path keel dev exports), status and list say
         # what they say straight from Temporal.
-        via_api = env | {"KEEL_API_URL": f"http://127.0.0.1:{ports['api']}"}
+        key = (state / "dev-api-key").read_text().strip()
+        assert key.startswith("keel_") and key in console_log.read_text()  # printed, once made
+        via_api = env | {"KEEL_API_URL": f"http://127.0.0.1:{ports['api']}", "KEEL_API_KEY": key}
         for argv in (["status", job_id, "--json"], ["list", "--json"]):
             direct, fast = keel(*argv, env=env), keel(*argv, env=via_api)
             assert direct.returncode == fast.returncode == 0, direct.stderr + fast.stderr
@@ -181,6 +183,8 @@ def test_dev_restarts_a_killed_worker_and_keeps_the_stack_up(tmp_path: Path) -> 
         assert missing.returncode == 1 and "not found" in missing.stderr
         bad = keel("list", "--state", "sleeping", env=via_api)
         assert bad.returncode == 2 and "state" in bad.stderr
+        no_key = keel("list", "--json", env=via_api | {"KEEL_API_KEY": "keel_x_y"})
+        assert no_key.returncode == 1 and "refused the key" in no_key.stderr
     finally:
         dev.send_signal(signal.SIGTERM)
         dev.wait(timeout=90)

@@ -1,0 +1,123 @@
+"""API keys: who is calling, for which tenant, in which role. Stored hashed in Redis.
+
+A key is ``keel_<id>_<secret>``: the ID names it in lists and revocations, the secret is 32
+random bytes. Only the key's SHA-256 is stored (a leaked Redis dump yields no usable key), with
+the tenant, role and user it acts as. The tenant and user of every API call come from its key,
+never from the request body. ``member`` keys act within their tenant; ``operator`` keys see
+every tenant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from datetime import UTC, datetime
+from typing import Literal
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+
+from keel.workflows.types import IDENT_RE
+
+__all__ = ["KEY_PREFIX", "ApiKeys", "Principal", "Role"]
+
+KEY_PREFIX = "keel_"
+"""Every key starts so, which lets secret scanners recognise a leaked one."""
+
+Role = Literal["member", "operator"]
+
+_BY_HASH = "keel:apikey:hash:"
+_BY_ID = "keel:apikey:id:"
+
+
+class Principal(BaseModel):
+    """Who a key acts as."""
+
+    key_id: str
+    """Public name of the key (in lists, revocations and logs; never the secret)."""
+    tenant: str
+    """The tenant every call made with the key belongs to."""
+    role: Role = "member"
+    """``operator`` sees every tenant; ``member`` only its own."""
+    user: str | None = None
+    """The user jobs started with the key are recorded for (default: the key's ID)."""
+    created_at: datetime
+    revoked: bool = False
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ApiKeys:
+    """Create, look up, list and revoke API keys in Redis."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+
+    async def create(
+        self, tenant: str, role: Role = "member", user: str | None = None
+    ) -> tuple[str, Principal]:
+        """A new key for ``tenant``; returns the key (shown once, never stored) and its record.
+
+        Raises:
+            ValueError: If the tenant or user is not an identifier.
+        """
+        for name, value in (("tenant", tenant), ("user", user)):
+            if value is not None and not IDENT_RE.match(value):
+                raise ValueError(f"{name} must be 1-64 letters, digits, '.', '_' or '-'")
+        key_id = secrets.token_hex(6)
+        key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+        principal = Principal(
+            key_id=key_id, tenant=tenant, role=role, user=user, created_at=datetime.now(UTC)
+        )
+        digest = _digest(key)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(_BY_HASH + digest, principal.model_dump_json())
+            pipe.set(_BY_ID + key_id, digest)
+            await pipe.execute()
+        return key, principal
+
+    async def lookup(self, key: str) -> Principal | None:
+        """The principal of a valid, unrevoked key; None for anything else."""
+        if not key.startswith(KEY_PREFIX) or len(key) > 200:
+            return None
+        digest = _digest(key)
+        raw = await self._redis.get(_BY_HASH + digest)
+        if raw is None:
+            return None
+        principal = Principal.model_validate_json(raw)
+        stored = await self._redis.get(_BY_ID + principal.key_id)
+        # The ID's record must point back at this hash (compared in constant time).
+        if stored is None or not hmac.compare_digest(_text(stored), digest):
+            return None
+        return None if principal.revoked else principal
+
+    async def list(self, tenant: str | None = None) -> list[Principal]:
+        """Every key's record (never a secret), optionally one tenant's, oldest first."""
+        found: list[Principal] = []
+        async for name in self._redis.scan_iter(match=_BY_ID + "*", count=500):
+            digest = await self._redis.get(name)
+            raw = await self._redis.get(_BY_HASH + _text(digest)) if digest else None
+            if raw is not None:
+                principal = Principal.model_validate_json(raw)
+                if tenant is None or principal.tenant == tenant:
+                    found.append(principal)
+        return sorted(found, key=lambda p: p.created_at)
+
+    async def revoke(self, key_id: str) -> bool:
+        """Revoke a key by its ID; True if it existed. Its calls fail from the next request."""
+        digest = await self._redis.get(_BY_ID + key_id)
+        if digest is None:
+            return False
+        raw = await self._redis.get(_BY_HASH + _text(digest))
+        if raw is None:
+            return False
+        principal = Principal.model_validate_json(raw).model_copy(update={"revoked": True})
+        await self._redis.set(_BY_HASH + _text(digest), principal.model_dump_json())
+        return True
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
