@@ -16,6 +16,7 @@ import typer
 
 from keel.client.cli import COMMANDS as JOB_COMMANDS
 from keel.client.cli.keys import keys_app
+from keel.client.cli.limits import limits_app
 from keel.workers.bench import bench
 from keel.workers.commands import COMMANDS as PROCESS_COMMANDS
 
@@ -35,6 +36,7 @@ def build_app() -> typer.Typer:
     for name, command in [*JOB_COMMANDS, *PROCESS_COMMANDS, ("bench", bench)]:
         built.command(name)(command)
     built.add_typer(keys_app, name="keys")
+    built.add_typer(limits_app, name="limits")
     return built
 
 

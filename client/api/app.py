@@ -9,6 +9,7 @@ never a 500 for a caller's mistake. Request bodies are size-capped.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from temporalio.client import Client
 
 from keel.client._summary import JobSummary
 from keel.client.api.keys import ApiKeys, Principal
+from keel.client.api.limits import RateLimiter
 from keel.client.api.models import AnswerIn, JobAccepted, JobCreate, job_links
 from keel.client.errors import (
     AgentJobError,
@@ -66,11 +68,18 @@ async def _principal(
     principal = await keys.lookup(key.strip()) if scheme.lower() == "bearer" else None
     if principal is None:
         raise _Unauthorized
+    limiter: RateLimiter = request.app.state.limiter
+    if refused := await limiter.admit(principal.key_id, principal.tenant):
+        raise _RateLimited(*refused)
     return principal
 
 
 class _Unauthorized(Exception):
     """No valid API key on the request."""
+
+
+class _RateLimited(Exception):
+    """The key's or the tenant's request rate is used up; ``args``: (limit name, seconds)."""
 
 
 Caller = Annotated[Principal, Depends(_principal)]
@@ -108,12 +117,14 @@ def create_app(
             url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
             redis = aioredis.Redis.from_url(url, socket_timeout=5)
             app.state.keys = ApiKeys(redis)
+        app.state.limiter = RateLimiter(app.state.keys.redis)
         yield
         if redis is not None:
             await redis.aclose()
 
     app = FastAPI(title="Keel", version="1", lifespan=lifespan)
     app.state.client, app.state.keys, app.state.task_queue = client, keys, task_queue
+    app.state.limiter = RateLimiter(keys.redis) if keys is not None else None
     _install_errors(app)
     _install_routes(app)
     return app
@@ -133,6 +144,13 @@ def _install_errors(app: FastAPI) -> None:
     async def on_unauthorized(_request: Request, _exc: _Unauthorized) -> JSONResponse:
         response = _error(401, "unauthorized", "a valid API key is required (Bearer keel_...)")
         response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    @app.exception_handler(_RateLimited)
+    async def on_rate_limited(_request: Request, exc: _RateLimited) -> JSONResponse:
+        limit, seconds = exc.args
+        response = _error(429, "rate_limited", f"the {limit} request limit is used up", limit=limit)
+        response.headers["Retry-After"] = str(max(1, math.ceil(seconds)))
         return response
 
     @app.exception_handler(RequestValidationError)

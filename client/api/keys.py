@@ -56,6 +56,11 @@ class ApiKeys:
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
 
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The Redis client the keys live in (the rate limiter shares it)."""
+        return self._redis
+
     async def create(
         self, tenant: str, role: Role = "member", user: str | None = None
     ) -> tuple[str, Principal]:
