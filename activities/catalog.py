@@ -43,7 +43,7 @@ class HttpGetArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     url: str = Field(max_length=2048, pattern=r"^https?://", examples=["http://127.0.0.1:8000/"])
-    """Absolute http or https URL; its host must be on the worker's allow-list."""
+    """Absolute http or https URL; its host and port must be on the worker's allow-list."""
 
     @field_validator("url")
     @classmethod

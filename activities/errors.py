@@ -50,6 +50,9 @@ TOOL_FAILED = "ToolFailed"
 """The tool ran and failed for a reason a retry cannot fix (division by zero, a 404)."""
 DOCS_NOT_FOUND = "DocsNotFound"
 """The job's document folder does not exist on the worker."""
+REF_NOT_OWNED = "StoredOutputNotOwned"
+"""A stored-output ref that is not one of the calling job's own blobs (issue 13): only a crafted
+input carries one, and no retry makes it the job's."""
 
 BUDGET_EXHAUSTED = "BudgetExhausted"
 """An LLM call could not be paid for from the dollars the job has left (non-retryable)."""
@@ -57,6 +60,9 @@ BUDGET_EXHAUSTED = "BudgetExhausted"
 # Raised by the workflow itself.
 BAD_MODEL_OUTPUT = "BadModelOutput"
 """The model kept returning output that failed validation after corrective steps."""
+INVALID_CARRIED_STATE = "InvalidCarriedState"
+"""The state a run was started with is not one Keel could have carried (issue 13): a negative
+counter, a clock or wait that would add budget back, or a ref to another job's stored output."""
 
 _MAX_RETRY_AFTER = 300.0
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 from opentelemetry import trace
 from pydantic import BaseModel, Field, ValidationError
+from redis.exceptions import RedisError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -41,6 +42,7 @@ from keel.activities.types import (
     VerifyInput,
     VerifyResult,
 )
+from keel.activities.usage import UsageLedger
 
 if TYPE_CHECKING:
     # Only the worker builds the client; see ``errors`` for why the SDK is not imported here.
@@ -119,11 +121,13 @@ class LLMActivities:
         config: LLMConfig,
         tool_specs: Callable[[Sequence[str]], list[dict[str, Any]]],
         store: KeelStore | None = None,
+        usage: UsageLedger | None = None,
     ) -> None:
         self._client = client
         self._config = config
         self._tool_specs = tool_specs
         self._store = store
+        self._usage = usage
 
     @activity.defn(name="plan_step")
     async def plan_step(self, inp: PlanInput) -> PlanResult:
@@ -172,7 +176,11 @@ class LLMActivities:
         PROMPT_CHARS_PER_OBSERVATION each, which is what the workflow budgeted for.
         """
         refs = [obs.ref for obs in inp.observations if obs.ref]
-        stored = await self._store.get_blobs(refs) if refs and self._store is not None else []
+        stored = (
+            await self._store.get_blobs(refs, tenant=inp.tenant)
+            if refs and self._store is not None
+            else []
+        )
         blobs = dict(zip(refs, stored, strict=True))
         observations = []
         for obs in inp.observations:
@@ -234,6 +242,8 @@ class LLMActivities:
                 span.set_attributes(_genai_request(body))
                 response = await self._post(body)
                 usage = _usage(self._config.price(model), response.usage)
+                if self._usage is not None:
+                    await _charge_tenant(self._usage, inp.tenant, usage)
                 span.set_attributes(_genai_response(model, usage))
             log.info(
                 "llm.called",
@@ -339,6 +349,21 @@ _ANSWER_SCHEMA: dict[str, Any] = {
     "properties": {"answer": {"type": "string"}},
     "required": ["answer"],
 }
+
+
+async def _charge_tenant(ledger: UsageLedger, tenant: str, usage: Usage) -> None:
+    """Charge a completed call to the tenant's day, once per (run, activity); never fails it.
+
+    Usage in history is the job's exact ledger; this is the tenant's running total for quotas
+    and ``GET /v1/usage``. A Redis outage loses the charge (logged) rather than the call.
+    """
+    info = activity.info()
+    try:
+        await ledger.charge_call(
+            tenant, f"{info.workflow_run_id}:{info.activity_id}", usage.cost_usd, usage.total_tokens
+        )
+    except RedisError as err:
+        log.warning("usage.charge_failed", error=str(err))
 
 
 def _genai_request(body: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Every key starts with ``keel:`` and is scoped by tenant:
 
 - ``keel:blob:{tenant}:{suffix}``: full outputs too large for workflow history (7-day TTL);
-  workflows carry the key as a ``ref`` instead of the text.
+  workflows carry the key as a ``ref`` instead of the text. The gateway's suffix is the call's
+  op_key, ``{job ID}:{iteration}:{step id}``, and a blob is read only by the job it names.
 - ``keel:idem:{tenant}:{op_key}``: the recorded ``ToolResult`` of a side-effecting tool call
   (30-day TTL), so a retried or rescheduled call replays the result instead of the effect.
 - ``keel:note:{tenant}:{op_key}`` (hash) and ``keel:notes:{tenant}`` (list of op_keys in write
@@ -17,15 +18,18 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as aioredis
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
-from keel.activities.types import ToolResult
+from keel.activities.errors import REF_NOT_OWNED
+from keel.activities.types import BLOB_REF_PREFIX, ToolResult, ref_belongs_to
 
 __all__ = ["KEY_PREFIX", "KeelStore"]
 
 KEY_PREFIX = "keel:"
 """Prefix of every key Keel writes."""
 
-_BLOB_PREFIX = f"{KEY_PREFIX}blob:"
+_BLOB_PREFIX = BLOB_REF_PREFIX
 _BLOB_TTL = 7 * 86400
 _RECORD_TTL = 30 * 86400
 
@@ -44,6 +48,11 @@ return 1
 def _text(value: Any) -> str:
     """A Redis reply as text, whether or not the client decodes responses."""
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _calling_job() -> str | None:
+    """The job (workflow ID) of the activity this runs in, or None outside an activity."""
+    return (activity.info().workflow_id or None) if activity.in_activity() else None
 
 
 def _check_tenant(tenant: str) -> str:
@@ -117,30 +126,54 @@ class KeelStore:
         await self._redis.set(ref, data, ex=ttl_seconds)
         return ref
 
-    async def get_blob(self, ref: str) -> str | None:
-        """Read a blob by the ref ``put_blob`` returned.
+    async def get_blob(
+        self, ref: str, *, job_id: str | None = None, tenant: str | None = None
+    ) -> str | None:
+        """Read one blob of the calling job by the ref ``put_blob`` returned.
 
         Args:
             ref: A ``keel:blob:`` key.
+            job_id: The job reading it; by default the calling activity's workflow ID.
+            tenant: The job's tenant, checked against the ref when given.
 
         Returns:
             The text, or None when it has expired or never existed.
 
         Raises:
-            ValueError: If ``ref`` is not a blob key (refs must not reach other keys).
+            ApplicationError: ``REF_NOT_OWNED`` (non-retryable) as ``get_blobs`` says.
         """
-        [value] = await self.get_blobs([ref])
+        [value] = await self.get_blobs([ref], job_id=job_id, tenant=tenant)
         return value
 
-    async def get_blobs(self, refs: list[str]) -> list[str | None]:
-        """Read several blobs in one round trip; None for each that expired or never existed.
+    async def get_blobs(
+        self, refs: list[str], *, job_id: str | None = None, tenant: str | None = None
+    ) -> list[str | None]:
+        """Read several blobs of one job in one round trip; None for each that is gone.
+
+        A ref is read only when it names a blob of the reading job (``ref_belongs_to``): the
+        workflow refuses carried state with a foreign ref, and this check stands behind it for
+        any input that reaches an activity another way (issue 13).
+
+        Args:
+            refs: ``keel:blob:`` keys.
+            job_id: The job reading them; by default the calling activity's workflow ID.
+            tenant: The job's tenant, checked against every ref when given.
+
+        Returns:
+            The texts, in the order of ``refs``.
 
         Raises:
-            ValueError: If any ref is not a blob key (refs must not reach other keys).
+            ApplicationError: ``REF_NOT_OWNED`` (non-retryable) if a ref is not a blob key of
+                that job, or no job is known (called outside an activity without ``job_id``).
         """
+        owner = job_id or _calling_job()
         for ref in refs:
-            if not ref.startswith(_BLOB_PREFIX):
-                raise ValueError(f"not a blob ref: {ref!r}")
+            if owner is None or not ref_belongs_to(ref, owner, tenant):
+                raise ApplicationError(
+                    f"stored output {ref[:200]!r} does not belong to job {owner!r}",
+                    type=REF_NOT_OWNED,
+                    non_retryable=True,
+                )
         if not refs:
             return []
         values = await self._redis.mget(refs)

@@ -11,6 +11,7 @@ rename or remove a field that a running job may replay.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -36,6 +37,37 @@ activity reports, never in Temporal killing the attempt mid-request."""
 
 NO_HITS = "no matching documents"
 """What a search that found nothing reads as, to the model and in a tool's result."""
+
+BLOB_REF_PREFIX = "keel:blob:"
+"""Start of every stored-output ref. The tool gateway stores a job's large outputs under
+``keel:blob:{tenant}:{job ID}:{iteration}:{step id}`` (``activities/store.py``)."""
+
+_STEP_IN_JOB = re.compile(r"[0-9]+:.+", re.DOTALL)
+"""What follows the job ID in a ref the gateway wrote: ``{iteration}:{step id}``."""
+
+
+def ref_belongs_to(ref: str, job_id: str, tenant: str | None = None) -> bool:
+    """Whether ``ref`` names a blob the tool gateway stored for ``job_id`` (issue 13).
+
+    Refs travel in workflow state, so a workflow started with crafted state could otherwise
+    point one at another job's or another tenant's output. Deterministic: the workflow checks
+    carried state with it, and ``KeelStore.get_blobs`` checks every ref it reads.
+
+    Args:
+        ref: A ref from an ``Observation`` or a ``ToolResult``.
+        job_id: The job that wants to read it (the workflow ID, kept across continue-as-new).
+        tenant: The job's tenant, when the caller knows it; None checks the job only.
+
+    Returns:
+        True when ``ref`` is ``keel:blob:{tenant}:{job_id}:{iteration}:{step id}``.
+    """
+    if not job_id or not ref.startswith(BLOB_REF_PREFIX):
+        return False
+    ref_tenant, sep, rest = ref[len(BLOB_REF_PREFIX) :].partition(":")
+    if not sep or not ref_tenant or (tenant is not None and ref_tenant != tenant):
+        return False
+    prefix = f"{job_id}:"
+    return rest.startswith(prefix) and _STEP_IN_JOB.fullmatch(rest[len(prefix) :]) is not None
 
 
 class Usage(BaseModel):

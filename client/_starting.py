@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import TypedDict
 
 from temporalio.common import (
+    Priority,
     SearchAttributePair,
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
@@ -31,6 +32,11 @@ SUMMARY_CHARS = 120
 BACKSTOP_SLACK_SECONDS = 600.0
 """Room over the job's own budgets before Temporal's ``execution_timeout`` kills it."""
 
+PRIORITY_KEYS = {"interactive": 1, "batch": 3}
+"""Temporal task priority per mode (lower runs first; Temporal's default is 3): interactive
+jobs' workflow and activity tasks are dispatched before any backlog of batch ones. Activities
+inherit their workflow's priority and fairness key."""
+
 STARTED_STATE = "running"
 """``KeelState`` from the start, until the workflow upserts its own."""
 
@@ -44,13 +50,17 @@ class StartOptions(TypedDict):
     search_attributes: TypedSearchAttributes
     static_summary: str
     static_details: str
+    priority: Priority
 
 
-def start_options(req: JobRequest) -> StartOptions:
+def start_options(req: JobRequest, fairness_weight: float | None = None) -> StartOptions:
     """The start options of a job.
 
     Args:
         req: The validated request.
+        fairness_weight: The tenant's share of dispatch against other tenants' (Temporal's
+            fairness; default 1.0): its jobs' tasks are keyed by tenant, so one tenant's flood
+            does not starve another's jobs on the same queue.
 
     Returns:
         Options to splat into ``start_workflow``.
@@ -75,6 +85,11 @@ def start_options(req: JobRequest) -> StartOptions:
         ),
         static_summary=static_summary(req.goal),
         static_details=static_details(req),
+        priority=Priority(
+            priority_key=PRIORITY_KEYS[req.mode],
+            fairness_key=req.tenant,
+            fairness_weight=fairness_weight,
+        ),
     )
 
 

@@ -81,12 +81,19 @@ class AgentJobs:
         tenant: Scope every call to this tenant: jobs start as its jobs, another tenant's job
             is ``JobNotFound`` (never "forbidden", which would confirm it exists), and lists
             show only its jobs. ``None`` (operators, trusted services) sees every tenant.
+        fairness_weights: Each tenant's weight in Temporal's fairness (default 1.0 each).
     """
 
     def __init__(
-        self, client: Client, *, task_queue: str | None = None, tenant: str | None = None
+        self,
+        client: Client,
+        *,
+        task_queue: str | None = None,
+        tenant: str | None = None,
+        fairness_weights: Mapping[str, float] | None = None,
     ) -> None:
         self._client = client
+        self._weights = dict(fairness_weights or {})
         self.tenant = tenant
         """The tenant every call is scoped to, or None for all tenants."""
         self._fixed_queue = task_queue
@@ -131,7 +138,7 @@ class AgentJobs:
                 AgentLoopInput(request=request),
                 id=job_id,
                 task_queue=task_queue or self._fixed_queue or TASK_QUEUES[request.mode],
-                **start_options(request),
+                **start_options(request, self._weights.get(request.tenant)),
             )
         except WorkflowAlreadyStartedError:
             # The key's job has closed and the key is spent: it still names that job.

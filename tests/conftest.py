@@ -93,7 +93,12 @@ from keel.workflows import search_attributes as sa  # noqa: E402
 settings.register_profile("thorough", max_examples=5_000)
 """``pytest --hypothesis-profile=thorough``: fifty times the examples of each property test."""
 
-DEV_SERVER_ARGS = ["--dynamic-config-value", "history.transferProcessorMaxPollRPS=1000"]
+DEV_SERVER_ARGS = [
+    "--dynamic-config-value",
+    "history.transferProcessorMaxPollRPS=1000",
+    "--dynamic-config-value",
+    "matching.enableFairness=true",
+]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -200,7 +205,8 @@ def make_worker(redis_url: str, sim_url: str) -> WorkerFactory:
             openai_base_url=base_url or sim_url,
             openai_api_key=api_key,
             llm_config=LLMConfig(planner_model=model, verifier_model=model, answerer_model=model),
-            http_allowed_hosts=http_allowed_hosts or ["127.0.0.1"],
+            # Any port on loopback, written out: the tests' HTTP servers listen on free ports.
+            http_allowed_hosts=http_allowed_hosts or ["127.0.0.1:*"],
         )
         worker_kwargs.setdefault("max_cached_workflows", 0)
         worker = Worker(

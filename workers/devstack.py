@@ -77,6 +77,15 @@ class DevStack:
         """Keel's HTTP API, which the ``keel`` command reads jobs through."""
         return f"http://127.0.0.1:{self.api_port}"
 
+    @property
+    def http_allowed_hosts(self) -> str:
+        """The worker's default ``http_get`` allow-list: the simulator's host and port only.
+
+        Never the UI, Temporal, codec, API or Redis ports (issue 13); empty without the
+        simulator.
+        """
+        return f"127.0.0.1:{self.sim_port}" if self.use_simulator else ""
+
     def env(self) -> dict[str, str]:
         """Environment every Keel command needs to find this stack."""
         env = {
@@ -125,7 +134,9 @@ class DevStack:
             sim = [*KEEL_COMMAND, "sim-llm", "--port", str(self.sim_port)]
             start("llm-simulator", sim, env=env, port=self.sim_port)
         if self.start_worker:
-            start("worker", [*KEEL_COMMAND, "worker"], env=env, restart=WORKER_RESTARTS)
+            # The allow-list goes to the worker alone, and one exported by the user wins.
+            allow = {"KEEL_HTTP_ALLOWED_HOSTS": self.http_allowed_hosts}
+            start("worker", [*KEEL_COMMAND, "worker"], env=allow | env, restart=WORKER_RESTARTS)
 
     def _temporal_cmd(self) -> list[str]:
         return [
@@ -146,6 +157,10 @@ class DevStack:
             "warn",
             "--dynamic-config-value",
             f"history.transferProcessorMaxPollRPS={TRANSFER_RPS}",
+            # Tenants' fairness keys and the interactive-over-batch priority keys (see
+            # keel.client._starting) are honoured by the matcher only with fairness on.
+            "--dynamic-config-value",
+            "matching.enableFairness=true",
             *sa.cli_flags(),
         ]
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import openai
+import redis.asyncio as aioredis
 from temporalio.worker import Interceptor
 
 from keel.activities._backoff import JitteredBackoff
@@ -18,6 +19,7 @@ from keel.activities.llm import LLMActivities, LLMConfig
 from keel.activities.retrieval import RetrievalActivities, Retriever
 from keel.activities.store import KeelStore
 from keel.activities.tools import ToolActivities, ToolRegistry
+from keel.activities.usage import UsageLedger
 from keel.workers.settings import WorkerSettings
 from keel.workflows.agent_loop import AgentLoopWorkflow
 
@@ -35,12 +37,16 @@ class Deps:
     store: KeelStore
     tools: ToolRegistry
     retriever: Retriever
+    usage: UsageLedger | None = None
+    """Where model calls' cost is charged per tenant and day (quotas, ``GET /v1/usage``)."""
 
     async def aclose(self) -> None:
         """Close the network clients."""
         await self.tools.aclose()
         await self.llm.close()
         await self.store.aclose()
+        if self.usage is not None:
+            await self.usage.redis.aclose()
 
 
 def build_deps(
@@ -51,12 +57,21 @@ def build_deps(
     llm_config: LLMConfig,
     http_allowed_hosts: list[str],
     http_max_bytes: int = 256_000,
+    http_allowed_hosts_by_tenant: dict[str, list[str]] | None = None,
 ) -> Deps:
-    """Build the real dependencies: Redis, the OpenAI client (vendor retries off), the tools."""
+    """Build the real dependencies: Redis, the OpenAI client (vendor retries off), the tools.
+
+    ``http_allowed_hosts`` are ``host:port``, ``host:*`` or ``host`` entries for ``http_get``;
+    ``http_allowed_hosts_by_tenant`` adds entries for one tenant's calls.
+    """
     store = KeelStore.from_url(redis_url)
     retriever = Retriever()
     tools = ToolRegistry.builtin(
-        store, retriever, http_allowed_hosts=http_allowed_hosts, http_max_bytes=http_max_bytes
+        store,
+        retriever,
+        http_allowed_hosts=http_allowed_hosts,
+        http_max_bytes=http_max_bytes,
+        http_allowed_by_tenant=http_allowed_hosts_by_tenant,
     )
     # aiohttp under the openai client (its supported ``aiohttp`` extra): about half the CPU and
     # wall time per call of the default httpx transport, measured against the simulator.
@@ -66,7 +81,17 @@ def build_deps(
         max_retries=0,
         http_client=openai.DefaultAioHttpClient(),
     )
-    return Deps(llm=llm, llm_config=llm_config, store=store, tools=tools, retriever=retriever)
+    usage = UsageLedger(
+        aioredis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
+    )
+    return Deps(
+        llm=llm,
+        llm_config=llm_config,
+        store=store,
+        tools=tools,
+        retriever=retriever,
+        usage=usage,
+    )
 
 
 def deps_from_settings(
@@ -87,12 +112,13 @@ def deps_from_settings(
         if http_allowed_hosts is None
         else http_allowed_hosts,
         http_max_bytes=settings.http_max_bytes,
+        http_allowed_hosts_by_tenant=settings.http_allowed_hosts_by_tenant,
     )
 
 
 def build_activities(deps: Deps) -> list[Callable[..., Any]]:
     """Every activity a Keel worker registers."""
-    llm = LLMActivities(deps.llm, deps.llm_config, deps.tools.specs, deps.store)
+    llm = LLMActivities(deps.llm, deps.llm_config, deps.tools.specs, deps.store, deps.usage)
     tools = ToolActivities(deps.tools, deps.store)
     retrieval = RetrievalActivities(deps.retriever)
     return [

@@ -15,7 +15,9 @@ from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from keel.activities.llm import DEFAULT_PRICES, LLMConfig
+from keel.activities.tools.http_get import parse_allow_list
 from keel.workflows import TASK_QUEUES
+from keel.workflows.types import IDENT_RE
 
 SIM_API_KEY = "sim-local-key"
 """The key ``keel dev`` hands the worker when it runs the simulator; refused anywhere else."""
@@ -74,8 +76,13 @@ class WorkerSettings(BaseSettings):
     prices_json: str | None = None
     """JSON object ``{"model": [usd_per_mtok_in, usd_per_mtok_out]}`` merged over the defaults."""
 
-    http_allowed_hosts: str = "127.0.0.1,localhost"
-    """Comma-separated hosts the http_get tool may reach."""
+    http_allowed_hosts: str = ""
+    """Comma-separated ``host:port``, ``host:*`` (any port) or ``host`` (port 80 or 443) entries
+    the http_get tool may reach; empty: none. A loopback, private or link-local address is
+    reached only through an entry naming its exact port or the IP (``keel dev`` lists the
+    simulator's ``127.0.0.1:port``)."""
+    http_allowed_hosts_by_tenant: dict[str, list[str]] = Field(default_factory=dict)
+    """JSON ``{"tenant": ["host:port", ...]}``: entries added for that tenant's calls only."""
     http_max_bytes: int = Field(default=256_000, gt=0)
 
     @model_validator(mode="after")
@@ -86,6 +93,16 @@ class WorkerSettings(BaseSettings):
                 "OPENAI_API_KEY is unset but OPENAI_BASE_URL points at a remote endpoint; "
                 "set OPENAI_API_KEY (the simulator's placeholder key is for local use only)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_http_allow_lists(self) -> WorkerSettings:
+        # Parsed here so a malformed entry stops the worker at start, naming the entry.
+        parse_allow_list(self.allowed_hosts())
+        for tenant, entries in self.http_allowed_hosts_by_tenant.items():
+            if not IDENT_RE.match(tenant):
+                raise ValueError(f"KEEL_HTTP_ALLOWED_HOSTS_BY_TENANT: {tenant!r} is not a tenant")
+            parse_allow_list(entries)
         return self
 
     def queues(self) -> list[str]:

@@ -6,11 +6,13 @@ Deterministic: functions of their arguments only; times come in from ``workflow.
 from __future__ import annotations
 
 import asyncio
+import math
 from datetime import datetime
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, CancelledError
 
+from keel.activities.types import ref_belongs_to
 from keel.workflows.budget_text import budget_text
 from keel.workflows.types import (
     JobEvent,
@@ -53,6 +55,54 @@ def raise_if_cancelled(err: ActivityError) -> None:
     """
     if isinstance(err.cause, CancelledError) and workflow.patched(CANCEL_IS_AN_OUTCOME):
         raise asyncio.CancelledError from None
+
+
+WAIT_SLACK_SECONDS = 1.0
+"""Float noise allowed when the waits a job summed are compared with the time it has run."""
+
+
+def carried_state_problem(state: LoopState, req: JobRequest, job_id: str, now: datetime) -> str:
+    """Why a run must refuse the state it was started with; empty when Keel could have written it.
+
+    Continue-as-new hands ``LoopState`` to the next run, and so can anyone who starts the
+    workflow directly (issue 13). Budgets subtract the counters from the limits, so a negative
+    counter, a start in the future or a wait longer than the job has run adds budget back;
+    and a ref to another job's or tenant's stored output would put that output in this job's
+    prompts. Deterministic: a function of its arguments, ``now`` being ``workflow.now()``.
+
+    Args:
+        state: The carried state.
+        req: The job's request (its tenant owns every ref).
+        job_id: The workflow ID, which continue-as-new keeps.
+        now: The current workflow time.
+
+    Returns:
+        The first problem found, for the failure message; ``""`` when there is none.
+    """
+    c = state.counters
+    counts: dict[str, float] = {
+        "iteration": state.iteration,
+        "invalid_outputs": state.invalid_outputs,
+        "counters.steps": c.steps,
+        "counters.tool_calls": c.tool_calls,
+        "counters.questions": c.questions,
+        "counters.waited_seconds": c.waited_seconds,
+        "counters.usage.prompt_tokens": c.usage.prompt_tokens,
+        "counters.usage.completion_tokens": c.usage.completion_tokens,
+        "counters.usage.cost_usd": c.usage.cost_usd,
+    } | {f"counters.retries_by_tool[{k[:64]!r}]": v for k, v in c.retries_by_tool.items()}
+    for name, value in counts.items():
+        if not (math.isfinite(value) and value >= 0):
+            return f"{name} is {value}; counters are finite and never negative"
+    started = state.started_at
+    if started is None or started.tzinfo is None or started > now:
+        return f"started_at {started} is not a time-zone-aware time in the past"
+    if c.waited_seconds > (now - started).total_seconds() + WAIT_SLACK_SECONDS:
+        return "counters.waited_seconds is longer than the job has run"
+    for obs in state.observations:
+        if obs.ref is not None and not ref_belongs_to(obs.ref, job_id, req.tenant):
+            return f"observation {obs.step_id[:64]!r} refers to stored output of another job"
+    return ""
 
 
 def history_is_long() -> bool:

@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
     from keel.workflows._state import (
         JobFailure,
         add_event,
+        carried_state_problem,
         details_markdown,
         history_is_long,
         observation_summary,
@@ -97,11 +98,21 @@ class AgentLoopWorkflow:
             ) from None
 
     async def _setup(self) -> None:
+        if self._inp.state is not None:
+            self._refuse_foreign_state()
         if self._s.started_at is None:
             self._s.started_at = workflow.now()
             self._event("started", f"goal: {self._req.goal[:80]}")
         self._ledger = Ledger(self._req.budget, self._s.counters, self._s.started_at)
         self._calls = ModelCaller(self._req, self._s, self._ledger, self._show_details)
+
+    def _refuse_foreign_state(self) -> None:
+        """Fail the job, using nothing of it, on carried state Keel did not write (issue 13)."""
+        problem = carried_state_problem(self._s, self._req, self._job_id, workflow.now())
+        if problem:
+            self._s = LoopState()
+            self._visibility = Visibility(self._s)
+            raise JobFailure(errors.INVALID_CARRIED_STATE, f"carried state refused: {problem}")
 
     async def _plan(self) -> Plan:
         while True:

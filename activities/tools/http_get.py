@@ -1,14 +1,33 @@
-"""The ``http_get`` tool: GET a URL on an allowed host and return the start of its body.
+"""The ``http_get`` tool: GET a URL whose host and port are allow-listed, from a checked address.
 
-Every redirect hop's host is checked before it is contacted, the body is read up to a byte cap,
-and one deadline bounds the whole call. Not workflow code: network I/O.
+The rules (issue 13: a prompt-injected plan must not reach the worker's own network):
+
+- The allow-list names a host *and* a port: ``host:port``; ``host:*`` for any port, written
+  out; a bare ``host`` for the scheme's default port (80 or 443). IPv6 goes in brackets
+  (``[::1]:8080``). A tenant's own entries are added for that tenant's calls only.
+- Every hop's host is resolved (``getaddrinfo`` in the loop's executor), and an address that is
+  not public (loopback, private, link-local such as the cloud metadata 169.254.169.254,
+  unspecified, multicast, or any of these embedded in IPv6) is refused unless the entry that
+  admits the URL names that exact port or the IP itself: ``intranet:8080`` or ``10.0.0.5:*``,
+  never ``intranet`` or ``intranet:*``.
+- The request goes to the address that was checked, with the name kept in the Host header and
+  TLS server name, so DNS cannot answer differently between the check and the connection
+  (rebinding). The client does not use proxies from the environment for the same reason.
+- Redirects are followed by hand, each hop checked like the first before it is contacted.
+
+The body is read up to a byte cap and one deadline bounds the whole call. Not workflow code:
+network I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from urllib.parse import urlsplit
+import ipaddress
+import re
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
 
 import httpx
 from temporalio.exceptions import ApplicationError
@@ -22,84 +41,236 @@ from keel.activities.errors import (
 )
 from keel.activities.tools.base import ToolContext, tool_failed
 
-__all__ = ["HttpGet"]
+__all__ = ["DEFAULT_PORTS", "AllowEntry", "HttpGet", "parse_allow_list", "resolve_host"]
 
 _MAX_REDIRECTS = 5
+DEFAULT_PORTS = {"http": 80, "https": 443}
+"""The schemes http_get speaks and the port a bare allow-list host stands for."""
+_HOST = re.compile(r"[a-z0-9_.-]+")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+"""``(host, port) -> addresses``; ``resolve_host`` unless a test fakes DNS."""
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+@dataclass(frozen=True)
+class AllowEntry:
+    """One allow-list entry: a host (a lowercase name or a normalised IP) and its port."""
+
+    host: str
+    port: int | Literal["*"] | None
+    """An exact port, ``"*"`` for any port, or None for the scheme's default port."""
+
+    def admits(self, host: str, port: int, scheme: str) -> bool:
+        """Whether a URL with this host, effective port and scheme is on this entry."""
+        if host != self.host:
+            return False
+        if self.port == "*":
+            return True
+        return port == (DEFAULT_PORTS[scheme] if self.port is None else self.port)
+
+    @property
+    def names_address(self) -> bool:
+        """True when the entry may reach a non-public address: an exact port, or an IP."""
+        return isinstance(self.port, int) or _ip(self.host) is not None
+
+
+def parse_allow_list(entries: Iterable[str]) -> list[AllowEntry]:
+    """Parse allow-list entries (``host:port``, ``host:*``, ``host``, ``[v6]:port``).
+
+    Args:
+        entries: The entries; blank ones are skipped.
+
+    Returns:
+        The parsed entries.
+
+    Raises:
+        ValueError: If an entry is malformed, naming the entry.
+    """
+    return [_parse_entry(e.strip()) for e in entries if e.strip()]
+
+
+def _parse_entry(entry: str) -> AllowEntry:
+    if entry.startswith("["):
+        end = entry.find("]")
+        host_text, rest = entry[: end + 1], entry[end + 1 :]
+        if end < 0 or (rest and not rest.startswith(":")):
+            raise ValueError(f"allow-list entry {entry!r}: expected [IPv6] or [IPv6]:port")
+        port_text = rest[1:] if rest else None
+    elif entry.count(":") > 1:
+        raise ValueError(f"allow-list entry {entry!r}: write IPv6 in brackets, as [::1]:8080")
+    else:
+        host_text, colon, after = entry.partition(":")
+        port_text = after if colon else None
+    try:
+        host = _host_of(httpx.URL(f"http://{host_text}/"))
+    except httpx.InvalidURL:
+        host = ""
+    if not host:
+        raise ValueError(f"allow-list entry {entry!r}: not a host name or IP address")
+    if port_text is None or port_text == "*":
+        return AllowEntry(host, "*" if port_text else None)
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"allow-list entry {entry!r}: the port must be 1-65535 or *")
+    return AllowEntry(host, int(port_text))
+
+
+def _host_of(url: httpx.URL) -> str:
+    """A URL's host as entries are compared: lowercase ASCII, no trailing dot, IPs normalised.
+
+    Returns:
+        The host, or ``""`` when the URL has no usable host.
+    """
+    host = url.raw_host.decode("ascii").lower().rstrip(".")
+    ip = _ip(host)
+    if ip is not None:
+        return str(ip)
+    return host if _HOST.fullmatch(host) else ""
+
+
+def _ip(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _public(address: IPAddress) -> bool:
+    """True for a public unicast address, including what an IPv6 address embeds."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address.teredo is not None:
+            embedded = address.teredo[1]
+        if embedded is None and address in _NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None and not _public(embedded):
+            return False
+    return address.is_global and not address.is_multicast
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    """The addresses ``host`` resolves to, looked up off the event loop.
+
+    Raises:
+        socket.gaierror: When the name does not resolve.
+    """
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+def _refused(message: str) -> ApplicationError:
+    return ApplicationError(message, type=TOOL_PERMISSION, non_retryable=True)
 
 
 class HttpGet:
-    """GET a URL on an allowed host; stream at most ``max_bytes`` of the body."""
+    """GET a URL on an allowed host and port; stream at most ``max_bytes`` of the body."""
 
     def __init__(
         self,
         http_client: Callable[[], httpx.AsyncClient],
-        allowed_hosts: list[str],
+        allowed_hosts: Iterable[str],
         max_bytes: int,
         timeout: float,
+        *,
+        allowed_by_tenant: Mapping[str, Iterable[str]] | None = None,
+        resolve: Resolver = resolve_host,
     ) -> None:
-        """Bind the tool to its client and limits.
+        """Bind the tool to its client, allow-lists and limits.
 
         Args:
             http_client: Returns the worker's shared client (``ToolRegistry.http_client``).
-            allowed_hosts: Hostnames that may be fetched; ports are ignored.
+            allowed_hosts: Entries every tenant may fetch (see the module docstring).
             max_bytes: Most body bytes read; the rest is cut off and noted.
-            timeout: Seconds for the whole call, redirects and body included.
+            timeout: Seconds for the whole call, resolution, redirects and body included.
+            allowed_by_tenant: Extra entries per tenant, added to ``allowed_hosts`` for calls
+                of that tenant only.
+            resolve: How host names become addresses.
+
+        Raises:
+            ValueError: If an allow-list entry is malformed.
         """
         self._http_client = http_client
-        self._allowed = {h.strip().lower().rstrip(".") for h in allowed_hosts if h.strip()}
+        self._allowed = parse_allow_list(allowed_hosts)
+        self._by_tenant = {t: parse_allow_list(e) for t, e in (allowed_by_tenant or {}).items()}
+        self._resolve = resolve
         self._max_bytes = max_bytes
         self._timeout = timeout
-
-    def _check_host(self, url: str | httpx.URL) -> None:
-        host = (urlsplit(str(url)).hostname or "").lower().rstrip(".")
-        if host not in self._allowed:
-            raise ApplicationError(
-                f"host {host!r} is not on the http_get allow-list",
-                type=TOOL_PERMISSION,
-                non_retryable=True,
-            )
 
     async def __call__(self, args: HttpGetArgs, ctx: ToolContext) -> str:
         """Fetch ``args.url``.
 
         Args:
             args: The URL.
-            ctx: Who the call runs for (unused: a read has no key).
+            ctx: Who the call runs for: its tenant's allow-list entries apply.
 
         Returns:
             ``HTTP <status>`` and the body, cut at ``max_bytes`` with a note saying so.
 
         Raises:
-            ApplicationError: ``TOOL_PERMISSION`` for a host off the allow-list (on any hop),
+            ApplicationError: ``TOOL_PERMISSION`` (non-retryable) for a host and port off the
+                allow-list or a non-public address it does not name (on any hop),
                 ``TOOL_TRANSIENT`` for timeouts, transport errors, 429 and 5xx, ``TOOL_FAILED``
-                for other 4xx and redirect loops.
+                for other 4xx, unknown hosts and redirect loops.
         """
-        self._check_host(args.url)
+        entries = [*self._allowed, *self._by_tenant.get(ctx.tenant, ())]
         try:
             # One deadline for the whole call: httpx's timeout is per operation, so a server
             # dripping bytes could otherwise outlast the activity's start_to_close_timeout.
             async with asyncio.timeout(self._timeout):
-                return await self._fetch(args.url)
+                return await self._fetch(httpx.URL(args.url), entries)
         except (TimeoutError, httpx.TimeoutException, httpx.TransportError) as e:
             raise ApplicationError(
                 f"GET {args.url} failed: {type(e).__name__}: {e}", type=TOOL_TRANSIENT
             ) from None
 
-    async def _fetch(self, url: str) -> str:
+    async def _fetch(self, url: httpx.URL, entries: list[AllowEntry]) -> str:
         client = self._http_client()
-        request = client.build_request("GET", url)
-        # Redirects are followed by hand so every hop's host is checked *before* it is contacted.
+        # Redirects are followed by hand so every hop is checked *before* it is contacted.
         for _ in range(_MAX_REDIRECTS + 1):
-            self._check_host(request.url)
-            resp = await client.send(request, stream=True)
+            address = await self._admit(url, entries)
+            resp = await client.send(_pinned(client, url, address), stream=True)
             try:
-                if resp.is_redirect and resp.next_request is not None:
-                    request = resp.next_request
+                location = resp.headers.get("location")
+                if resp.is_redirect and location:
+                    url = url.join(location)
                     continue
                 return await self._read(resp)
             finally:
                 await resp.aclose()
         raise tool_failed(f"GET {url}: more than {_MAX_REDIRECTS} redirects")
+
+    async def _admit(self, url: httpx.URL, entries: list[AllowEntry]) -> str:
+        """Apply the allow-list and the address rule to one hop; return the address to use."""
+        host = _host_of(url)
+        if url.scheme not in DEFAULT_PORTS or not host:
+            raise _refused(f"http_get fetches http and https URLs with a host, not {url}")
+        port = url.port or DEFAULT_PORTS[url.scheme]
+        matching = [e for e in entries if e.admits(host, port, url.scheme)]
+        if not matching:
+            raise _refused(f"{host}:{port} is not on the http_get allow-list")
+        addresses = await self._addresses(host, port)
+        if not any(e.names_address for e in matching) and not all(map(_public, addresses)):
+            # The address is not repeated: it would tell the model about the private network.
+            raise _refused(
+                f"{host} resolves to a loopback, private or link-local address, which only an "
+                f"allow-list entry naming the exact port ({host}:{port}) or the IP may reach"
+            )
+        return str(addresses[0])
+
+    async def _addresses(self, host: str, port: int) -> list[IPAddress]:
+        literal = _ip(host)
+        if literal is not None:
+            return [literal]
+        try:
+            found = [ipaddress.ip_address(a) for a in await self._resolve(host, port)]
+        except socket.gaierror as e:
+            if e.errno == socket.EAI_AGAIN:
+                raise ApplicationError(f"cannot resolve {host} now", type=TOOL_TRANSIENT) from None
+            raise tool_failed(f"cannot resolve {host}: {e.strerror}") from None
+        if not found:
+            raise tool_failed(f"{host} resolves to no address")
+        return found
 
     async def _read(self, resp: httpx.Response) -> str:
         if not resp.is_success:
@@ -117,6 +288,18 @@ class HttpGet:
         text = data.decode(resp.encoding or "utf-8", errors="replace")
         note = f"\n[truncated at {self._max_bytes} bytes]" if truncated else ""
         return f"HTTP {resp.status_code}\n{text}{note}"
+
+
+def _pinned(client: httpx.AsyncClient, url: httpx.URL, address: str) -> httpx.Request:
+    """A GET of ``url`` sent to ``address``: the Host header and TLS name keep the URL's host."""
+    host = url.raw_host.decode("ascii")
+    tls_name = {} if _ip(host) is not None else {"sni_hostname": host}
+    return client.build_request(
+        "GET",
+        url.copy_with(host=address),
+        headers={"Host": url.netloc.decode("ascii")},
+        extensions=tls_name,
+    )
 
 
 async def _read_capped(resp: httpx.Response, limit: int) -> tuple[bytes, bool]:

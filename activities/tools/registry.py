@@ -5,7 +5,7 @@ Not workflow code: the registry owns an ``httpx.AsyncClient``, created on first 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,10 +87,14 @@ class ToolRegistry:
         """The registry's shared HTTP client, created on first use inside the event loop.
 
         Returns:
-            A client without retries of its own (Temporal owns retries).
+            A client without retries of its own (Temporal owns retries), that follows no
+            redirect and takes no proxy from the environment: http_get connects to the address
+            it checked itself (issue 13).
         """
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=self._http_timeout, follow_redirects=False)
+            self._http = httpx.AsyncClient(
+                timeout=self._http_timeout, follow_redirects=False, trust_env=False
+            )
         return self._http
 
     async def aclose(self) -> None:
@@ -107,21 +111,33 @@ class ToolRegistry:
         http_allowed_hosts: list[str],
         http_max_bytes: int = 256_000,
         http_timeout: float = 10.0,
+        http_allowed_by_tenant: Mapping[str, list[str]] | None = None,
     ) -> ToolRegistry:
         """A registry with the four built-in tools.
 
         Args:
             store: Where write_note writes.
             retriever: What search_docs searches with.
-            http_allowed_hosts: Hostnames http_get may fetch (ports are ignored).
+            http_allowed_hosts: What http_get may fetch: ``host:port``, ``host:*`` or ``host``
+                (the scheme's default port); see ``activities/tools/http_get.py``.
             http_max_bytes: Most body bytes http_get reads; the rest is cut off.
             http_timeout: Seconds for each HTTP operation, and for a whole http_get call.
+            http_allowed_by_tenant: Extra http_get entries per tenant, for its calls only.
 
         Returns:
             The registry; call ``aclose`` on shutdown.
+
+        Raises:
+            ValueError: If an http_get allow-list entry is malformed.
         """
         registry = cls(http_timeout=http_timeout)
-        http = HttpGet(registry.http_client, http_allowed_hosts, http_max_bytes, http_timeout)
+        http = HttpGet(
+            registry.http_client,
+            http_allowed_hosts,
+            http_max_bytes,
+            http_timeout,
+            allowed_by_tenant=http_allowed_by_tenant,
+        )
         tools: dict[str, ToolImpl] = {
             "calculator": calculator,
             "http_get": http,

@@ -9,10 +9,13 @@ never a 500 for a caller's mistake. Request bodies are size-capped.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import redis.asyncio as aioredis
@@ -21,9 +24,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from temporalio.client import Client
 
+from keel.activities.usage import DayUsage, QuotaExceeded, UsageLedger
 from keel.client._summary import JobSummary
+from keel.client._validation import validate_request_key
 from keel.client.api.keys import ApiKeys, Principal
-from keel.client.api.limits import RateLimiter
+from keel.client.api.limits import RateLimiter, daily_quotas
 from keel.client.api.models import AnswerIn, JobAccepted, JobCreate, job_links
 from keel.client.errors import (
     AgentJobError,
@@ -35,7 +40,7 @@ from keel.client.errors import (
     JobTimeout,
 )
 from keel.client.jobs import AgentJobs
-from keel.workflows.types import HumanInput, JobResult, JobStatus
+from keel.workflows.types import HumanInput, JobResult, JobStatus, job_id_for
 
 __all__ = ["ERROR_STATUS", "MAX_BODY_BYTES", "create_app"]
 
@@ -54,6 +59,23 @@ MAX_BODY_BYTES = 64 * 1024
 """Largest request body: a goal is at most 8,000 characters; nothing needs more."""
 MAX_WAIT_SECONDS = 60.0
 """Longest ``wait`` a request may hold a connection for."""
+
+
+def fairness_weights() -> dict[str, float]:
+    """Tenants' fairness weights from ``KEEL_FAIRNESS_WEIGHTS`` (JSON ``{"acme": 2.0}``).
+
+    Raises:
+        ValueError: If the variable is not a JSON object of positive, finite numbers.
+    """
+    text = os.environ.get("KEEL_FAIRNESS_WEIGHTS", "").strip()
+    if not text:
+        return {}
+    weights = json.loads(text)
+    if not isinstance(weights, dict) or not all(
+        isinstance(v, int | float) and 0 < v < math.inf for v in weights.values()
+    ):
+        raise ValueError("KEEL_FAIRNESS_WEIGHTS must be a JSON object of positive numbers")
+    return {str(k): float(v) for k, v in weights.items()}
 
 
 def _error(status: int, code: str, message: str, **extra: object) -> JSONResponse:
@@ -87,8 +109,10 @@ Caller = Annotated[Principal, Depends(_principal)]
 
 def _jobs(request: Request, caller: Caller) -> AgentJobs:
     scope = None if caller.role == "operator" else caller.tenant
-    queue = request.app.state.task_queue
-    return AgentJobs(request.app.state.client, task_queue=queue, tenant=scope)
+    state = request.app.state
+    return AgentJobs(
+        state.client, task_queue=state.task_queue, tenant=scope, fairness_weights=state.weights
+    )
 
 
 Jobs = Annotated[AgentJobs, Depends(_jobs)]
@@ -118,6 +142,7 @@ def create_app(
             redis = aioredis.Redis.from_url(url, socket_timeout=5)
             app.state.keys = ApiKeys(redis)
         app.state.limiter = RateLimiter(app.state.keys.redis)
+        app.state.usage = UsageLedger(app.state.keys.redis)
         yield
         if redis is not None:
             await redis.aclose()
@@ -125,6 +150,8 @@ def create_app(
     app = FastAPI(title="Keel", version="1", lifespan=lifespan)
     app.state.client, app.state.keys, app.state.task_queue = client, keys, task_queue
     app.state.limiter = RateLimiter(keys.redis) if keys is not None else None
+    app.state.usage = UsageLedger(keys.redis) if keys is not None else None
+    app.state.weights = fairness_weights()
     _install_errors(app)
     _install_routes(app)
     return app
@@ -151,6 +178,16 @@ def _install_errors(app: FastAPI) -> None:
         limit, seconds = exc.args
         response = _error(429, "rate_limited", f"the {limit} request limit is used up", limit=limit)
         response.headers["Retry-After"] = str(max(1, math.ceil(seconds)))
+        return response
+
+    @app.exception_handler(QuotaExceeded)
+    async def on_quota(_request: Request, exc: QuotaExceeded) -> JSONResponse:
+        quota, limit = exc.args
+        response = _error(
+            429, "quota_exceeded", f"the tenant's {quota} quota ({limit}) is used up today",
+            quota=quota,
+        )  # fmt: skip
+        response.headers["Retry-After"] = str(_seconds_to_utc_midnight())
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -180,7 +217,17 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one short function pe
     ) -> JobAccepted:
         """Start a job (idempotent on ``Idempotency-Key``); with ``wait``, answer inline."""
         request = body.to_request(caller.tenant, caller.user or caller.key_id)
-        job_id = await jobs.start(request, request_key=idempotency_key)
+        key = validate_request_key(idempotency_key or uuid.uuid4().hex)
+        # Counted against the tenant's daily quotas before it starts, once per job ID.
+        ledger: UsageLedger = app.state.usage
+        quotas = await daily_quotas(ledger.redis, caller.tenant)
+        await ledger.admit_job(
+            caller.tenant,
+            job_id_for(caller.tenant, key),
+            jobs_per_day=quotas.jobs_per_day,
+            usd_per_day=quotas.usd_per_day,
+        )
+        job_id = await jobs.start(request, request_key=key)
         accepted = JobAccepted(job_id=job_id, links=job_links(job_id))
         if wait > 0:
             try:
@@ -230,9 +277,27 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one short function pe
         await jobs.cancel(job_id)
         return {"job_id": job_id, "status": "cancellation requested"}
 
+    @app.get("/v1/usage", response_model=list[DayUsage])
+    async def usage(
+        caller: Caller,
+        tenant: str | None = None,
+        days: Annotated[int, Query(ge=1, le=31)] = 7,
+    ) -> list[DayUsage]:
+        """The tenant's cost, tokens, model calls and jobs per UTC day, today first."""
+        if tenant is not None and tenant != caller.tenant and caller.role != "operator":
+            return [DayUsage(day=d.day) for d in await app.state.usage.days(caller.tenant, days)]
+        ledger: UsageLedger = app.state.usage
+        return await ledger.days(tenant or caller.tenant, days)
+
     @app.get("/healthz")
     async def healthz() -> dict[str, bool]:
         return {"ok": True}
+
+
+def _seconds_to_utc_midnight() -> int:
+    now = datetime.now(UTC)
+    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return max(1, int((midnight - now).total_seconds()))
 
 
 class _StillRunning(Exception):

@@ -21,7 +21,15 @@ import uuid
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 
-__all__ = ["CONFIG_KEY", "Rate", "RateLimiter", "RateLimits", "parse_rate"]
+__all__ = [
+    "CONFIG_KEY",
+    "QUOTAS_KEY",
+    "Rate",
+    "RateLimiter",
+    "RateLimits",
+    "daily_quotas",
+    "parse_rate",
+]
 
 CONFIG_KEY = "keel:config:limits"
 """Redis hash of run-time overrides: field ``per_key`` or ``per_tenant``, value ``N/S``."""
@@ -125,3 +133,38 @@ class RateLimiter:
             if int(wait_ms) > 0:
                 return name, int(wait_ms) / 1000
         return None
+
+
+QUOTAS_KEY = "keel:config:quotas"
+"""Redis hash of run-time quota settings: ``jobs_per_day`` and ``usd_per_day`` for every
+tenant, ``jobs_per_day:{tenant}`` and ``usd_per_day:{tenant}`` for one; 0 means none."""
+
+
+class DailyQuotas(BaseModel):
+    """A tenant's daily quotas; 0 means none."""
+
+    jobs_per_day: int = Field(default=0, ge=0)
+    usd_per_day: float = Field(default=0.0, ge=0)
+
+
+async def daily_quotas(redis: aioredis.Redis, tenant: str) -> DailyQuotas:
+    """A tenant's daily quotas: its own setting, else everyone's, else the environment's.
+
+    Returns:
+        The quotas in force for ``tenant`` (0: no quota).
+    """
+    raw = await redis.hgetall(QUOTAS_KEY)
+    config = {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in raw.items()
+    }
+    quotas: dict[str, str] = {}
+    for name, env in (
+        ("jobs_per_day", "KEEL_QUOTA_JOBS_PER_DAY"),
+        ("usd_per_day", "KEEL_QUOTA_USD_PER_DAY"),
+    ):
+        value = config.get(f"{name}:{tenant}") or config.get(name) or os.environ.get(env) or "0"
+        quotas[name] = value
+    return DailyQuotas(
+        jobs_per_day=int(float(quotas["jobs_per_day"])), usd_per_day=float(quotas["usd_per_day"])
+    )

@@ -256,8 +256,8 @@ async def test_stored_observations_reach_the_prompt_from_redis(redis_url: str) -
     reply = completion('{"answer": "ok"}')
     acts, seen = activities(lambda _: httpx.Response(200, json=reply), store)
     try:
-        kept = await store.put_blob("t", "j:0:s1", "A" * 5000)
-        gone = "keel:blob:t:never-written"
+        kept = await store.put_blob("t", "test:0:s1", "A" * 5000)
+        gone = "keel:blob:t:test:0:never-written"
         observations = [
             Observation(step_id="s1", name="http_get", ref=kept, size=5000),
             Observation(step_id="s2", name="http_get", ref=gone, size=900),

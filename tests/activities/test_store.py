@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import TimeoutError as RedisTimeout
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 
+from keel.activities import errors
 from keel.activities.store import KeelStore
-from keel.activities.types import ToolResult
+from keel.activities.types import ToolResult, ref_belongs_to
 
 
 @pytest.fixture
@@ -31,8 +35,8 @@ async def test_ping(store: KeelStore) -> None:
 async def test_from_url_owns_its_client(redis_url: str, tenant: str) -> None:
     store = KeelStore.from_url(redis_url)
     try:
-        ref = await store.put_blob(tenant, "x", "payload")
-        assert await store.get_blob(ref) == "payload"
+        ref = await store.put_blob(tenant, "job-1:0:s1", "payload")
+        assert await store.get_blob(ref, job_id="job-1") == "payload"
     finally:
         await store.aclose()
 
@@ -62,14 +66,64 @@ async def test_blob_round_trip_with_ttl(
 ) -> None:
     ref = await store.put_blob(tenant, "job-1:0:s1", "x" * 10_000, ttl_seconds=60)
     assert ref == f"keel:blob:{tenant}:job-1:0:s1"
-    assert await store.get_blob(ref) == "x" * 10_000
+    assert await store.get_blob(ref, job_id="job-1", tenant=tenant) == "x" * 10_000
     assert 0 < await redis_client.ttl(ref) <= 60
-    assert await store.get_blob(f"keel:blob:{tenant}:missing") is None
+    assert await store.get_blob(f"keel:blob:{tenant}:job-1:0:missing", job_id="job-1") is None
 
 
 async def test_get_blob_refuses_other_keys(store: KeelStore, tenant: str) -> None:
-    with pytest.raises(ValueError, match="not a blob ref"):
-        await store.get_blob(f"keel:idem:{tenant}:k")
+    await store.put_record(tenant, "job-1:0:s1", ToolResult(content="recorded"))
+    with pytest.raises(ApplicationError) as refused:
+        await store.get_blob(f"keel:idem:{tenant}:job-1:0:s1", job_id="job-1")
+    assert refused.value.type == errors.REF_NOT_OWNED and refused.value.non_retryable
+
+
+# --- a job reads only its own stored outputs (issue 13) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ref", "job_id", "tenant", "owned"),
+    [
+        ("keel:blob:acme:agent-job-acme:k1:0:s1", "agent-job-acme:k1", "acme", True),
+        ("keel:blob:acme:agent-job-acme:k1:12:step:one", "agent-job-acme:k1", None, True),
+        ("keel:blob:acme:agent-job-acme:k2:0:s1", "agent-job-acme:k1", "acme", False),
+        ("keel:blob:acme:agent-job-acme:k1:0:s1", "agent-job-acme:k1", "evil", False),
+        # An ID that is a prefix of another job's: what follows must be iteration:step.
+        ("keel:blob:acme:agent-job-acme:k1:0:s1", "agent-job-acme", "acme", False),
+        ("keel:blob:acme:agent-job-acme:k1:0:s1", "agent-job-acme:k", "acme", False),
+        ("keel:blob:acme:agent-job-acme:k1", "agent-job-acme:k1", "acme", False),
+        ("keel:idem:acme:agent-job-acme:k1:0:s1", "agent-job-acme:k1", "acme", False),
+        ("keel:blob::agent-job-acme:k1:0:s1", "agent-job-acme:k1", None, False),
+        ("keel:blob:acme:agent-job-acme:k1:0:s1", "", None, False),
+    ],
+)
+def test_ref_belongs_to(ref: str, job_id: str, tenant: str | None, owned: bool) -> None:
+    assert ref_belongs_to(ref, job_id, tenant) is owned
+
+
+async def test_an_activity_reads_only_its_own_jobs_blobs(store: KeelStore, tenant: str) -> None:
+    """Defence in depth behind the workflow's check: the job is the calling workflow."""
+    job_a, job_b = f"agent-job-{tenant}:a", f"agent-job-{tenant}:b"
+    ref_a = await store.put_blob(tenant, f"{job_a}:0:s1", "A's output")
+    ref_b = await store.put_blob(tenant, f"{job_b}:0:s1", "B's output")
+
+    def as_job(job_id: str) -> ActivityEnvironment:
+        env = ActivityEnvironment()
+        env.info = dataclasses.replace(env.info, workflow_id=job_id)
+        return env
+
+    assert await as_job(job_b).run(store.get_blobs, [ref_b]) == ["B's output"]
+    with pytest.raises(ApplicationError) as refused:
+        await as_job(job_b).run(store.get_blobs, [ref_b, ref_a])
+    assert refused.value.type == errors.REF_NOT_OWNED and refused.value.non_retryable
+    assert job_b in refused.value.message
+    # The tenant, when the caller knows it, is checked too.
+    with pytest.raises(ApplicationError):
+        await as_job(job_b).run(store.get_blobs, [ref_b], tenant=f"{tenant}-other")
+    # Outside any activity, a read must name its job.
+    with pytest.raises(ApplicationError):
+        await store.get_blobs([ref_a])
+    assert await store.get_blobs([ref_a], job_id=job_a) == ["A's output"]
 
 
 async def test_tenant_must_not_contain_colon(store: KeelStore) -> None:
@@ -130,8 +184,8 @@ async def test_works_with_a_bytes_client(redis_url: str, tenant: str) -> None:
     client = aioredis.Redis.from_url(redis_url)  # decode_responses=False
     try:
         store = KeelStore(client)
-        ref = await store.put_blob(tenant, "b", "héllo")
-        assert await store.get_blob(ref) == "héllo"
+        ref = await store.put_blob(tenant, "job:0:b", "héllo")
+        assert await store.get_blob(ref, job_id="job") == "héllo"
         await store.put_record(tenant, "op", ToolResult(tool="t", content="c"))
         assert (await store.get_record(tenant, "op")) == ToolResult(tool="t", content="c")
         await store.write_note_once(tenant, "op", "T", "B", "job")

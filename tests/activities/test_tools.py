@@ -10,7 +10,7 @@ import math
 import socket
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,6 +29,7 @@ from keel.activities.catalog import BUILTIN_TOOLS, ToolInfo, WriteNoteArgs, tool
 from keel.activities.retrieval import Retriever
 from keel.activities.store import KeelStore
 from keel.activities.tools import ToolActivities, ToolContext, ToolRegistry, evaluate_expression
+from keel.activities.tools.http_get import AllowEntry, HttpGet, parse_allow_list
 from keel.activities.types import NO_HITS, PREVIEW_CHARS, ToolCall, ToolResult, format_hits
 
 ALL_TOOLS = ["calculator", "http_get", "write_note", "search_docs"]
@@ -41,8 +42,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server API)
         # Recorded before answering: the client may check hits as soon as it has the response.
         self.server.hits.append(self.path)  # type: ignore[attr-defined]
+        port = self.server.server_port
         routes: dict[str, tuple[int, dict[str, str], str]] = {
             "/ok": (200, {}, "hello keel"),
+            "/host": (200, {}, f"host={self.headers['Host']}"),
             "/large": (200, {}, LARGE_BODY),
             "/huge": (200, {}, HUGE_BODY),
             "/500": (500, {}, "boom"),
@@ -50,7 +53,9 @@ class _Handler(BaseHTTPRequestHandler):
             "/401": (401, {}, "who are you"),
             "/429": (429, {"Retry-After": "7"}, "slow down"),
             "/hop": (302, {"Location": "/ok"}, ""),
-            "/escape": (302, {"Location": f"http://localhost:{self.server.server_port}/ok"}, ""),
+            "/escape": (302, {"Location": f"http://localhost:{port}/ok"}, ""),
+            "/to-inside": (302, {"Location": f"http://inside.test:{port}/ok"}, ""),
+            "/to-metadata": (302, {"Location": "http://169.254.169.254/latest/meta-data/"}, ""),
             "/loop": (302, {"Location": "/loop"}, ""),
         }
         status, headers, body = routes.get(self.path, (404, {}, "unknown"))
@@ -89,8 +94,11 @@ def store(redis_client: aioredis.Redis) -> KeelStore:
 
 
 @pytest.fixture
-async def registry(store: KeelStore) -> AsyncIterator[ToolRegistry]:
-    reg = ToolRegistry.builtin(store, Retriever(), ["127.0.0.1"], http_max_bytes=MAX_BYTES)
+async def registry(
+    store: KeelStore, http_server: ThreadingHTTPServer
+) -> AsyncIterator[ToolRegistry]:
+    allowed = [f"127.0.0.1:{http_server.server_port}"]
+    reg = ToolRegistry.builtin(store, Retriever(), allowed, http_max_bytes=MAX_BYTES)
     yield reg
     await reg.aclose()
 
@@ -278,7 +286,7 @@ async def test_http_get_truncates_at_max_bytes(
 ) -> None:
     result = await run(acts, make_call(tenant, "http_get", {"url": f"{base_url}/huge"}))
     assert result.ref is not None
-    full = await store.get_blob(result.ref)
+    full = await store.get_blob(result.ref, job_id="agent-job-1")
     assert full == f"HTTP 200\n{'H' * MAX_BYTES}\n[truncated at {MAX_BYTES} bytes]"
     assert result.size == len(full)
 
@@ -308,13 +316,177 @@ async def test_http_get_status_mapping(
     assert path.lstrip("/") in err.message
 
 
-async def test_http_get_connection_refused_is_transient(acts: ToolActivities, tenant: str) -> None:
+async def test_http_get_connection_refused_is_transient(http_acts: HttpActs, tenant: str) -> None:
+    port = closed_port()
+    acts = http_acts([f"127.0.0.1:{port}"])
+    err = await fails(acts, make_call(tenant, "http_get", {"url": f"http://127.0.0.1:{port}/"}))
+    assert err.type == errors.TOOL_TRANSIENT and not err.non_retryable
+
+
+# --- http_get: host and port, addresses, tenants (issue 13) -----------------------------------
+
+HttpActs = Callable[..., ToolActivities]
+
+
+def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/"
+        return int(s.getsockname()[1])
+
+
+class FakeDNS:
+    """DNS at its seam: names map to addresses; every lookup is recorded."""
+
+    def __init__(self, answers: dict[str, list[str]]) -> None:
+        self.answers = answers
+        self.asked: list[tuple[str, int]] = []
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        self.asked.append((host, port))
+        if host not in self.answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return self.answers[host]
+
+
+@pytest.fixture
+async def http_acts(store: KeelStore) -> AsyncIterator[HttpActs]:
+    """Gateways whose only tool is an http_get with the given allow-lists and DNS."""
+    registries: list[ToolRegistry] = []
+
+    def build(
+        allowed: list[str],
+        *,
+        by_tenant: dict[str, list[str]] | None = None,
+        dns: FakeDNS | None = None,
+    ) -> ToolActivities:
+        registry = ToolRegistry()
+        registries.append(registry)
+        extra: dict[str, Any] = {"resolve": dns} if dns is not None else {}
+        tool = HttpGet(
+            registry.http_client, allowed, MAX_BYTES, 5.0, allowed_by_tenant=by_tenant, **extra
+        )
+        registry.register(BUILTIN_TOOLS["http_get"], tool)
+        return ToolActivities(registry, store)
+
+    yield build
+    for registry in registries:
+        await registry.aclose()
+
+
+def get(tenant: str, url: str) -> ToolCall:
+    return make_call(tenant, "http_get", {"url": url}, allowed_tools=["http_get"])
+
+
+def test_allow_list_entries_name_host_and_port() -> None:
+    assert parse_allow_list(["Docs.Example.COM.:8080", " api.acme.com ", "127.0.0.1:*", ""]) == [
+        AllowEntry("docs.example.com", 8080),
+        AllowEntry("api.acme.com", None),
+        AllowEntry("127.0.0.1", "*"),
+    ]
+    assert parse_allow_list(["[::1]:9000", "[FC00::0001]"]) == [
+        AllowEntry("::1", 9000),
+        AllowEntry("fc00::1", None),
+    ]
+    for bad in ["h:0", "h:65536", "h:http", "h:", "::1:80", "*.acme.com", "[::1", "a b:80"]:
+        with pytest.raises(ValueError, match="allow-list entry"):
+            parse_allow_list([bad])
+
+
+async def test_http_get_refuses_a_listed_host_on_another_port(
+    acts: ToolActivities, tenant: str, http_server: ThreadingHTTPServer
+) -> None:
+    """127.0.0.1 is listed with the test server's port only: the Temporal UI's, say, is not."""
+    http_server.hits.clear()  # type: ignore[attr-defined]
+    url = f"http://127.0.0.1:{closed_port()}/api/v1/namespaces"
     err = await fails(acts, make_call(tenant, "http_get", {"url": url}))
-    assert err.type == errors.TOOL_TRANSIENT and not err.non_retryable
+    # Refused before connecting: a connection attempt would have failed as TOOL_TRANSIENT.
+    assert err.type == errors.TOOL_PERMISSION and err.non_retryable
+    assert "not on the http_get allow-list" in err.message
+    for bare in ("http://127.0.0.1/", "https://127.0.0.1/"):  # "127.0.0.1:port" is not any port
+        err = await fails(acts, make_call(tenant, "http_get", {"url": bare}))
+        assert err.type == errors.TOOL_PERMISSION
+
+
+async def test_http_get_refuses_cloud_metadata(http_acts: HttpActs, tenant: str) -> None:
+    dns = FakeDNS({"metadata.test": ["169.254.169.254"], "md6.test": ["fe80::a9fe:a9fe"]})
+    acts = http_acts(["metadata.test:*", "metadata.test", "md6.test:*"], dns=dns)
+    for url in (
+        "http://169.254.169.254/latest/meta-data/",  # not listed at all
+        "http://metadata.test/latest/meta-data/",  # listed, but resolves to link-local
+        "http://metadata.test:8080/computeMetadata/v1/",
+        "http://md6.test/",
+    ):
+        err = await fails(acts, get(tenant, url))
+        assert err.type == errors.TOOL_PERMISSION and err.non_retryable, url
+        if "169.254" not in url:
+            assert "169.254" not in err.message  # the planner is not told a name's address
+    assert [host for host, _ in dns.asked] == ["metadata.test", "metadata.test", "md6.test"]
+
+
+async def test_http_get_refuses_a_name_that_resolves_to_a_private_address(
+    http_acts: HttpActs, tenant: str, http_server: ThreadingHTTPServer
+) -> None:
+    port = http_server.server_port
+    private = {
+        "ten.test": ["10.1.2.3"],
+        "rfc1918.test": ["93.184.216.34", "192.168.1.10"],  # one private answer is enough
+        "ula.test": ["fc00::5"],
+        "mapped.test": ["::ffff:127.0.0.1"],
+        "sixtofour.test": ["2002:7f00:1::"],  # 6to4 wrapping of 127.0.0.1
+        "zero.test": ["0.0.0.0"],
+    }
+    dns = FakeDNS(private)
+    acts = http_acts([f"{name}:*" for name in private], dns=dns)
+    for name in private:
+        err = await fails(acts, get(tenant, f"http://{name}:{port}/ok"))
+        assert err.type == errors.TOOL_PERMISSION and err.non_retryable, name
+        assert "loopback, private or link-local" in err.message
+    # The real resolver: localhost is loopback, so "localhost:*" does not reach the server.
+    http_server.hits.clear()  # type: ignore[attr-defined]
+    err = await fails(http_acts(["localhost:*"]), get(tenant, f"http://localhost:{port}/ok"))
+    assert err.type == errors.TOOL_PERMISSION
+    assert http_server.hits == []  # type: ignore[attr-defined]
+
+
+async def test_http_get_serves_an_allow_listed_host_port_from_the_checked_address(
+    http_acts: HttpActs, tenant: str, http_server: ThreadingHTTPServer
+) -> None:
+    """docs.test resolves only in FakeDNS: the answer proves the request went to that address,
+    resolved once, so DNS cannot answer differently at connect time (rebinding)."""
+    port = http_server.server_port
+    dns = FakeDNS({"docs.test": ["127.0.0.1"]})
+    acts = http_acts([f"docs.test:{port}"], dns=dns)  # an exact port may reach loopback
+    result = await run(acts, get(tenant, f"http://docs.test:{port}/host"))
+    assert result.content == f"HTTP 200\nhost=docs.test:{port}"
+    assert dns.asked == [("docs.test", port)]
+
+
+async def test_http_get_rechecks_every_redirect(
+    http_acts: HttpActs, tenant: str, http_server: ThreadingHTTPServer
+) -> None:
+    port = http_server.server_port
+    dns = FakeDNS({"inside.test": ["127.0.0.1"]})
+    acts = http_acts([f"127.0.0.1:{port}", "inside.test:*"], dns=dns)
+    http_server.hits.clear()  # type: ignore[attr-defined]
+    # inside.test is listed for any port, which does not name the loopback address it has.
+    err = await fails(acts, get(tenant, f"http://127.0.0.1:{port}/to-inside"))
+    assert err.type == errors.TOOL_PERMISSION and "loopback" in err.message, err.message
+    assert http_server.hits == ["/to-inside"]  # type: ignore[attr-defined]
+    assert dns.asked == [("inside.test", port)]
+    # A redirect to the cloud metadata address is refused before it is contacted.
+    err = await fails(acts, get(tenant, f"http://127.0.0.1:{port}/to-metadata"))
+    assert err.type == errors.TOOL_PERMISSION and "169.254.169.254:80" in err.message
+
+
+async def test_http_get_tenant_entries_apply_to_that_tenant_only(
+    http_acts: HttpActs, http_server: ThreadingHTTPServer
+) -> None:
+    url = f"http://127.0.0.1:{http_server.server_port}/ok"
+    acme, other = f"acme-{uuid.uuid4().hex[:6]}", f"other-{uuid.uuid4().hex[:6]}"
+    acts = http_acts([], by_tenant={acme: [f"127.0.0.1:{http_server.server_port}"]})
+    assert (await run(acts, get(acme, url))).content == "HTTP 200\nhello keel"
+    err = await fails(acts, get(other, url))
+    assert err.type == errors.TOOL_PERMISSION and err.non_retryable
 
 
 # --- large output -----------------------------------------------------------------------------
@@ -329,7 +501,7 @@ async def test_large_output_goes_to_a_blob(
     assert result.ref == f"keel:blob:{tenant}:{call.op_key}"
     assert result.content == full[:PREVIEW_CHARS]
     assert result.size == len(full)
-    assert await store.get_blob(result.ref) == full
+    assert await store.get_blob(result.ref, job_id="agent-job-1") == full
 
 
 async def test_custom_tool_output_at_the_limit_stays_inline(store: KeelStore, tenant: str) -> None:

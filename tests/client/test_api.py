@@ -140,3 +140,40 @@ async def test_bad_input_is_a_4xx_with_the_field_never_a_500(
     ).status_code == 400
     missing = await api.get("/v1/jobs/agent-job-nope:x", headers=bearer(key))
     assert missing.status_code == 404
+
+
+async def test_daily_job_quota_is_a_429_naming_the_quota(
+    api: httpx.AsyncClient, keys: ApiKeys, redis_client: aioredis.Redis
+) -> None:
+    tenant = unique("capped")
+    key, _ = await keys.create(tenant)
+    await redis_client.hset("keel:config:quotas", f"jobs_per_day:{tenant}", "2")
+    body = {"goal": "Book the usual [sim: ask]"}
+    first = await api.post("/v1/jobs", json=body, headers=bearer(key) | {"Idempotency-Key": "a"})
+    again = await api.post("/v1/jobs", json=body, headers=bearer(key) | {"Idempotency-Key": "a"})
+    second = await api.post("/v1/jobs", json=body, headers=bearer(key))
+    third = await api.post("/v1/jobs", json=body, headers=bearer(key))
+    assert [r.status_code for r in (first, again, second)] == [202, 202, 202]
+    assert third.status_code == 429
+    assert third.json()["error"]["code"] == "quota_exceeded"
+    assert third.json()["error"]["quota"] == "jobs_per_day"
+    assert int(third.headers["Retry-After"]) > 0
+    usage = await api.get("/v1/usage", headers=bearer(key), params={"days": 2})
+    assert usage.status_code == 200 and usage.json()[0]["jobs"] == 2 and len(usage.json()) == 2
+    for job in (first, second):
+        await api.post(f"/v1/jobs/{job.json()['job_id']}/cancel", headers=bearer(key))
+
+
+async def test_usage_counts_what_the_tenants_model_calls_cost(
+    api: httpx.AsyncClient, keys: ApiKeys
+) -> None:
+    key, _ = await keys.create(unique("metered"))
+    body = {"goal": "What is 9 * 9? use calculator", "tools": ["calculator"]}
+    done = await api.post("/v1/jobs", json=body, headers=bearer(key), params={"wait": 60})
+    result = done.json()["result"]
+    assert result["outcome"] == "completed"
+    today = (await api.get("/v1/usage", headers=bearer(key))).json()[0]
+    assert today["jobs"] == 1 and today["calls"] == 3  # plan, answer, verify
+    assert today["tokens"] == result["usage"]["tokens"]
+    # The job result shows dollars to five decimals; the ledger keeps eight.
+    assert today["cost_usd"] == pytest.approx(result["usage"]["cost_usd"], abs=5e-6)

@@ -58,3 +58,17 @@ async def test_a_scoped_client_cannot_start_a_job_for_another_tenant(client: Cli
     with pytest.raises(InvalidJobRequest) as refused:
         await jobs.start(JobRequest(goal="hi", tenant="globex"))
     assert refused.value.field == "tenant"
+
+
+async def test_jobs_carry_priority_by_mode_and_fairness_by_tenant(client: Client) -> None:
+    tenant = unique("acme")
+    jobs = AgentJobs(client, task_queue=unique("idle"), fairness_weights={tenant: 2.5})
+    interactive = await jobs.start(JobRequest(goal="hi", tenant=tenant))
+    batch = await jobs.start(JobRequest(goal="hi", tenant=tenant, mode="batch"))
+    for job_id, key in ((interactive, 1), (batch, 3)):
+        handle = client.get_workflow_handle(job_id)
+        info = (await handle.describe()).raw_description.workflow_execution_info
+        assert info.priority.priority_key == key
+        assert info.priority.fairness_key == tenant
+        assert info.priority.fairness_weight == pytest.approx(2.5)
+        await handle.terminate("test over")  # no worker polls the idle queue

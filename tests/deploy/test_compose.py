@@ -364,6 +364,8 @@ def test_dynamic_config_is_mounted_and_fits_keel_ids(services: dict[str, Any]) -
     max_id = config["limit.maxIDLength"][0]["value"]
     longest_tenant = "t" * 64  # IDENT_RE allows 64 characters
     assert len(job_id_for(longest_tenant, "k" * longest_key)) <= max_id <= 255
+    # Keel's priority and fairness keys are honoured only with the fair matcher on.
+    assert config["matching.enableFairness"][0]["value"] is True
 
 
 def _valid_request_key(key: str) -> bool:

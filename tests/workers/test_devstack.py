@@ -190,3 +190,10 @@ def test_dev_restarts_a_killed_worker_and_keeps_the_stack_up(tmp_path: Path) -> 
         dev.wait(timeout=90)
     assert dev.returncode == 0, console_log.read_text()
     assert not any(port_open(p) for p in ports.values()), "dev left something running"
+
+
+def test_the_dev_worker_may_fetch_from_the_simulator_only(tmp_path: Path) -> None:
+    """Issue 13: http_get in ``keel dev`` reaches neither the UI, Temporal, codec, API nor Redis."""
+    stack = DevStack(state_dir=tmp_path, sim_port=free_port())
+    assert stack.http_allowed_hosts == f"127.0.0.1:{stack.sim_port}"  # one port, not "*"
+    assert DevStack(state_dir=tmp_path, use_simulator=False).http_allowed_hosts == ""

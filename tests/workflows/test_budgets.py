@@ -22,7 +22,7 @@ from tests.workflows.test_agent_loop import replay_own_history
 
 
 async def exhaust(client: Client, make_worker, goal: str, budget: Budget, record_as=None, **req):  # type: ignore[no-untyped-def]
-    async with make_worker(client, http_allowed_hosts=["127.0.0.1"]) as worker:
+    async with make_worker(client, http_allowed_hosts=["127.0.0.1:*"]) as worker:
         jobs = AgentJobs(client, task_queue=worker.task_queue)
         job_id = await jobs.start(
             JobRequest(goal=goal, budget=budget, **req), request_key=unique("budget")

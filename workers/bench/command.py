@@ -22,7 +22,7 @@ class ServerMode(StrEnum):
     both = "both"
 
 
-SECTIONS = ("overhead", "long", "scale", "cli")
+SECTIONS = ("overhead", "long", "scale", "cli", "api")
 """Benchmark sections, in the order they run."""
 
 
@@ -53,7 +53,7 @@ def bench(
         ServerMode, typer.Option(help="Temporal dev server persistence to run against.")
     ] = ServerMode.both,
     only: Annotated[
-        str, typer.Option(help="Comma list of sections: overhead,long,scale,cli.")
+        str, typer.Option(help="Comma list of sections: overhead,long,scale,cli,api.")
     ] = ",".join(SECTIONS),
     jobs: Annotated[int, typer.Option(min=1, help="Jobs per throughput run.")] = 200,
     concurrency: Annotated[int, typer.Option(min=1, help="Jobs in flight at most.")] = 16,
@@ -86,6 +86,12 @@ def bench(
     output_kib: Annotated[
         int, typer.Option(min=1, max=200, help="KiB of text each long-job tool call returns.")
     ] = 20,
+    api_clients: Annotated[
+        int, typer.Option(min=1, max=1000, help="Concurrent HTTP clients (api).")
+    ] = 100,
+    api_requests: Annotated[
+        int, typer.Option(min=1, help="Requests of each kind, submit and status (api).")
+    ] = 2000,
     fleet: Annotated[str, typer.Option(help="Worker process counts for the scale run.")] = "1,2,3",
     cli_runs: Annotated[
         int, typer.Option(min=1, max=200, help="Timed runs of each keel command (cli).")
@@ -121,6 +127,9 @@ def bench(
     cli: wall time of whole `keel` processes (--cli-runs each): --help, and
     status and list through `keel api` (KEEL_API_URL) and straight to Temporal;
     targets: --help <= 200 ms, status and list through the API <= 300 ms.
+    api: the HTTP gateway at --api-clients concurrent clients: POST /v1/jobs
+    until the job ID returns, and GET /v1/jobs/{id}; targets: submit p95
+    <= 50 ms, status p95 <= 30 ms.
 
     Reproduce: keel bench --server memory --jobs 50 --concurrency 8 --iterations 30
     or, full size, one section: keel bench --only overhead --json bench.json
@@ -142,6 +151,8 @@ def bench(
         output_kib=output_kib,
         fleet=_fleet(fleet),
         cli_runs=cli_runs,
+        api_clients=api_clients,
+        api_requests=api_requests,
         transfer_rps=transfer_rps,
         json_path=json_path,
     )

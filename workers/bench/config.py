@@ -41,6 +41,10 @@ class BenchConfig:
     fleet: list[int] = field(default_factory=lambda: [1, 2, 3])
     cli_runs: int = 20
     """Timed runs of each ``keel`` command in the cli section."""
+    api_clients: int = 100
+    """Concurrent HTTP clients in the api section."""
+    api_requests: int = 2000
+    """Requests of each kind (submit, status) in the api section."""
     transfer_rps: int | None = None
     """None: ``workers.devstack.TRANSFER_RPS``."""
     json_path: Path | None = None

@@ -34,6 +34,7 @@ from rich.progress import (
 )
 from temporalio.client import Client
 
+from keel.workers.bench.api_load import api_load
 from keel.workers.bench.cli_timing import cli_timing
 from keel.workers.bench.config import BenchConfig, Servers
 from keel.workers.bench.long_job import long_job
@@ -62,6 +63,7 @@ SECTIONS: dict[str, Section] = {
     "long": lambda client, cfg, servers, progress, _: long_job(client, cfg, servers, progress),
     "scale": scale,
     "cli": cli_timing,
+    "api": api_load,
 }
 
 
@@ -182,6 +184,8 @@ def _settings(config: BenchConfig, rps: int) -> dict[str, Any]:
         "output_kib": config.output_kib,
         "fleet": config.fleet,
         "cli_runs": config.cli_runs,
+        "api_clients": config.api_clients,
+        "api_requests": config.api_requests,
         "cpu_count": os.cpu_count(),
         "redis": "REDIS_URL" if os.environ.get("REDIS_URL") else "started",
         "python": platform.python_version(),

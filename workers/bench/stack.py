@@ -262,7 +262,7 @@ async def in_process_worker(
         "model_answerer": SIM_MODEL,
     }
     settings = WorkerSettings(**overrides)  # type: ignore[arg-type]
-    deps = deps_from_settings(settings, http_allowed_hosts=["127.0.0.1"])
+    deps = deps_from_settings(settings, http_allowed_hosts=["127.0.0.1:*"])
     try:
         await deps.store.ping()
         async with build_worker(client, settings, task_queue, plugin=KeelPlugin(deps)):

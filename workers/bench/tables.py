@@ -12,6 +12,7 @@ from typing import Any
 
 from rich.table import Table
 
+from keel.workers.bench.api_load import API_TARGETS_MS
 from keel.workers.bench.cli_timing import CLI_TARGETS_MS
 from keel.workers.bench.config import BenchConfig
 from keel.workers.bench.overhead import OVERHEAD_TARGETS
@@ -218,9 +219,32 @@ def _cli_table(mode: str, rps: int, config: BenchConfig, data: dict[str, Any]) -
     return table
 
 
+def _api_table(mode: str, rps: int, config: BenchConfig, data: dict[str, Any]) -> Table:
+    table = Table(title=_title("The HTTP gateway, 100 clients", mode, rps))
+    for col in ("call", "p50 (ms)", "p95 (ms)", "p99 (ms)", "per s", "target"):
+        table.add_column(col, justify="left" if col == "call" else "right")
+    for kind, label in (("submit", "POST /v1/jobs"), ("status", "GET /v1/jobs/{id}")):
+        limit = API_TARGETS_MS[f"{kind}_p95_ms"]
+        met = data["targets_met"][f"{kind}_p95_ms"]
+        table.add_row(
+            label,
+            _f(data[f"{kind}_p50_ms"]),
+            _f(data[f"{kind}_p95_ms"]),
+            _f(data[f"{kind}_p99_ms"]),
+            _f(data[f"{kind}_per_s"], ",.0f"),
+            f"p95 <= {limit:.0f} " + ("met" if met else "MISSED"),
+        )
+    table.caption = (
+        f"{data['requests']} requests of each kind from {data['clients']} concurrent clients, "
+        "one `keel api` process; per s is the rate sustained at that concurrency"
+    )
+    return table
+
+
 TABLES: dict[str, Callable[[str, int, BenchConfig, dict[str, Any]], Table]] = {
     "overhead": _overhead_table,
     "long": _long_table,
     "scale": _scale_table,
     "cli": _cli_table,
+    "api": _api_table,
 }
