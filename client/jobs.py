@@ -130,6 +130,12 @@ class AgentJobs:
             if "tenant" in request.model_fields_set:
                 raise InvalidJobRequest("tenant", f"this client acts for tenant {self.tenant}")
             request = request.model_copy(update={"tenant": self.tenant})
+        if self.tenant is not None and request.notify_workflow is not None:
+            # A tenant may have Keel signal only its own jobs, never another workflow.
+            if tenant_of(request.notify_workflow) != self.tenant:
+                raise InvalidJobRequest(
+                    "notify_workflow", f"must be one of tenant {self.tenant}'s jobs"
+                )
         key = uuid4().hex if request_key is None else request_key
         job_id = job_id_for(request.tenant, validate_request_key(key))
         try:

@@ -72,3 +72,13 @@ async def test_jobs_carry_priority_by_mode_and_fairness_by_tenant(client: Client
         assert info.priority.fairness_key == tenant
         assert info.priority.fairness_weight == pytest.approx(2.5)
         await handle.terminate("test over")  # no worker polls the idle queue
+
+
+async def test_a_scoped_client_may_notify_only_its_own_jobs(client: Client) -> None:
+    jobs = AgentJobs(client, tenant="acme", task_queue=unique("idle"))
+    for target in ("agent-job-globex:k", "payments-workflow", "agent-job-order-42"):
+        with pytest.raises(InvalidJobRequest) as refused:
+            await jobs.start(JobRequest(goal="hi", notify_workflow=target))
+        assert refused.value.field == "notify_workflow"
+    job_id = await jobs.start(JobRequest(goal="hi", notify_workflow="agent-job-acme:parent"))
+    await client.get_workflow_handle(job_id).terminate("test over")
