@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,8 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from keel.activities._heartbeat import heartbeating
-from keel.activities.errors import DOCS_NOT_FOUND
+from keel.activities.corpora import Corpora, corpus_name
+from keel.activities.errors import CORPUS_TOO_LARGE, DOCS_NOT_FOUND
 from keel.activities.types import RetrievalHit, RetrievalQuery, RetrievalResult
 
 __all__ = ["DOC_EXTENSIONS", "MAX_DOC_BYTES", "MAX_TOP_K", "RetrievalActivities", "Retriever"]
@@ -32,6 +34,10 @@ DOC_EXTENSIONS = frozenset({".md", ".txt", ".rst", ".json", ".py", ".html"})
 """File extensions that are indexed; everything else in the folder is ignored."""
 MAX_DOC_BYTES = 2 * 1024 * 1024
 """Files larger than this are skipped."""
+MAX_INDEX_FILES = 5_000
+"""Most documents one index holds: a folder with more is refused, not half-indexed."""
+MAX_INDEX_BYTES = 100 * 1024 * 1024
+"""Most bytes of documents one index reads."""
 MAX_TOP_K = 20
 """Most hits one search returns."""
 SNIPPET_CHARS = 300
@@ -66,10 +72,24 @@ def _tokenize(texts: list[str]) -> list[list[str]]:
     return tokens
 
 
-def _scan(folder: Path) -> list[tuple[Path, str, int, int]]:
-    """Indexable files under ``folder`` as (absolute path, relative path, mtime_ns, size)."""
+def _scan(
+    folder: Path,
+    stop: threading.Event | None = None,
+    max_files: int = MAX_INDEX_FILES,
+    max_bytes: int = MAX_INDEX_BYTES,
+) -> list[tuple[Path, str, int, int]]:
+    """Indexable files under ``folder`` as (absolute path, relative path, mtime_ns, size).
+
+    Raises:
+        ApplicationError: ``CORPUS_TOO_LARGE`` (non-retryable) past ``max_files`` documents
+            or ``max_bytes`` of them.
+        InterruptedError: When ``stop`` is set (the activity was cancelled) mid-scan.
+    """
     found = []
+    total = 0
     for root, dirs, files in os.walk(folder):
+        if stop is not None and stop.is_set():
+            raise InterruptedError("scan cancelled")
         # Hidden folders (.git, .venv) are tooling, not documents.
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
@@ -81,9 +101,16 @@ def _scan(folder: Path) -> list[tuple[Path, str, int, int]]:
             except OSError:
                 continue
             if st.st_size <= MAX_DOC_BYTES:
+                total += st.st_size
                 found.append(
                     (path, path.relative_to(folder).as_posix(), st.st_mtime_ns, st.st_size)
                 )
+                if len(found) > max_files or total > max_bytes:
+                    raise ApplicationError(
+                        f"documents over the index's bounds ({max_files} files, {max_bytes} bytes)",
+                        type=CORPUS_TOO_LARGE,
+                        non_retryable=True,
+                    )
     return sorted(found, key=lambda f: f[1])
 
 
@@ -176,7 +203,16 @@ class Retriever:
     are serialized, and indexing runs in a thread so it does not block the worker's loop.
     """
 
-    def __init__(self, max_cached_folders: int = _MAX_CACHED_FOLDERS) -> None:
+    def __init__(
+        self,
+        max_cached_folders: int = _MAX_CACHED_FOLDERS,
+        corpora: Corpora | None = None,
+        *,
+        max_files: int = MAX_INDEX_FILES,
+        max_bytes: int = MAX_INDEX_BYTES,
+    ) -> None:
+        self._corpora = corpora or Corpora()
+        self._bounds = (max_files, max_bytes)
         self._indexes: OrderedDict[str, _Index] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         self._max_cached = max_cached_folders
@@ -189,21 +225,35 @@ class Retriever:
         query: str,
         top_k: int = 5,
         filters: dict[str, str] | None = None,
+        *,
+        tenant: str = "",
     ) -> list[RetrievalHit]:
-        """Rank the folder's documents against ``query``.
+        """Rank the documents against ``query``.
 
         Args:
-            docs_dir: Folder of documents on the worker.
+            docs_dir: The job's documents: ``corpus:NAME`` (a corpus of ``tenant``'s or a
+                shared one, from the worker's configuration), or a folder on the worker (only
+                operators can start such jobs; see ``keel.client``).
             query: Search text.
             top_k: Most hits to return; capped at MAX_TOP_K.
             filters: Metadata equality filters (``path``, ``ext``, ``dir``, front-matter keys).
+            tenant: Whose corpora ``corpus:NAME`` is looked up among.
 
         Returns:
             Hits with a positive score, best first; empty when nothing matches.
 
         Raises:
-            ApplicationError: ``DOCS_NOT_FOUND`` (non-retryable) if the folder does not exist.
+            ApplicationError: ``DOCS_NOT_FOUND`` (non-retryable) if the folder does not exist
+                or the corpus is not one the tenant may search; ``CORPUS_TOO_LARGE`` past the
+                index's bounds.
         """
+        if (name := corpus_name(docs_dir)) is not None:
+            folder = self._corpora.resolve(tenant, name)
+            if folder is None:  # another tenant's corpus reads exactly like a missing one
+                raise ApplicationError(
+                    f"no corpus named {name!r}", type=DOCS_NOT_FOUND, non_retryable=True
+                )
+            docs_dir = folder
         index = await self._index(docs_dir)
         top_k = max(1, min(top_k, MAX_TOP_K))
         return await asyncio.to_thread(_rank, index, query, top_k, dict(filters or {}))
@@ -216,7 +266,12 @@ class Retriever:
             )
         key = str(folder)
         async with self._locks.setdefault(key, asyncio.Lock()):
-            files = await asyncio.to_thread(_scan, folder)
+            stop = threading.Event()
+            try:
+                files = await asyncio.to_thread(_scan, folder, stop, *self._bounds)
+            except asyncio.CancelledError:
+                stop.set()  # the scan's thread stops at its next folder
+                raise
             signature: Signature = tuple((rel, mtime, size) for _, rel, mtime, size in files)
             cached = self._indexes.get(key)
             if cached is not None and cached.signature == signature:
@@ -254,6 +309,8 @@ class RetrievalActivities:
         job_id = q.job_id or activity.info().workflow_id
         with structlog.contextvars.bound_contextvars(job_id=job_id, tenant=q.tenant):
             async with heartbeating():
-                hits = await self._retriever.search(q.docs_dir, q.query, q.top_k, q.filters)
+                hits = await self._retriever.search(
+                    q.docs_dir, q.query, q.top_k, q.filters, tenant=q.tenant
+                )
             _log.info("retrieval.searched", hits=len(hits))
         return RetrievalResult(hits=hits, attempt=activity.info().attempt)

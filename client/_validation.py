@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from keel.activities.corpora import Corpora, corpus_name, valid_name
 from keel.client.errors import InvalidJobRequest
 from keel.workflows.types import HumanInput, JobRequest
 
@@ -24,15 +25,20 @@ REQUEST_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 """Caller idempotency keys: the job ID is built from them, so no quotes, spaces or slashes."""
 
 
-def validate_request(req: JobRequest | Mapping[str, Any]) -> JobRequest:
+def validate_request(
+    req: JobRequest | Mapping[str, Any], *, tenant: str | None = None
+) -> JobRequest:
     """Validate a job request fully, without contacting Temporal.
 
     Runs the pydantic model's checks, then the ones it cannot do alone: every tool must be a
-    built-in tool, and ``docs_dir`` must be an existing directory (resolved to an absolute
-    path, so a worker on the same machine finds it whatever its working directory).
+    built-in tool; a named corpus (``docs_dir="corpus:NAME"``) must be one the tenant may search
+    when this process knows the corpora (``KEEL_CORPORA``); a folder must exist (resolved to an
+    absolute path, so a worker on the same machine finds it whatever its working directory).
 
     Args:
         req: A ``JobRequest``, or a mapping to validate into one.
+        tenant: The tenant the caller acts for (a scoped client): the request becomes that
+            tenant's, and naming another one is refused.
 
     Returns:
         The request, with ``docs_dir`` made absolute.
@@ -44,6 +50,10 @@ def validate_request(req: JobRequest | Mapping[str, Any]) -> JobRequest:
         request = req if isinstance(req, JobRequest) else JobRequest.model_validate(req)
     except ValidationError as err:
         raise InvalidJobRequest.from_validation_error(err) from None
+    if tenant is not None and request.tenant != tenant:
+        if "tenant" in request.model_fields_set:
+            raise InvalidJobRequest("tenant", f"this client acts for tenant {tenant}")
+        request = request.model_copy(update={"tenant": tenant})
     # Imported here: the catalog builds the tools' argument models, which only submitting needs.
     from keel.activities.catalog import BUILTIN_TOOLS
 
@@ -54,7 +64,14 @@ def validate_request(req: JobRequest | Mapping[str, Any]) -> JobRequest:
             f"unknown tool {', '.join(map(repr, unknown))}; "
             f"known tools: {', '.join(sorted(BUILTIN_TOOLS))}",
         )
-    if request.docs_dir is not None:
+    if (name := corpus_name(request.docs_dir)) is not None:
+        corpora = Corpora.from_env()
+        if not valid_name(name) or (
+            corpora.configured and corpora.resolve(request.tenant, name) is None
+        ):
+            known = ", ".join(corpora.visible(request.tenant)) or "none"
+            raise InvalidJobRequest("docs_dir", f"unknown corpus {name!r}; yours: {known}")
+    elif request.docs_dir is not None:
         docs = Path(request.docs_dir).expanduser().resolve()
         if not docs.is_dir():
             problem = "is not a directory" if docs.exists() else "does not exist"

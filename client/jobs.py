@@ -33,6 +33,7 @@ from temporalio.client import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from keel.activities.corpora import corpus_name
 from keel.client._error_mapping import (
     failed_result,
     failure_cause,
@@ -125,11 +126,10 @@ class AgentJobs:
             ConnectionFailed: If the Temporal server cannot be reached.
             AgentJobError: If the server refused the start for another reason.
         """
-        request = validate_request(req)
-        if self.tenant is not None and request.tenant != self.tenant:
-            if "tenant" in request.model_fields_set:
-                raise InvalidJobRequest("tenant", f"this client acts for tenant {self.tenant}")
-            request = request.model_copy(update={"tenant": self.tenant})
+        request = validate_request(req, tenant=self.tenant)
+        if self.tenant is not None and request.docs_dir and not corpus_name(request.docs_dir):
+            # A folder path reads the worker's disk: only operators may name one.
+            raise InvalidJobRequest("docs_dir", "name a corpus (corpus:NAME), not a folder")
         if self.tenant is not None and request.notify_workflow is not None:
             # A tenant may have Keel signal only its own jobs, never another workflow.
             if tenant_of(request.notify_workflow) != self.tenant:

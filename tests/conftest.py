@@ -85,6 +85,7 @@ from temporalio.testing import WorkflowEnvironment  # noqa: E402
 from temporalio.worker import Worker  # noqa: E402
 
 from keel.activities.converter import DATA_CONVERTER  # noqa: E402
+from keel.activities.corpora import Corpora  # noqa: E402
 from keel.activities.llm import LLMConfig  # noqa: E402
 from keel.workers.plugin import KeelPlugin  # noqa: E402
 from keel.workers.registry import build_deps  # noqa: E402
@@ -198,6 +199,7 @@ def make_worker(redis_url: str, sim_url: str) -> WorkerFactory:
         api_key: str = "sim-local-key",
         model: str = "sim-small",
         http_allowed_hosts: list[str] | None = None,
+        corpora: dict[str, dict[str, str]] | None = None,
         **worker_kwargs: Any,
     ) -> AsyncGenerator[Worker, None]:
         deps = build_deps(
@@ -207,6 +209,7 @@ def make_worker(redis_url: str, sim_url: str) -> WorkerFactory:
             llm_config=LLMConfig(planner_model=model, verifier_model=model, answerer_model=model),
             # Any port on loopback, written out: the tests' HTTP servers listen on free ports.
             http_allowed_hosts=http_allowed_hosts or ["127.0.0.1:*"],
+            corpora=Corpora(corpora),
         )
         worker_kwargs.setdefault("max_cached_workflows", 0)
         worker = Worker(

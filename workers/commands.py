@@ -265,12 +265,11 @@ def _submit_demo() -> str:
     from keel.client.cli._common import jobs
     from keel.client.cli._common import run as run_command
 
-    docs = Path(__file__).resolve().parents[1] / "docs" / "corpus"
     request = validate_request(
         {
             "goal": DEMO_GOAL,
             "tools": ["calculator", "search_docs", "write_note"],
-            **({"docs_dir": str(docs)} if docs.is_dir() else {}),
+            "docs_dir": "corpus:keel-docs",  # keel dev's shared corpus: Keel's own docs
         }
     )
 

@@ -10,6 +10,7 @@ ends the stack. Stopping terminates every child, newest first.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -93,6 +94,7 @@ class DevStack:
             "TEMPORAL_NAMESPACE": "default",
             "TEMPORAL_CODEC_ENDPOINT": self.codec_url,
             "KEEL_API_URL": self.api_url,
+            "KEEL_CORPORA": os.environ.get("KEEL_CORPORA") or DEV_CORPORA,
             **({"KEEL_API_KEY": self.api_key} if self.api_key else {}),
             "REDIS_URL": self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0",
         }
@@ -194,6 +196,11 @@ class DevStack:
         """Terminate every part, newest first, killing any that outlives ``timeout`` seconds."""
         self.supervisor.stop_all(timeout)
 
+
+DEV_CORPORA = json.dumps(
+    {"*": {"keel-docs": str(Path(__file__).resolve().parents[1] / "docs" / "corpus")}}
+)
+"""``keel dev``'s corpora unless KEEL_CORPORA is set: Keel's own docs, shared by every tenant."""
 
 DEV_KEY_FILE = "dev-api-key"
 """Where ``keel dev`` keeps its development key (mode 0600), so a restart reuses it."""

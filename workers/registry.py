@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from temporalio.worker import Interceptor
 
 from keel.activities._backoff import JitteredBackoff
+from keel.activities.corpora import Corpora
 from keel.activities.llm import LLMActivities, LLMConfig
 from keel.activities.retrieval import RetrievalActivities, Retriever
 from keel.activities.store import KeelStore
@@ -58,6 +59,7 @@ def build_deps(
     http_allowed_hosts: list[str],
     http_max_bytes: int = 256_000,
     http_allowed_hosts_by_tenant: dict[str, list[str]] | None = None,
+    corpora: Corpora | None = None,
 ) -> Deps:
     """Build the real dependencies: Redis, the OpenAI client (vendor retries off), the tools.
 
@@ -65,7 +67,7 @@ def build_deps(
     ``http_allowed_hosts_by_tenant`` adds entries for one tenant's calls.
     """
     store = KeelStore.from_url(redis_url)
-    retriever = Retriever()
+    retriever = Retriever(corpora=corpora)
     tools = ToolRegistry.builtin(
         store,
         retriever,
@@ -113,6 +115,7 @@ def deps_from_settings(
         else http_allowed_hosts,
         http_max_bytes=settings.http_max_bytes,
         http_allowed_hosts_by_tenant=settings.http_allowed_hosts_by_tenant,
+        corpora=Corpora.from_env(),
     )
 
 

@@ -36,5 +36,7 @@ class SearchDocs:
         """
         if not ctx.docs_dir:
             raise invalid_input("this job has no docs folder")
-        hits = await self._retriever.search(ctx.docs_dir, args.query, args.top_k, args.filters)
+        hits = await self._retriever.search(
+            ctx.docs_dir, args.query, args.top_k, args.filters, tenant=ctx.tenant
+        )
         return format_hits(hits)

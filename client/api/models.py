@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from keel.activities.corpora import CORPUS_PREFIX
 from keel.workflows.types import MAX_GOAL_CHARS, Budget, JobRequest, JobResult
 
 __all__ = ["AnswerIn", "JobAccepted", "JobCreate", "job_links"]
@@ -33,10 +34,14 @@ class JobCreate(BaseModel):
     """How long a question waits before the job assumes its default."""
     mode: Literal["interactive", "batch"] = "interactive"
     """``batch`` jobs never run ahead of interactive ones."""
+    corpus: str | None = Field(default=None, max_length=64)
+    """A corpus the job may search (the tenant's own, or a shared one), by name."""
 
     def to_request(self, tenant: str, user: str) -> JobRequest:
         """The workflow's request, with the tenant and user the caller's key acts as."""
-        fields = self.model_dump(exclude_none=True)
+        fields = self.model_dump(exclude_none=True, exclude={"corpus"})
+        if self.corpus is not None:
+            fields["docs_dir"] = CORPUS_PREFIX + self.corpus
         return JobRequest.model_validate({**fields, "tenant": tenant, "user": user})
 
 

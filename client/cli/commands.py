@@ -47,7 +47,12 @@ def submit(
         ),
     ] = None,
     docs: Annotated[
-        str | None, typer.Option("--docs", metavar="DIR", help="Folder of documents to search.")
+        str | None,
+        typer.Option("--docs", metavar="DIR", help="Folder on the worker to search (operators)."),
+    ] = None,
+    corpus: Annotated[
+        str | None,
+        typer.Option("--corpus", metavar="NAME", help="Named corpus to search (KEEL_CORPORA)."),
     ] = None,
     max_steps: Annotated[
         int | None, typer.Option(metavar="N", help="Activity calls of any kind.")
@@ -110,7 +115,7 @@ def submit(
         "tenant": tenant,
         "user": user,
         "tools": tool,
-        "docs_dir": docs,
+        "docs_dir": f"corpus:{corpus}" if corpus else docs,
         "ask_timeout_seconds": ask_timeout,
         "notify_workflow": notify_workflow,
         "mode": mode,
