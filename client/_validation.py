@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from keel.activities.corpora import Corpora, corpus_name, valid_name
+from keel.activities.webhook_hosts import WebhookHosts
 from keel.client.errors import InvalidJobRequest
 from keel.workflows.types import HumanInput, JobRequest
 
@@ -54,6 +55,12 @@ def validate_request(
         if "tenant" in request.model_fields_set:
             raise InvalidJobRequest("tenant", f"this client acts for tenant {tenant}")
         request = request.model_copy(update={"tenant": tenant})
+    if request.callback_url is not None:
+        hosts = WebhookHosts.from_env()
+        if tenant is not None and not hosts.allows(request.tenant, request.callback_url):
+            raise InvalidJobRequest(
+                "callback_url", "host and port are not on your webhook allow-list"
+            )
     # Imported here: the catalog builds the tools' argument models, which only submitting needs.
     from keel.activities.catalog import BUILTIN_TOOLS
 

@@ -87,6 +87,7 @@ from temporalio.worker import Worker  # noqa: E402
 from keel.activities.converter import DATA_CONVERTER  # noqa: E402
 from keel.activities.corpora import Corpora  # noqa: E402
 from keel.activities.llm import LLMConfig  # noqa: E402
+from keel.activities.webhook_hosts import WebhookHosts  # noqa: E402
 from keel.workers.plugin import KeelPlugin  # noqa: E402
 from keel.workers.registry import build_deps  # noqa: E402
 from keel.workflows import search_attributes as sa  # noqa: E402
@@ -200,6 +201,7 @@ def make_worker(redis_url: str, sim_url: str) -> WorkerFactory:
         model: str = "sim-small",
         http_allowed_hosts: list[str] | None = None,
         corpora: dict[str, dict[str, str]] | None = None,
+        webhook_hosts: dict[str, list[str]] | None = None,
         **worker_kwargs: Any,
     ) -> AsyncGenerator[Worker, None]:
         deps = build_deps(
@@ -210,6 +212,7 @@ def make_worker(redis_url: str, sim_url: str) -> WorkerFactory:
             # Any port on loopback, written out: the tests' HTTP servers listen on free ports.
             http_allowed_hosts=http_allowed_hosts or ["127.0.0.1:*"],
             corpora=Corpora(corpora),
+            webhook_hosts=WebhookHosts(webhook_hosts),
         )
         worker_kwargs.setdefault("max_cached_workflows", 0)
         worker = Worker(

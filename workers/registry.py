@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import openai
 import redis.asyncio as aioredis
 from temporalio.worker import Interceptor
@@ -21,6 +22,8 @@ from keel.activities.retrieval import RetrievalActivities, Retriever
 from keel.activities.store import KeelStore
 from keel.activities.tools import ToolActivities, ToolRegistry
 from keel.activities.usage import UsageLedger
+from keel.activities.webhook_hosts import WebhookHosts
+from keel.activities.webhooks import WebhookActivities
 from keel.workers.settings import WorkerSettings
 from keel.workflows.agent_loop import AgentLoopWorkflow
 
@@ -40,12 +43,17 @@ class Deps:
     retriever: Retriever
     usage: UsageLedger | None = None
     """Where model calls' cost is charged per tenant and day (quotas, ``GET /v1/usage``)."""
+    webhooks: WebhookActivities | None = None
+    """Delivers jobs' outcomes to their callback URLs."""
+    webhook_http: httpx.AsyncClient | None = None
 
     async def aclose(self) -> None:
         """Close the network clients."""
         await self.tools.aclose()
         await self.llm.close()
         await self.store.aclose()
+        if self.webhook_http is not None:
+            await self.webhook_http.aclose()
         if self.usage is not None:
             await self.usage.redis.aclose()
 
@@ -60,6 +68,7 @@ def build_deps(
     http_max_bytes: int = 256_000,
     http_allowed_hosts_by_tenant: dict[str, list[str]] | None = None,
     corpora: Corpora | None = None,
+    webhook_hosts: WebhookHosts | None = None,
 ) -> Deps:
     """Build the real dependencies: Redis, the OpenAI client (vendor retries off), the tools.
 
@@ -83,16 +92,19 @@ def build_deps(
         max_retries=0,
         http_client=openai.DefaultAioHttpClient(),
     )
-    usage = UsageLedger(
-        aioredis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
-    )
+    redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
+    # Webhooks go only where the allow-list says: no environment proxy, no redirects.
+    webhook_http = httpx.AsyncClient(trust_env=False, follow_redirects=False)
+    webhooks = WebhookActivities(redis, webhook_http, webhook_hosts or WebhookHosts())
     return Deps(
         llm=llm,
         llm_config=llm_config,
         store=store,
         tools=tools,
         retriever=retriever,
-        usage=usage,
+        usage=UsageLedger(redis),
+        webhooks=webhooks,
+        webhook_http=webhook_http,
     )
 
 
@@ -116,6 +128,7 @@ def deps_from_settings(
         http_max_bytes=settings.http_max_bytes,
         http_allowed_hosts_by_tenant=settings.http_allowed_hosts_by_tenant,
         corpora=Corpora.from_env(),
+        webhook_hosts=WebhookHosts.from_env(),
     )
 
 
@@ -124,7 +137,9 @@ def build_activities(deps: Deps) -> list[Callable[..., Any]]:
     llm = LLMActivities(deps.llm, deps.llm_config, deps.tools.specs, deps.store, deps.usage)
     tools = ToolActivities(deps.tools, deps.store)
     retrieval = RetrievalActivities(deps.retriever)
+    webhooks = [deps.webhooks.deliver_webhook] if deps.webhooks is not None else []
     return [
+        *webhooks,
         llm.plan_step,
         llm.draft_answer,
         llm.verify_draft,

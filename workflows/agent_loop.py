@@ -11,7 +11,7 @@ import asyncio
 from typing import NoReturn
 
 from temporalio import workflow
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from keel.activities import errors
@@ -24,6 +24,8 @@ with workflow.unsafe.imports_passed_through():
         Verdict,
         VerifyInput,
     )
+    from keel.activities.webhooks import WebhookActivities, WebhookDelivery
+    from keel.workflows import policies
     from keel.workflows._acting import StepRunner
     from keel.workflows._budget import BudgetExhausted, Ledger
     from keel.workflows._calling import ModelCaller
@@ -213,7 +215,27 @@ class AgentLoopWorkflow:
         self._event(outcome, f"budget {exhausted} ran out" if exhausted else (error or ""))
         if self._req.notify_workflow:
             await self._notify(self._req.notify_workflow, result)
+        if self._req.callback_url:
+            await self._deliver(self._req.callback_url, result)
         return result
+
+    async def _deliver(self, url: str, result: JobResult) -> None:
+        """POST the outcome to the job's callback URL; a failed delivery never fails the job."""
+        delivery = WebhookDelivery(
+            tenant=self._req.tenant,
+            url=url,
+            webhook_id=f"msg_{self._job_id}",  # the same on every retry: receivers dedupe on it
+            body={"type": "job.finished", "data": result.model_dump(mode="json")},
+        )
+        config = policies.WEBHOOK.copy()
+        config["summary"] = "webhook"
+        try:
+            await workflow.execute_activity_method(
+                WebhookActivities.deliver_webhook, delivery, **config
+            )
+            self._event("webhook_delivered")
+        except ActivityError as err:
+            self._event("webhook_failed", str(err.cause)[:200])
 
     async def _notify(self, workflow_id: str, result: JobResult) -> None:
         try:

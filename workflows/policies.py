@@ -79,6 +79,19 @@ RETRIEVAL = ActivityConfig(
     ),
 )
 
+WEBHOOK = ActivityConfig(
+    # A receiver that is down for a while still gets the outcome: eight attempts over about
+    # four minutes, each with the same webhook-id. The job's own outcome does not wait longer.
+    start_to_close_timeout=timedelta(seconds=15),
+    schedule_to_close_timeout=timedelta(minutes=5),
+    retry_policy=RetryPolicy(
+        initial_interval=timedelta(seconds=1),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(seconds=60),
+        maximum_attempts=8,
+    ),
+)
+
 
 def capped(
     config: ActivityConfig,

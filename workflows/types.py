@@ -129,6 +129,8 @@ class JobRequest(BaseModel):
     """How long a question waits for an answer before the default assumption is used."""
     notify_workflow: WorkflowIdStr | None = None
     """Workflow to signal with the JobResult when this job ends."""
+    callback_url: str | None = Field(default=None, max_length=2048, pattern=r"^https?://[^\s]+$")
+    """Webhook: POSTed the outcome, signed with the tenant's secret, when the job ends."""
     mode: Literal["interactive", "batch"] = "interactive"
     """Which task queue runs the job: interactive jobs never wait behind a batch backlog."""
 

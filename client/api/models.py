@@ -36,6 +36,9 @@ class JobCreate(BaseModel):
     """``batch`` jobs never run ahead of interactive ones."""
     corpus: str | None = Field(default=None, max_length=64)
     """A corpus the job may search (the tenant's own, or a shared one), by name."""
+    callback_url: str | None = Field(default=None, max_length=2048)
+    """Webhook for the outcome, on the tenant's allow-list; signed with the tenant's secret
+    (Standard Webhooks headers), the same ``webhook-id`` on every retry."""
 
     def to_request(self, tenant: str, user: str) -> JobRequest:
         """The workflow's request, with the tenant and user the caller's key acts as."""

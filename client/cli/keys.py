@@ -72,6 +72,25 @@ def create(
         typer.echo(f"key id {principal.key_id} · tenant {tenant} · {chosen}; shown once", err=True)
 
 
+@keys_app.command("webhook-secret")
+def webhook_secret(
+    tenant: Annotated[str, typer.Option(metavar="T", help="Tenant whose webhooks it signs.")],
+) -> None:
+    """Make (or rotate) a tenant's webhook signing secret and print it once."""
+    import base64
+    import secrets
+
+    from keel.activities.webhook_hosts import SECRET_KEY_PREFIX
+
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+    async def store(keys: ApiKeys) -> None:
+        await keys.redis.set(SECRET_KEY_PREFIX + tenant, secret)
+
+    _redis_call(store)
+    typer.echo(secret)
+
+
 @keys_app.command("list")
 def list_keys(
     tenant: Annotated[str | None, typer.Option(metavar="T", help="Only this tenant's.")] = None,
