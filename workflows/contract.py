@@ -18,6 +18,10 @@ from keel.workflows.types import AgentLoopInput, HumanInput, JobResult, JobStatu
 __all__ = ["AgentLoop"]
 
 
+def _not_callable() -> TypeError:
+    return TypeError("AgentLoop is a contract: call AgentLoopWorkflow through a Temporal client")
+
+
 @workflow.defn(name=WORKFLOW_TYPE)
 class AgentLoop:
     """The client's view of ``AgentLoopWorkflow``; calling its methods directly is an error."""
@@ -25,19 +29,19 @@ class AgentLoop:
     @workflow.run
     async def run(self, inp: AgentLoopInput) -> JobResult:
         """Run the job to its outcome."""
-        raise NotImplementedError("a contract: start AgentLoopWorkflow through a client")
+        raise _not_callable()
 
     @workflow.query
     def get_status(self) -> JobStatus:
         """A snapshot of the job."""
-        raise NotImplementedError("a contract: query AgentLoopWorkflow through a client")
+        raise _not_callable()
 
     @workflow.update
     def answer(self, inp: HumanInput) -> str:
         """Answer the pending question; refused when none is pending."""
-        raise NotImplementedError("a contract: update AgentLoopWorkflow through a client")
+        raise _not_callable()
 
     @workflow.signal
     def answer_signal(self, inp: HumanInput) -> None:
         """Answer the pending question without an acknowledgement."""
-        raise NotImplementedError("a contract: signal AgentLoopWorkflow through a client")
+        raise _not_callable()

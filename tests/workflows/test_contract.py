@@ -40,7 +40,7 @@ def test_the_contract_does_not_run() -> None:
 
     import pytest
 
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(TypeError, match="contract"):
         AgentLoop().get_status()
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(TypeError, match="contract"):
         asyncio.run(AgentLoop().run(None))  # type: ignore[arg-type]
