@@ -8,6 +8,7 @@ each command imports the machinery it starts when it runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -16,12 +17,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 
-if TYPE_CHECKING:  # imported where used: the dev stack is not needed by most commands
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    # imported where used: the dev stack is not needed by most commands
     from keel.workers.devstack import DevStack
 
-console = Console(stderr=True, soft_wrap=True)
+
+@functools.cache
+def _console() -> Console:
+    """The commands' console on stderr, built on first use.
+
+    Rich costs about 30 ms to import, which ``keel status`` and ``keel --help`` need not pay.
+    """
+    from rich.console import Console
+
+    return Console(stderr=True, soft_wrap=True)
+
+
+def __getattr__(name: str) -> object:
+    if name == "console":  # the module's console, for callers (and tests) that capture it
+        return _console()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 DEMO_GOAL = (
     "What is 17 * (23 + 4)? Use the calculator, use search_docs to find how Keel budgets a "
@@ -80,7 +99,7 @@ def worker(
     try:
         settings = WorkerSettings(**overrides)  # type: ignore[arg-type]
     except ValueError as err:
-        console.print(f"[red]error:[/red] {err}")
+        _console().print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
     from keel.client.errors import ConnectionFailed
 
@@ -89,10 +108,10 @@ def worker(
 
         asyncio.run(run_worker(settings))
     except ConnectionFailed as err:
-        console.print(f"[red]error:[/red] {err.message}")
+        _console().print(f"[red]error:[/red] {err.message}")
         raise typer.Exit(1) from None
     except RedisUnavailable as err:
-        console.print(f"[red]error:[/red] {err}")
+        _console().print(f"[red]error:[/red] {err}")
         raise typer.Exit(1) from None
 
 
@@ -141,7 +160,7 @@ def codec_server(
 
     configure_logging()
     origins = cors_origin or list(UI_ORIGINS)
-    console.print(f"Codec server on http://{host}:{port} for {', '.join(origins)}")
+    _console().print(f"Codec server on http://{host}:{port} for {', '.join(origins)}")
     serve_app(create_app(origins), host, port)
 
 
@@ -155,7 +174,7 @@ def api(
     from keel.workers.serving import serve_app
 
     configure_logging()
-    console.print(f"Keel API on http://{host}:{port}")
+    _console().print(f"Keel API on http://{host}:{port}")
     serve_app(create_app(), host, port, lifespan=True)
 
 
@@ -180,7 +199,7 @@ def _stack(
         api_port=api_port,
         redis_url=os.environ.get("REDIS_URL"),
         use_simulator=not os.environ.get("OPENAI_API_KEY"),
-        notify=lambda line: console.print(line, style="yellow", markup=False),
+        notify=lambda line: _console().print(line, style="yellow", markup=False),
     )
 
 
@@ -211,10 +230,10 @@ def dev(
     _start(stack)
     while not stopping:
         if (dead := stack.check()) is not None:
-            console.print(f"[red]{dead} exited; stopping[/red] (logs in {state_dir / 'logs'})")
+            _console().print(f"[red]{dead} exited; stopping[/red] (logs in {state_dir / 'logs'})")
             break
         time.sleep(0.5)
-    console.print("stopping…")
+    _console().print("stopping…")
     stack.stop()
 
 
@@ -239,18 +258,18 @@ def demo(
     stack = _stack(state_dir, *ports)
     reuse = port_open(temporal_port)
     if reuse:
-        console.print(f"Using the Temporal server already on port {temporal_port}.")
+        _console().print(f"Using the Temporal server already on port {temporal_port}.")
     else:
-        with console.status("Starting Temporal, Redis, the LLM simulator and a worker…"):
+        with _console().status("Starting Temporal, Redis, the LLM simulator and a worker…"):
             _start(stack)
     os.environ.update(stack.env())
     try:
         job_id = _submit_demo()
-        console.print(f"Job [bold]{job_id}[/bold]")
-        console.print(f"Inspect it: {stack.ui_url}/namespaces/default/workflows/{job_id}")
+        _console().print(f"Job [bold]{job_id}[/bold]")
+        _console().print(f"Inspect it: {stack.ui_url}/namespaces/default/workflows/{job_id}")
         watch(job_id)
         if stay if stay is not None else (sys.stdin.isatty() and not reuse):
-            console.print("The stack stays up for the UI; Ctrl-C stops it.")
+            _console().print("The stack stays up for the UI; Ctrl-C stops it.")
             with contextlib.suppress(KeyboardInterrupt):
                 while stack.check() is None:
                     time.sleep(0.5)
@@ -284,7 +303,7 @@ def _start(stack: DevStack) -> None:
     try:
         stack.start()
     except (RuntimeError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/red] {err}")
+        _console().print(f"[red]error:[/red] {err}")
         raise typer.Exit(1) from None
     _print_stack(stack)
 
@@ -293,24 +312,28 @@ def _print_stack(stack: DevStack) -> None:
     from keel.workers.logs import loggable_url
 
     env = stack.env()
-    console.print(f"[bold]Temporal[/bold]  grpc {stack.temporal_address}   UI {stack.ui_url}")
-    console.print(f"[bold]Redis[/bold]     {loggable_url(env['REDIS_URL'])}")
+    _console().print(f"[bold]Temporal[/bold]  grpc {stack.temporal_address}   UI {stack.ui_url}")
+    _console().print(f"[bold]Redis[/bold]     {loggable_url(env['REDIS_URL'])}")
     llm = env.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_BASE_URL", "OpenAI")
-    console.print(f"[bold]LLM[/bold]       {llm}")
-    console.print(f"[bold]Codec[/bold]     {stack.codec_url} (the UI decodes payloads with it)")
-    console.print(
+    _console().print(f"[bold]LLM[/bold]       {llm}")
+    _console().print(f"[bold]Codec[/bold]     {stack.codec_url} (the UI decodes payloads with it)")
+    _console().print(
         f"[bold]API[/bold]       {stack.api_url} (keel status and keel list read through it)"
     )
     if stack.api_key:
         saved = stack.state_dir / "dev-api-key"
-        console.print(f"[bold]API key[/bold]   {stack.api_key} (development, operator; in {saved})")
-        console.print(
+        _console().print(
+            f"[bold]API key[/bold]   {stack.api_key} (development, operator; in {saved})"
+        )
+        _console().print(
             f"  curl -H 'Authorization: Bearer {stack.api_key}' {stack.api_url}/v1/jobs",
             markup=False,
         )
     # A REDIS_URL of the caller's own is already in their environment and may hold a password.
     exports = {k: v for k, v in env.items() if k != "REDIS_URL" or stack.redis_url is None}
-    console.print("In another shell: " + "; ".join(f"export {k}={v}" for k, v in exports.items()))
+    _console().print(
+        "In another shell: " + "; ".join(f"export {k}={v}" for k, v in exports.items())
+    )
 
 
 COMMANDS: list[tuple[str, Any]] = [

@@ -54,20 +54,23 @@ def run(main: Callable[[], Awaitable[T]]) -> T:
 
 def guard(main: Callable[[], T]) -> T:
     """Call ``main``; the only place errors become messages and exit codes."""
-    from pydantic import ValidationError
-
     from keel.client.errors import AgentJobError, InvalidJobRequest
 
     try:
         return main()
     except InvalidJobRequest as err:
         failure = (err.message, EXIT_INVALID)
-    except ValidationError as err:
-        failure = (InvalidJobRequest.from_validation_error(err).message, EXIT_INVALID)
     except AgentJobError as err:
         failure = (err.message, EXIT_FAILED)
     except KeyboardInterrupt:
         failure = ("interrupted", 130)
+    except Exception as err:
+        # A pydantic ValidationError is the caller's input. pydantic is not imported for it:
+        # a command that never loaded pydantic (the API fast path) cannot raise one.
+        pydantic = sys.modules.get("pydantic")
+        if pydantic is None or not isinstance(err, pydantic.ValidationError):
+            raise
+        failure = (InvalidJobRequest.from_validation_error(err).message, EXIT_INVALID)
     # Exit outside the except blocks: an exception chained to the exit would keep the command's
     # frames, and with them the Temporal client, alive until interpreter shutdown, where
     # dropping the SDK's native client can abort the process.

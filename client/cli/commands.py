@@ -145,10 +145,15 @@ def status(job_id: JobArg, as_json: JsonOpt = False) -> None:
         from urllib.parse import quote
 
         from keel.client.cli._http import get_json
-        from keel.workflows.types import JobStatus
 
         path = f"/v1/jobs/{quote(job_id, safe='')}"
-        snap = guard(lambda: JobStatus.model_validate(get_json(api, path)))
+        found = guard(lambda: get_json(api, path))
+        if as_json:  # the API's document is the status: no need to load the models to print it
+            emit_json(found)
+            return
+        from keel.workflows.types import JobStatus
+
+        snap = JobStatus.model_validate(found)
     else:
 
         async def main() -> JobStatus:
@@ -269,12 +274,16 @@ def list_jobs(
 ) -> None:
     """List recent jobs from Temporal visibility."""
     if api := api_url():
-        from keel.client._summary import JobSummary
         from keel.client.cli._http import get_json
 
         params = {"tenant": tenant, "state": state}
-        found = guard(lambda: get_json(api, "/v1/jobs", params))
-        rows = [JobSummary.model_validate(row) for row in found]
+        listed = guard(lambda: get_json(api, "/v1/jobs", params))
+        if as_json:
+            emit_json(listed)
+            return
+        from keel.client._summary import JobSummary
+
+        rows = [JobSummary.model_validate(row) for row in listed]
     else:
 
         async def main() -> list[JobSummary]:
