@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime, timedelta
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
-__all__ = ["DayUsage", "QuotaExceeded", "UsageLedger"]
+__all__ = ["DayUsage", "QuotaExceeded", "UsageLedger", "today"]
 
 RETENTION = timedelta(days=40)
 """How long a day's usage is kept: a month of history for ``GET /v1/usage``."""

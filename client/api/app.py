@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from temporalio.client import Client
 
-from keel.activities.usage import DayUsage, QuotaExceeded, UsageLedger
+from keel.activities.usage import DayUsage, QuotaExceeded, UsageLedger, today
 from keel.client._summary import JobSummary
 from keel.client._validation import validate_request_key
 from keel.client.api.keys import ApiKeys, Principal
@@ -285,7 +285,9 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one short function pe
     ) -> list[DayUsage]:
         """The tenant's cost, tokens, model calls and jobs per UTC day, today first."""
         if tenant is not None and tenant != caller.tenant and caller.role != "operator":
-            return [DayUsage(day=d.day) for d in await app.state.usage.days(caller.tenant, days)]
+            # Another tenant's usage is not there for a member: empty days, nothing read.
+            first = today()
+            return [DayUsage(day=first - timedelta(days=back)) for back in range(days)]
         ledger: UsageLedger = app.state.usage
         return await ledger.days(tenant or caller.tenant, days)
 

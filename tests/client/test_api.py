@@ -160,6 +160,8 @@ async def test_daily_job_quota_is_a_429_naming_the_quota(
     assert int(third.headers["Retry-After"]) > 0
     usage = await api.get("/v1/usage", headers=bearer(key), params={"days": 2})
     assert usage.status_code == 200 and usage.json()[0]["jobs"] == 2 and len(usage.json()) == 2
+    foreign = await api.get("/v1/usage", headers=bearer(key), params={"tenant": "other"})
+    assert [day["jobs"] for day in foreign.json()] == [0] * 7
     for job in (first, second):
         await api.post(f"/v1/jobs/{job.json()['job_id']}/cancel", headers=bearer(key))
 
