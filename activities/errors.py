@@ -60,6 +60,12 @@ REF_NOT_OWNED = "StoredOutputNotOwned"
 """A stored-output ref that is not one of the calling job's own blobs (issue 13): only a crafted
 input carries one, and no retry makes it the job's."""
 
+LIMIT_WAIT_EXCEEDED = "LimitWaitExceeded"
+"""A model's or tool's fleet-wide limit would hold the call past LIMIT_WAIT_SECONDS: retryable,
+with the wait the limiter named as the next retry delay."""
+JOB_SLOT_UNAVAILABLE = "JobSlotUnavailable"
+"""No running-job slot of the tenant or user freed within JOB_SLOT_MAX_WAIT (non-retryable)."""
+
 BUDGET_EXHAUSTED = "BudgetExhausted"
 """An LLM call could not be paid for from the dollars the job has left (non-retryable)."""
 
@@ -195,6 +201,14 @@ def from_openai(err: openai.OpenAIError, secrets: Iterable[str] = ()) -> Applica
     if isinstance(err, openai.APIConnectionError):
         return ApplicationError(
             f"cannot reach the model endpoint: {redact(str(err), secrets)}", type=LLM_TRANSIENT
+        )
+    if isinstance(err, openai.APIError):
+        # The endpoint took the request and then failed it in the body: an error event in
+        # place of the rest of a streamed reply, or a reply of the wrong shape. The request
+        # itself was accepted, so another attempt can succeed.
+        return ApplicationError(
+            f"the model endpoint failed mid-reply: {redact(err.message, secrets)}"[:500],
+            type=LLM_TRANSIENT,
         )
     return ApplicationError(
         f"{type(err).__name__}: {redact(str(err), secrets)}"[:500],

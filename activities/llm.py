@@ -9,21 +9,26 @@ on, never raised, so a bad answer costs one visible budgeted step, not an activi
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import AsyncIterable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 from opentelemetry import trace
 from pydantic import BaseModel, Field, ValidationError
+from pydantic_core import from_json
 from redis.exceptions import RedisError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from keel.activities import errors
 from keel.activities._heartbeat import heartbeating
+from keel.activities.answer_tokens import AnswerTokens, DraftTokens
 from keel.activities.catalog import json_schema
 from keel.activities.errors import BUDGET_EXHAUSTED, classifying_openai_errors
+from keel.activities.gateway_limits import GatewayLimits
 from keel.activities.store import KeelStore
 from keel.activities.types import (
     CHARS_PER_TOKEN,
@@ -122,12 +127,18 @@ class LLMActivities:
         tool_specs: Callable[[Sequence[str]], list[dict[str, Any]]],
         store: KeelStore | None = None,
         usage: UsageLedger | None = None,
+        tokens: AnswerTokens | None = None,
+        limits: GatewayLimits | None = None,
     ) -> None:
         self._client = client
         self._config = config
         self._tool_specs = tool_specs
         self._store = store
         self._usage = usage
+        self._tokens = tokens
+        """Where ``draft_answer`` streams its text (issue 13); None: it does not stream."""
+        self._limits = limits or GatewayLimits(None)
+        """The model gateway's fleet-wide limits (issue 13); None: calls are not limited."""
 
     @activity.defn(name="plan_step")
     async def plan_step(self, inp: PlanInput) -> PlanResult:
@@ -147,16 +158,32 @@ class LLMActivities:
 
     @activity.defn(name="draft_answer")
     async def draft_answer(self, inp: AnswerInput) -> AnswerResult:
-        """Write a draft answer from the observations."""
+        """Write a draft answer from the observations.
+
+        With ``AnswerTokens`` the reply is streamed and the answer's text published to the job's
+        token stream as it arrives (``activities/answer_tokens.py``); only the result below
+        enters history, and it is the same whether the call streamed or not.
+        """
         context = await self._context(inp) | {"critique": inp.critique}
+        info = activity.info()
+        draft = (
+            self._tokens.draft(info.workflow_id, iteration=inp.iteration, attempt=info.attempt)
+            if self._tokens is not None
+            and info.workflow_id
+            and await self._tokens.wanted(info.workflow_id)
+            else None
+        )
         text, usage, reason = await self._complete(
-            inp, "answerer", ANSWER_PROMPT, context, "keel_answer", None
+            inp, "answerer", ANSWER_PROMPT, context, "keel_answer", None, draft=draft
         )
         try:
             answer = str(json.loads(text)["answer"])
         except (ValueError, KeyError, TypeError):
             answer = text.strip()  # A plain-text answer is still an answer; the verifier judges it.
-        return AnswerResult(answer=answer or f"(no answer: {reason})", usage=usage)
+        answer = answer or f"(no answer: {reason})"
+        if draft is not None:
+            await draft.finish(_rest_of(answer, draft.fed))
+        return AnswerResult(answer=answer, usage=usage)
 
     @activity.defn(name="verify_draft")
     async def verify_draft(self, inp: VerifyInput) -> VerifyResult:
@@ -208,8 +235,12 @@ class LLMActivities:
         context: dict[str, Any],
         schema_name: str,
         schema: type[BaseModel] | None,
+        *,
+        draft: DraftTokens | None = None,
     ) -> tuple[str, Usage, str | None]:
         """One chat completion; returns the text, its usage, and why it is unusable if it is.
+
+        With ``draft`` the completion is streamed (``_stream``) and the answer's text fed to it.
 
         Raises:
             ApplicationError: ``BUDGET_EXHAUSTED`` (non-retryable) when ``max_cost_usd`` cannot
@@ -240,7 +271,13 @@ class LLMActivities:
             with _tracer.start_as_current_span(f"chat {model}") as span:
                 # OpenTelemetry GenAI semantic conventions; a no-op without a tracer provider.
                 span.set_attributes(_genai_request(body))
-                response = await self._post(body)
+                # The fleet's limits for this model: in-flight calls, requests and tokens per
+                # minute (activities/limits.py); waiting for them heartbeats and never raises.
+                async with self._limits.model(model, body) as gate:
+                    response = await (
+                        self._post(body) if draft is None else self._stream(body, draft)
+                    )
+                    gate.settle(response.usage)
                 usage = _usage(self._config.price(model), response.usage)
                 if self._usage is not None:
                     await _charge_tenant(self._usage, inp.tenant, usage)
@@ -289,6 +326,56 @@ class LLMActivities:
                 f"malformed chat completion: {err.error_count()} error(s)",
                 type=errors.LLM_TRANSIENT,
             ) from None
+
+    async def _stream(self, body: dict[str, Any], draft: DraftTokens) -> _Completion:
+        """Stream one chat completion, feeding the answer's new text to ``draft`` as it comes.
+
+        Returns the completion ``_post`` would have: the same text, finish reason and usage (or,
+        from an endpoint that sends none, a conservative estimate of it). On any failure the
+        draft is dropped unfinished: the retried attempt streams its own.
+
+        Raises:
+            ApplicationError: Classified as ``_post``'s failures are. A stream that breaks off
+                (``errors.from_openai``), ends before its finish reason, sends a chunk that is
+                not one, or outlasts the request timeout is a retryable ``LLM_TRANSIENT``.
+        """
+        import openai  # Deferred: only the worker, which built the client, streams.
+
+        body = body | {"stream": True, "stream_options": {"include_usage": True}}
+        timeout = self._config.request_timeout_seconds
+        try:
+            # The client's timeout bounds each read; this bounds the whole stream, so an
+            # endpoint that trickles tokens still ends in a classified timeout well before
+            # LLM_CALL's start-to-close timeout kills the attempt.
+            async with heartbeating(), asyncio.timeout(timeout):
+                with classifying_openai_errors(secrets=(self._client.api_key,)):
+                    stream = await self._client.post(
+                        "/chat/completions",
+                        body=body,
+                        cast_to=object,
+                        stream=True,
+                        stream_cls=openai.AsyncStream[object],
+                        options={"timeout": timeout},
+                    )
+                    async with stream:
+                        return await _collect(stream, draft, _prompt_chars(body))
+        except BaseException as failure:
+            await draft.abort()
+            if isinstance(failure, TimeoutError):
+                failure = ApplicationError(
+                    f"model stream did not finish within {timeout:g} s", type=errors.LLM_TRANSIENT
+                )
+            elif isinstance(failure, ValidationError):
+                failure = ApplicationError(
+                    f"malformed chat completion chunk: {failure.error_count()} error(s)",
+                    type=errors.LLM_TRANSIENT,
+                )
+            if isinstance(failure, ApplicationError):
+                log.warning(
+                    "llm.failed", error_type=failure.type, retryable=not failure.non_retryable
+                )
+                raise failure from None
+            raise
 
     def _affordable(self, inp: LLMCallBase, model: str, prompt_chars: int) -> int:
         """Completion tokens this call may use: the workflow's cap, the worker's, and the money.
@@ -342,6 +429,90 @@ class _Completion(BaseModel):
 
     choices: list[_Choice] = Field(default_factory=list)
     usage: _TokenUsage | None = None
+
+
+class _Delta(BaseModel):
+    content: str | None = None
+
+
+class _ChunkChoice(BaseModel):
+    delta: _Delta = Field(default_factory=_Delta)
+    finish_reason: str | None = None
+
+
+class _Chunk(BaseModel):
+    """The fields of a ``chat.completion.chunk`` this module reads; the rest is ignored."""
+
+    choices: list[_ChunkChoice] = Field(default_factory=list)
+    usage: _TokenUsage | None = None
+
+
+async def _collect(
+    stream: AsyncIterable[object], draft: DraftTokens, prompt_chars: int
+) -> _Completion:
+    """Read a streamed completion to its end, feeding ``draft`` the answer's new text.
+
+    Raises:
+        ApplicationError: ``LLM_TRANSIENT`` when the stream ends before its finish reason.
+        ValidationError: A chunk is not one.
+    """
+    raw, finish, usage = "", None, None
+    async for item in stream:
+        chunk = _Chunk.model_validate(item)
+        usage = chunk.usage or usage
+        for choice in chunk.choices[:1]:
+            finish = choice.finish_reason or finish
+            if choice.delta.content:
+                raw += choice.delta.content
+                so_far = _answer_so_far(raw)
+                if so_far is not None and so_far.startswith(draft.fed):
+                    draft.feed(so_far[len(draft.fed) :])
+    if finish is None:
+        raise ApplicationError(
+            "model stream ended before the reply was complete", type=errors.LLM_TRANSIENT
+        )
+    if usage is None:
+        # An endpoint that ignores ``include_usage``: count the way ``_affordable`` prices a
+        # prompt, high rather than low, so budgets and quotas are never undercharged.
+        log.info("llm.usage_estimated")
+        usage = _TokenUsage(
+            prompt_tokens=prompt_chars // CHARS_PER_TOKEN + SCHEMA_ALLOWANCE_TOKENS,
+            completion_tokens=math.ceil(len(raw) / CHARS_PER_TOKEN),
+        )
+    whole = _Choice(message=_Message(content=raw), finish_reason=finish)
+    return _Completion(choices=[whole], usage=usage)
+
+
+def _answer_so_far(raw: str) -> str | None:
+    """The decoded ``answer`` of the partial JSON ``{"answer": "...`` streamed so far, if any.
+
+    Partial parsing keeps only whole characters (an escape cut in half waits for its end), so
+    each result extends the one before it.
+    """
+    try:
+        value = from_json(raw, allow_partial="trailing-strings")
+    except ValueError:
+        return None
+    answer = value.get("answer") if isinstance(value, dict) else None
+    return answer if isinstance(answer, str) else None
+
+
+def _rest_of(answer: str, streamed: str) -> str:
+    """What the token stream still lacks of ``answer`` once ``streamed`` has been sent.
+
+    The answer is read from the whole reply as the non-streaming path reads it, so it extends
+    what was streamed unless the reply as a whole was not the JSON its start looked like (cut
+    at max_tokens, or trailing text); then readers keep the streamed text and the job's result
+    carries the answer.
+    """
+    if answer.startswith(streamed):
+        return answer[len(streamed) :]
+    log.warning("answer_tokens.diverged", streamed_chars=len(streamed), answer_chars=len(answer))
+    return ""
+
+
+def _prompt_chars(body: dict[str, Any]) -> int:
+    return sum(len(str(m.get("content") or "")) for m in body["messages"])
 
 
 _ANSWER_SCHEMA: dict[str, Any] = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -34,6 +35,11 @@ LLM_REQUEST_TIMEOUT_SECONDS = 50.0
 """Longest the openai client waits for one model request. ``LLM_CALL``'s start-to-close timeout
 is derived from it (``workflows/policies.py``), so a slow model ends in a classified timeout the
 activity reports, never in Temporal killing the attempt mid-request."""
+
+LIMIT_WAIT_SECONDS = 60.0
+"""Longest one attempt of a model or tool call waits at its gateway's limits (in-flight leases,
+requests and tokens per minute) before the call starts. ``LLM_CALL`` and ``TOOL_CALL`` add it to
+their attempt timeouts, so waiting for a limit never times an attempt out."""
 
 NO_HITS = "no matching documents"
 """What a search that found nothing reads as, to the model and in a tool's result."""
@@ -332,3 +338,40 @@ class RetrievalResult(BaseModel):
 
     hits: list[RetrievalHit] = Field(default_factory=list)
     attempt: int = 1
+
+
+class SlotRequest(BaseModel):
+    """Input of ``acquire_job_slot``: a job asks for a place among its tenant's running jobs.
+
+    The job is the calling workflow (its ID is the lease's name), so a job can only ever take
+    or give back its own slot.
+    """
+
+    tenant: str
+    user: str
+    lease_seconds: float = Field(gt=0)
+    """How long the slot is held if the job never gives it back (a terminated workflow)."""
+    wait_until: datetime | None = None
+    """Wait in line (first in, first out) until this time; None: answer at once, and take a
+    place in line when no slot is free."""
+
+
+class SlotGrant(BaseModel):
+    """Output of ``acquire_job_slot``."""
+
+    granted: bool
+    blocked_by: Literal["tenant", "user"] | None = None
+    """The limit that is full when ``granted`` is False."""
+    limit: int = 0
+    """Running jobs that limit allows."""
+    ahead: int = 0
+    """Jobs in line before this one."""
+    degraded: bool = False
+    """Granted without a check because the limit store could not be reached."""
+
+
+class SlotRelease(BaseModel):
+    """Input of ``release_job_slot``: the calling job gives its slot back (idempotent)."""
+
+    tenant: str
+    user: str

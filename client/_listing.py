@@ -8,9 +8,11 @@ visibility-query syntax.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import cast, get_args
 
 from temporalio.client import Client, WorkflowExecution
+from temporalio.service import RPCError, RPCStatusCode
 
 from keel.client._summary import JobSummary
 from keel.client.errors import InvalidJobRequest
@@ -25,13 +27,15 @@ from keel.workflows.search_attributes import (
 )
 from keel.workflows.types import IDENT_RE, JobState
 
-__all__ = ["JobSummary", "job_state", "list_query", "list_summaries"]
+__all__ = ["JobSummary", "job_state", "list_page", "list_query", "list_summaries"]
 
 _JOB_STATES: frozenset[str] = frozenset(get_args(JobState))
 
 
-def list_query(*, tenant: str | None = None, state: str | None = None) -> str:
-    """Build the visibility query that selects Keel jobs, optionally by tenant and state.
+def list_query(
+    *, tenant: str | None = None, state: str | None = None, since: datetime | None = None
+) -> str:
+    """Build the visibility query that selects Keel jobs, optionally by tenant, state and start.
 
     Both values are checked against closed vocabularies before they are put into the query
     string, so no caller can inject visibility-query syntax.
@@ -39,6 +43,8 @@ def list_query(*, tenant: str | None = None, state: str | None = None) -> str:
     Args:
         tenant: Only this tenant's jobs; must be an identifier (``IDENT_RE``).
         state: Only jobs in this ``JobState``.
+        since: Only jobs started at or after this time (a naive time is taken as UTC); it
+            enters the query as a formatted timestamp, never as the caller's text.
 
     Returns:
         A query such as ``WorkflowType = 'AgentLoopWorkflow' AND KeelTenant = 'acme'``.
@@ -59,6 +65,14 @@ def list_query(*, tenant: str | None = None, state: str | None = None) -> str:
                 "state", f"unknown state {state!r}; one of: {', '.join(get_args(JobState))}"
             )
         clauses.append(f"{KEEL_STATE.name} = '{state}'")
+    if since is not None:
+        moment = since if since.tzinfo is not None else since.replace(tzinfo=UTC)
+        try:
+            utc = moment.astimezone(UTC)
+        except OverflowError:  # the offset moves it past year 1 or 9999
+            raise InvalidJobRequest("since", "out of range") from None
+        # isoformat pads the year to four digits (strftime's %Y does not on every platform).
+        clauses.append(f"StartTime >= '{utc.replace(tzinfo=None).isoformat('T', 'microseconds')}Z'")
     return " AND ".join(clauses)
 
 
@@ -85,6 +99,48 @@ async def list_summaries(
         raise InvalidJobRequest("limit", "must be at least 1")
     query = list_query(tenant=tenant, state=state)
     return [_summarise(execution) async for execution in client.list_workflows(query, limit=limit)]
+
+
+async def list_page(
+    client: Client,
+    *,
+    tenant: str | None = None,
+    state: str | None = None,
+    since: datetime | None = None,
+    limit: int = 50,
+    page_token: bytes | None = None,
+) -> tuple[list[JobSummary], bytes | None]:
+    """One page of jobs from Temporal visibility, most recent first, and the next page's token.
+
+    Args:
+        client: A connected Temporal client.
+        tenant: Only this tenant's jobs.
+        state: Only jobs whose ``KeelState`` is this job state.
+        since: Only jobs started at or after this time.
+        limit: At most this many rows.
+        page_token: Where to continue: the token a previous page of the same listing returned.
+
+    Returns:
+        The rows, and the token of the next page (None when the listing is done; a token may
+        still lead to an empty last page, as Temporal cannot always tell in advance).
+
+    Raises:
+        InvalidJobRequest: If a filter or ``limit`` is malformed, or (``field="cursor"``) the
+            server refused ``page_token``.
+        RPCError: If the server refused the listing otherwise (the façade maps it).
+    """
+    if limit < 1:
+        raise InvalidJobRequest("limit", "must be at least 1")
+    query = list_query(tenant=tenant, state=state, since=since)
+    pages = client.list_workflows(query, page_size=limit, next_page_token=page_token)
+    try:
+        await pages.fetch_next_page()
+    except RPCError as err:
+        if page_token is not None and err.status == RPCStatusCode.INVALID_ARGUMENT:
+            raise InvalidJobRequest("cursor", "not a cursor this listing returned") from None
+        raise
+    rows = [_summarise(execution) for execution in pages.current_page or ()]
+    return rows, pages.next_page_token
 
 
 def job_state(value: str | None) -> JobState | None:

@@ -21,6 +21,7 @@ from temporalio.common import (
 )
 
 from keel.workflows.budget_text import budget_text
+from keel.workflows.policies import JOB_SLOT_MAX_WAIT
 from keel.workflows.search_attributes import KEEL_MODE, KEEL_STATE, KEEL_TENANT, KEEL_USER
 from keel.workflows.types import JobRequest
 
@@ -66,8 +67,13 @@ def start_options(req: JobRequest, fairness_weight: float | None = None) -> Star
         Options to splat into ``start_workflow``.
     """
     budget = req.budget
+    # A job's budgets start once it holds a running-job slot, after at most JOB_SLOT_MAX_WAIT
+    # in line (workflows/_slots.py).
     backstop = (
-        budget.max_seconds + budget.max_questions * req.ask_timeout_seconds + BACKSTOP_SLACK_SECONDS
+        budget.max_seconds
+        + budget.max_questions * req.ask_timeout_seconds
+        + JOB_SLOT_MAX_WAIT.total_seconds()
+        + BACKSTOP_SLACK_SECONDS
     )
     return StartOptions(
         # A retried request with the same key joins the running job; once it has closed, the

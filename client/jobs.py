@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator, Mapping
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
 from temporalio.client import (
@@ -42,7 +42,7 @@ from keel.client._error_mapping import (
     rpc_error,
 )
 from keel.client._execution_state import describe_closed_state, wait_closed
-from keel.client._listing import JobSummary, list_summaries
+from keel.client._listing import JobSummary, list_page, list_summaries
 from keel.client._starting import start_options
 from keel.client._validation import human_input, validate_request, validate_request_key
 from keel.client.errors import (
@@ -65,6 +65,11 @@ from keel.workflows.types import (
     job_id_for,
     tenant_of,
 )
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from keel.client._events import EventCursor, JobStreamEvent
 
 __all__ = ["AgentJobs"]
 
@@ -272,6 +277,56 @@ class AgentJobs:
         except RPCError as err:
             raise self._rpc_error(err, job_id, "result") from None
 
+    async def final_result(self, job_id: str, *, timeout: float | None = None) -> JobResult:
+        """How the job ended, a failed job's result included (it carries its error).
+
+        Raises:
+            JobFailed: If the job failed without a result (failed before it ran).
+            JobTimeout: If ``timeout`` passed first; the job keeps running.
+            JobNotFound: If no job has this ID.
+        """
+        try:
+            return await self.result(job_id, timeout=timeout)
+        except JobFailed as failed:
+            if failed.result is None:
+                raise
+            return failed.result
+
+    async def events(
+        self,
+        job_id: str,
+        *,
+        after: EventCursor | None = None,
+        tokens: aioredis.Redis | None = None,
+    ) -> AsyncIterator[JobStreamEvent]:
+        """The job's event stream: progress, answer tokens, then its result.
+
+        Checks the job first, so a missing or foreign job fails here, not mid-stream.
+
+        Args:
+            job_id: The job to follow.
+            after: Resume after this cursor (the ``id`` of the last event seen).
+            tokens: Redis holding the answer tokens (the workers' ``REDIS_URL``); without
+                it the stream carries progress and the result only.
+
+        Returns:
+            An iterator of events that ends after the ``end`` event.
+
+        Raises:
+            JobNotFound: If no job has this ID, or it is another tenant's.
+        """
+        from keel.client._events import EventCursor, job_events
+
+        self._own(job_id)
+        await self._closed_state(job_id)  # NOT_FOUND becomes JobNotFound
+        return job_events(
+            self._client,
+            job_id,
+            after or EventCursor(),
+            tokens,
+            lambda: self.final_result(job_id),
+        )
+
     async def wait_terminal(self, job_id: str, *, poll: float = 0.5) -> AsyncIterator[JobStatus]:
         """Yield status snapshots until the job reaches a terminal state.
 
@@ -334,6 +389,46 @@ class AgentJobs:
             tenant = self.tenant
         try:
             return await list_summaries(self._client, tenant=tenant, state=state, limit=limit)
+        except RPCError as err:
+            raise self._rpc_error(err, None, "list") from None
+
+    async def list_page(
+        self,
+        *,
+        tenant: str | None = None,
+        state: str | None = None,
+        since: datetime | None = None,
+        limit: int = 50,
+        page_token: bytes | None = None,
+    ) -> tuple[list[JobSummary], bytes | None]:
+        """One page of jobs from Temporal visibility, most recent first, and the next token.
+
+        Args:
+            tenant: Only this tenant's jobs.
+            state: Only jobs whose ``KeelState`` is this job state.
+            since: Only jobs started at or after this time (naive: UTC).
+            limit: At most this many rows.
+            page_token: The token the previous page returned, to continue the listing.
+
+        Returns:
+            The rows and the next page's token (None when there is no next page).
+
+        Raises:
+            InvalidJobRequest: If a filter, ``limit`` or ``page_token`` is malformed.
+        """
+        if self.tenant is not None:
+            if tenant not in (None, self.tenant):
+                return [], None  # another tenant's jobs are not there, as far as this caller knows
+            tenant = self.tenant
+        try:
+            return await list_page(
+                self._client,
+                tenant=tenant,
+                state=state,
+                since=since,
+                limit=limit,
+                page_token=page_token,
+            )
         except RPCError as err:
             raise self._rpc_error(err, None, "list") from None
 

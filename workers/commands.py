@@ -120,6 +120,9 @@ def sim_llm(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     latency_ms: Annotated[float, typer.Option(min=0)] = 0.0,
     latency_jitter_ms: Annotated[float, typer.Option(min=0)] = 0.0,
+    token_delay_ms: Annotated[
+        float, typer.Option(min=0, help="Delay before each piece of a streamed reply.")
+    ] = 0.0,
     fault_rate: Annotated[float, typer.Option(min=0, max=1)] = 0.0,
     fault_kinds: Annotated[
         str, typer.Option(help="Comma list: 500,503,429,timeout,malformed")
@@ -137,6 +140,7 @@ def sim_llm(
     config = SimConfig(
         latency_ms=latency_ms,
         latency_jitter_ms=latency_jitter_ms,
+        token_delay_ms=token_delay_ms,
         fault_rate=fault_rate,
         fault_kinds=[k.strip() for k in fault_kinds.split(",") if k.strip()],  # type: ignore[misc]
         fail_first_verify=fail_first_verify,
@@ -164,18 +168,79 @@ def codec_server(
     serve_app(create_app(origins), host, port)
 
 
+API_QUEUE_ENV = "KEEL_API_TASK_QUEUE"
+"""Set by ``keel api --task-queue`` for its processes: the queue every job is pinned to."""
+
+
+def api_app() -> Any:
+    """The HTTP API app of one ``keel api`` process (uvicorn's factory under ``--workers``)."""
+    from keel.client.api import create_app
+    from keel.workers.logs import configure_logging
+
+    configure_logging()
+    return create_app(task_queue=os.environ.get(API_QUEUE_ENV) or None)
+
+
 def api(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8235,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="API processes sharing the port (rate limits stay exact across them).",
+        ),
+    ] = 1,
+    task_queue: Annotated[
+        str | None,
+        typer.Option(help="Pin every job to this queue; by default each job's mode picks."),
+    ] = None,
 ) -> None:
     """Serve Keel's HTTP API (API keys per tenant: keel keys create)."""
-    from keel.client.api import create_app
-    from keel.workers.logs import configure_logging
-    from keel.workers.serving import serve_app
+    if task_queue:
+        os.environ[API_QUEUE_ENV] = task_queue
+    plural = f" ({workers} processes)" if workers > 1 else ""
+    _console().print(f"Keel API on http://{host}:{port}{plural}")
+    if workers == 1:
+        from keel.workers.serving import serve_app
 
-    configure_logging()
-    _console().print(f"Keel API on http://{host}:{port}")
-    serve_app(create_app(), host, port, lifespan=True)
+        serve_app(api_app(), host, port, lifespan=True)
+        return
+    _serve_api_processes(host, port, workers)
+
+
+def _serve_api_processes(host: str, port: int, workers: int) -> None:
+    """Run ``workers`` API processes on one port (uvicorn's supervisor) until signalled.
+
+    Each process keeps its own Temporal and Redis clients; rate limits and quotas live in
+    Redis, so they hold exactly across them. Their Prometheus metrics are shared through a
+    fresh directory (prometheus_client's multiprocess mode), so any process's ``/metrics``
+    reports the sum; a ``PROMETHEUS_MULTIPROC_DIR`` set by the caller is used as it is, and
+    the caller then empties it between runs.
+    """
+    import tempfile
+
+    import uvicorn
+
+    from keel.client.api.metrics import MULTIPROC_ENV
+
+    with contextlib.ExitStack() as stack:
+        if not os.environ.get(MULTIPROC_ENV):
+            metrics_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="keel-api-"))
+            os.environ[MULTIPROC_ENV] = metrics_dir
+        uvicorn.run(
+            "keel.workers.commands:api_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            lifespan="on",
+            http="httptools",  # C parser: a third less CPU per request than h11
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=2,
+        )
 
 
 def _stack(

@@ -16,9 +16,12 @@ import redis.asyncio as aioredis
 from temporalio.worker import Interceptor
 
 from keel.activities._backoff import JitteredBackoff
+from keel.activities.answer_tokens import AnswerTokens
 from keel.activities.corpora import Corpora
+from keel.activities.gateway_limits import GatewayLimits
 from keel.activities.llm import LLMActivities, LLMConfig
 from keel.activities.retrieval import RetrievalActivities, Retriever
+from keel.activities.slots import JobSlotActivities, JobSlots
 from keel.activities.store import KeelStore
 from keel.activities.tools import ToolActivities, ToolRegistry
 from keel.activities.usage import UsageLedger
@@ -46,9 +49,18 @@ class Deps:
     webhooks: WebhookActivities | None = None
     """Delivers jobs' outcomes to their callback URLs."""
     webhook_http: httpx.AsyncClient | None = None
+    gateway: GatewayLimits | None = None
+    """The model and tool gateways' fleet-wide limits (in flight, per minute); None: none."""
+    slots: JobSlots | None = None
+    """Running-job slots per tenant and user; None: every job runs at once."""
+    answer_tokens: AnswerTokens | None = None
+    """Where ``draft_answer`` streams answer tokens (a Redis stream per job); None: no streaming."""
 
     async def aclose(self) -> None:
         """Close the network clients."""
+        limit_stores = {id(s.redis): s.redis for s in (self.gateway, self.slots) if s and s.redis}
+        for limit_store in limit_stores.values():
+            await limit_store.aclose()
         await self.tools.aclose()
         await self.llm.close()
         await self.store.aclose()
@@ -56,6 +68,10 @@ class Deps:
             await self.webhook_http.aclose()
         if self.usage is not None:
             await self.usage.redis.aclose()
+        if self.answer_tokens is not None and (
+            self.usage is None or self.answer_tokens.redis is not self.usage.redis
+        ):
+            await self.answer_tokens.redis.aclose()
 
 
 def build_deps(
@@ -93,6 +109,9 @@ def build_deps(
         http_client=openai.DefaultAioHttpClient(),
     )
     redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
+    # Limits have their own client with short timeouts: a slow limit store degrades open in
+    # about a second instead of holding every call for five.
+    limits = aioredis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
     # Webhooks go only where the allow-list says: no environment proxy, no redirects.
     webhook_http = httpx.AsyncClient(trust_env=False, follow_redirects=False)
     webhooks = WebhookActivities(redis, webhook_http, webhook_hosts or WebhookHosts())
@@ -105,6 +124,9 @@ def build_deps(
         usage=UsageLedger(redis),
         webhooks=webhooks,
         webhook_http=webhook_http,
+        answer_tokens=AnswerTokens(redis, only_when_watched=True),
+        gateway=GatewayLimits(limits),
+        slots=JobSlots(limits),
     )
 
 
@@ -134,12 +156,23 @@ def deps_from_settings(
 
 def build_activities(deps: Deps) -> list[Callable[..., Any]]:
     """Every activity a Keel worker registers."""
-    llm = LLMActivities(deps.llm, deps.llm_config, deps.tools.specs, deps.store, deps.usage)
-    tools = ToolActivities(deps.tools, deps.store)
+    llm = LLMActivities(
+        deps.llm,
+        deps.llm_config,
+        deps.tools.specs,
+        deps.store,
+        deps.usage,
+        deps.answer_tokens,
+        limits=deps.gateway,
+    )
+    tools = ToolActivities(deps.tools, deps.store, deps.gateway)
+    slots = JobSlotActivities(deps.slots)
     retrieval = RetrievalActivities(deps.retriever)
     webhooks = [deps.webhooks.deliver_webhook] if deps.webhooks is not None else []
     return [
         *webhooks,
+        slots.acquire_job_slot,
+        slots.release_job_slot,
         llm.plan_step,
         llm.draft_answer,
         llm.verify_draft,

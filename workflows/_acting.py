@@ -80,8 +80,11 @@ class StepRunner:
 
     async def _run_step(self, step: PlanStep) -> Observation:
         if step.kind == "retrieve":
-            return await self._retrieve(step)
-        return await self._tool(step)
+            obs = await self._retrieve(step)
+        else:
+            obs = await self._tool(step)
+        self._event("step", f"{obs.name} {step.id[:40]}: {'ok' if obs.ok else obs.error_type}")
+        return obs
 
     async def _retrieve(self, step: PlanStep) -> Observation:
         base = Observation(step_id=step.id, kind="retrieve", name="retrieve", ok=False)

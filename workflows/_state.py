@@ -99,6 +99,8 @@ def carried_state_problem(state: LoopState, req: JobRequest, job_id: str, now: d
         return f"started_at {started} is not a time-zone-aware time in the past"
     if c.waited_seconds > (now - started).total_seconds() + WAIT_SLACK_SECONDS:
         return "counters.waited_seconds is longer than the job has run"
+    if not 0 <= len(state.progress) <= state.progress_next:
+        return "progress_next is before the progress events carried"
     for obs in state.observations:
         if obs.ref is not None and not ref_belongs_to(obs.ref, job_id, req.tenant):
             return f"observation {obs.step_id[:64]!r} refers to stored output of another job"

@@ -29,6 +29,8 @@ with workflow.unsafe.imports_passed_through():
     from keel.workflows._acting import StepRunner
     from keel.workflows._budget import BudgetExhausted, Ledger
     from keel.workflows._calling import ModelCaller
+    from keel.workflows._progress import ProgressStream
+    from keel.workflows._slots import JobSlot
     from keel.workflows._state import (
         JobFailure,
         add_event,
@@ -69,6 +71,7 @@ class AgentLoopWorkflow:
         self._s = inp.state or LoopState()
         self._reply: str | None = None
         self._visibility = Visibility(self._s)
+        self._progress = ProgressStream(self._s)
         # Set by _setup, before any phase runs; handlers never use them.
         self._ledger: Ledger
         self._calls: ModelCaller
@@ -103,6 +106,8 @@ class AgentLoopWorkflow:
         if self._inp.state is not None:
             self._refuse_foreign_state()
         if self._s.started_at is None:
+            # Time in line for a running-job slot is not work: the wall clock starts after it.
+            await JobSlot(self._req, self._s, self._event).acquire()
             self._s.started_at = workflow.now()
             self._event("started", f"goal: {self._req.goal[:80]}")
         self._ledger = Ledger(self._req.budget, self._s.counters, self._s.started_at)
@@ -191,14 +196,15 @@ class AgentLoopWorkflow:
         self._visibility.iteration_done()
 
     async def _continue_as_new(self) -> NoReturn:
-        await workflow.wait_condition(workflow.all_handlers_finished)
         self._s.runs += 1
         self._event("continue_as_new", f"run {self._s.runs}")
+        await self._progress.close()
         workflow.continue_as_new(self._inp.model_copy(update={"state": self._s}))
 
     async def _finish(
         self, outcome: Outcome, exhausted: BudgetName | None = None, error: str | None = None
     ) -> JobResult:
+        await JobSlot(self._req, self._s, self._event).release()
         self._set_state(outcome, final=True)
         verified = outcome == "completed"
         answer = self._s.draft if verified else (self._s.best_draft or self._s.draft)
@@ -217,6 +223,7 @@ class AgentLoopWorkflow:
             await self._notify(self._req.notify_workflow, result)
         if self._req.callback_url:
             await self._deliver(self._req.callback_url, result)
+        await self._progress.close()
         return result
 
     async def _deliver(self, url: str, result: JobResult) -> None:
@@ -245,8 +252,11 @@ class AgentLoopWorkflow:
             self._event("notify_failed", f"{workflow_id}: {err}"[:200])
 
     def _set_state(self, state: JobState, *, final: bool = False) -> None:
+        changed = state != self._s.state
         self._visibility.phase(state, final=final)
         self._show_details()
+        if changed:
+            self._progress.publish(self._s, workflow.now(), "phase", state)
 
     def _show_details(self) -> None:
         """Current details in the Temporal UI (metadata only: no history events)."""
@@ -254,6 +264,7 @@ class AgentLoopWorkflow:
 
     def _event(self, kind: str, detail: str = "") -> None:
         add_event(self._s, workflow.now(), kind, detail)
+        self._progress.publish(self._s, workflow.now(), kind, detail)
 
     @property
     def _job_id(self) -> str:

@@ -22,7 +22,7 @@ from temporalio.common import RetryPolicy
 from temporalio.workflow import ActivityConfig
 
 with workflow.unsafe.imports_passed_through():
-    from keel.activities.types import LLM_REQUEST_TIMEOUT_SECONDS
+    from keel.activities.types import LIMIT_WAIT_SECONDS, LLM_REQUEST_TIMEOUT_SECONDS
 
 LLM_ATTEMPT_SLACK = timedelta(seconds=10)
 """Room over the client's request timeout for building the prompt and reading the reply, so the
@@ -32,12 +32,20 @@ HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 """Every activity that can stall heartbeats every 2 s; a worker killed mid-call is noticed in
 10 s instead of at the end of the attempt's start-to-close timeout."""
 
+LIMIT_WAIT = timedelta(seconds=LIMIT_WAIT_SECONDS)
+"""Longest a model or tool call waits at its gateway for the fleet's limits (in-flight leases,
+requests and tokens per minute) before it starts; added to those attempts' timeouts, so waiting
+for a limit never times an attempt out or spends a retry."""
+
 TOOL_ATTEMPTS = 6
 """Most attempts one tool call may use; the job's ``max_retries_per_tool`` lowers it per call."""
 
 LLM_CALL = ActivityConfig(
-    # The attempt timeout is the client's own request timeout plus slack, never shorter.
-    start_to_close_timeout=timedelta(seconds=LLM_REQUEST_TIMEOUT_SECONDS) + LLM_ATTEMPT_SLACK,
+    # The attempt timeout is the client's own request timeout plus slack, never shorter, plus
+    # the longest wait for the model's limits before the request is sent.
+    start_to_close_timeout=timedelta(seconds=LLM_REQUEST_TIMEOUT_SECONDS)
+    + LLM_ATTEMPT_SLACK
+    + LIMIT_WAIT,
     heartbeat_timeout=HEARTBEAT_TIMEOUT,
     # Ten attempts ride out a provider brown-out of one to two and a half minutes: the worker
     # jitters each wait into the upper half of 1, 2, 4 ... 30 s (activities/_backoff.py), so
@@ -55,8 +63,9 @@ TOOL_CALL = ActivityConfig(
     # One policy for reads and writes alike. Reads (calculator, http_get, search_docs) are safe
     # to repeat; writes (write_note) are made so by their op_key: the gateway replays a recorded
     # result and the store writes a note at most once per key. A gentler policy for writes would
-    # only lose the retries that carry them through a short Redis outage.
-    start_to_close_timeout=timedelta(seconds=30),
+    # only lose the retries that carry them through a short Redis outage. An attempt may first
+    # wait for the tool's in-flight limit.
+    start_to_close_timeout=timedelta(seconds=30) + LIMIT_WAIT,
     heartbeat_timeout=HEARTBEAT_TIMEOUT,
     schedule_to_close_timeout=timedelta(minutes=3),
     retry_policy=RetryPolicy(
@@ -89,6 +98,44 @@ WEBHOOK = ActivityConfig(
         backoff_coefficient=2.0,
         maximum_interval=timedelta(seconds=60),
         maximum_attempts=8,
+    ),
+)
+
+
+JOB_SLOT_MAX_WAIT = timedelta(hours=1)
+"""Longest a job waits in line for a running-job slot before it fails with
+``JobSlotUnavailable``; the job's execution timeout (``client/_starting.py``) allows for it."""
+
+JOB_SLOT = workflow.LocalActivityConfig(
+    # Taking or giving back a slot is one Redis script, run as a local activity: a marker in
+    # history instead of three events and a round trip through the server's matching, on every
+    # job. A Redis outage is answered inside the activity (the slot is granted unchecked), so
+    # retries are for a worker lost mid-call; the waiting (JOB_SLOT_WAIT) is a normal activity.
+    start_to_close_timeout=timedelta(seconds=5),
+    schedule_to_close_timeout=timedelta(minutes=1),
+    retry_policy=RetryPolicy(
+        initial_interval=timedelta(milliseconds=250),
+        maximum_interval=timedelta(seconds=5),
+        maximum_attempts=10,
+    ),
+)
+
+JOB_SLOT_WAIT = ActivityConfig(
+    # One attempt waits the whole time, asking twice a second and heartbeating, so waiting in
+    # line spends no retries; a worker that dies is noticed by the heartbeat timeout, and the
+    # retry keeps the job's place in line (a place is kept 30 s without asking).
+    start_to_close_timeout=JOB_SLOT_MAX_WAIT + timedelta(minutes=1),
+    # Cancellation reaches an activity with a heartbeat's reply, at most every 80% of this: a
+    # short timeout lets a job cancelled in line leave it within seconds.
+    heartbeat_timeout=timedelta(seconds=5),
+    # A cancelled job waits until its waiter has left the line: a waiter still asking after
+    # the job ended could be granted a slot that nobody would give back.
+    cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+    schedule_to_close_timeout=JOB_SLOT_MAX_WAIT + timedelta(minutes=5),
+    retry_policy=RetryPolicy(
+        initial_interval=timedelta(seconds=1),
+        maximum_interval=timedelta(seconds=10),
+        maximum_attempts=5,
     ),
 )
 

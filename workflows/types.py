@@ -190,6 +190,27 @@ class JobUsage(BaseModel):
         )
 
 
+PROGRESS_TOPIC = "progress"
+"""The topic of a job's workflow stream that carries its ``JobProgress`` events."""
+
+
+class JobProgress(BaseModel):
+    """One progress event on a job's workflow stream (``keel watch``, ``GET .../events``).
+
+    Each event carries the job's whole position (phase, iteration, budget use), so a reader
+    that missed some still shows the right state after the next one.
+    """
+
+    at: datetime
+    kind: str
+    """``phase`` when the job changed phase (``detail`` names it), else the event's kind:
+    ``started``, ``step``, ``verdict``, ``question``, ``completed``..."""
+    detail: str = ""
+    state: JobState
+    iteration: int
+    usage: JobUsage
+
+
 class LoopState(BaseModel):
     """The whole state of a running job; the one thing carried across continue-as-new."""
 
@@ -206,9 +227,16 @@ class LoopState(BaseModel):
     pending_question: str | None = None
     pending_default: str | None = None
     invalid_outputs: int = 0
+    job_slot: bool = False
+    """The job asked for a running-job slot (``workflows/_slots.py``); carried across
+    continue-as-new so a new run keeps the slot, and given back when the job ends."""
     events: list[JobEvent] = Field(default_factory=list)
     runs: int = 1
     """Workflow runs this job has used (1 + continue-as-new count)."""
+    progress: list[JobProgress] = Field(default_factory=list)
+    """The last progress events published, carried so the next run's stream still has them."""
+    progress_next: int = 0
+    """Offset the next progress event gets on the job's stream; offsets never go back."""
 
 
 class AgentLoopInput(BaseModel):

@@ -15,6 +15,7 @@ from temporalio.exceptions import ApplicationError
 from keel.activities._heartbeat import heartbeating
 from keel.activities.catalog import ToolInfo
 from keel.activities.errors import TOOL_INPUT_INVALID, TOOL_NOT_ALLOWED, TOOL_NOT_FOUND
+from keel.activities.gateway_limits import GatewayLimits
 from keel.activities.store import KeelStore
 from keel.activities.tools.base import ToolContext, ToolImpl
 from keel.activities.tools.registry import ToolRegistry
@@ -28,9 +29,13 @@ _log = structlog.get_logger(__name__)
 class ToolActivities:
     """The tool gateway activity, bound to a registry and the store."""
 
-    def __init__(self, registry: ToolRegistry, store: KeelStore) -> None:
+    def __init__(
+        self, registry: ToolRegistry, store: KeelStore, limits: GatewayLimits | None = None
+    ) -> None:
         self._registry = registry
         self._store = store
+        self._limits = limits or GatewayLimits(None)
+        """The tool gateway's fleet-wide in-flight limits (issue 13); None: not limited."""
 
     @activity.defn(name="execute_tool")
     async def execute_tool(self, call: ToolCall) -> ToolResult:
@@ -59,7 +64,8 @@ class ToolActivities:
                     _log.info("tool.replayed")
                     return recorded.model_copy(update={"replayed": True})
             ctx = ToolContext(job_id, call.tenant, op_key, call.docs_dir)
-            async with heartbeating():
+            # The tool's in-flight limit first: waiting for it heartbeats and never raises.
+            async with self._limits.tool(call.tool), heartbeating():
                 output = await impl(args, ctx)
             result = await self._package(ctx, output)
             if info.side_effecting:

@@ -11,16 +11,26 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from datetime import UTC, datetime
-from typing import Literal
+from functools import lru_cache
+from typing import Literal, NamedTuple
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from keel.workflows.types import IDENT_RE
 
-__all__ = ["KEY_PREFIX", "ApiKeys", "Principal", "Role"]
+__all__ = [
+    "KEY_PREFIX",
+    "ApiKeys",
+    "KeyRecords",
+    "Principal",
+    "Role",
+    "key_records",
+    "principal_of",
+]
 
 KEY_PREFIX = "keel_"
 """Every key starts so, which lets secret scanners recognise a leaked one."""
@@ -29,10 +39,14 @@ Role = Literal["member", "operator"]
 
 _BY_HASH = "keel:apikey:hash:"
 _BY_ID = "keel:apikey:id:"
+_KEY_SHAPE = re.compile(r"^keel_([0-9a-f]{1,32})_[A-Za-z0-9_-]{1,160}$")
+"""A presented key: the prefix, the key's ID (hex), and its URL-safe secret."""
 
 
 class Principal(BaseModel):
-    """Who a key acts as."""
+    """Who a key acts as (immutable: one parsed record serves every request of its key)."""
+
+    model_config = ConfigDict(frozen=True)
 
     key_id: str
     """Public name of the key (in lists, revocations and logs; never the secret)."""
@@ -48,6 +62,42 @@ class Principal(BaseModel):
 
 def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyRecords(NamedTuple):
+    """Where a presented key's records would be, for a lookup inside a Redis script."""
+
+    key_id: str
+    """The ID the key names (its records must agree)."""
+    digest: str
+    """The key's SHA-256, which its ID's record must point back at."""
+    by_hash: str
+    """The Redis key of the principal's record."""
+    by_id: str
+    """The Redis key of the ID's record."""
+
+
+def key_records(key: str) -> KeyRecords | None:
+    """The Redis keys a presented API key's records live under; None if it is malformed.
+
+    The API's admission script (``keel.client.api.limits``) reads them in the same round trip
+    as the rate limits, so a revoked key fails on its very next request.
+    """
+    match = _KEY_SHAPE.match(key)
+    if match is None:
+        return None
+    digest = _digest(key)
+    return KeyRecords(match[1], digest, _BY_HASH + digest, _BY_ID + match[1])
+
+
+@lru_cache(maxsize=4096)
+def principal_of(raw: str | bytes) -> Principal:
+    """A key's stored record as a ``Principal``, parsed once per distinct record.
+
+    Every request of a key returns the same record until it changes (a revocation rewrites
+    it), so the parse is cached on the record's text; the cache never decides validity.
+    """
+    return Principal.model_validate_json(raw)
 
 
 class ApiKeys:

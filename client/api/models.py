@@ -8,44 +8,101 @@ replace ``docs_dir`` (issue 13).
 
 from __future__ import annotations
 
-from typing import Literal
-from urllib.parse import quote
+from typing import Annotated, Literal
+from urllib.parse import quote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from keel.activities.corpora import CORPUS_PREFIX
-from keel.workflows.types import MAX_GOAL_CHARS, Budget, JobRequest, JobResult
+from keel.client.errors import InvalidJobRequest
+from keel.workflows.types import IDENT_RE, MAX_GOAL_CHARS, Budget, JobRequest, JobResult
 
-__all__ = ["AnswerIn", "JobAccepted", "JobCreate", "job_links"]
+__all__ = [
+    "AnswerIn",
+    "CancelAccepted",
+    "ErrorDetail",
+    "ErrorResponse",
+    "InputAck",
+    "JobAccepted",
+    "JobCreate",
+    "Readiness",
+    "job_links",
+]
+
+
+URL_PATTERN = "^https?://[^\\s\\x00-\\x20\\x7f-\\x9f\ufeff]+$"
+"""An http(s) URL without spaces or control characters. Whitespace is spelled out because
+``\\s`` differs between regex dialects (pydantic's counts U+0085, ECMAScript's U+FEFF), and a
+callback URL matched by the published pattern must not then be refused here."""
+Name = Annotated[str, StringConstraints(pattern=IDENT_RE.pattern)]
+"""A tool's or corpus's name, as ``JobRequest`` accepts it (and as the OpenAPI shows it)."""
 
 
 class JobCreate(BaseModel):
-    """A job as an API caller submits it."""
+    """A job as an API caller submits it.
+
+    Its constraints repeat ``JobRequest``'s, so a caller's mistake is a 422 naming the field
+    and the OpenAPI document shows the rules; ``to_request`` still turns anything the
+    workflow's model refuses into a 400, never a 500.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     goal: str = Field(min_length=1, max_length=MAX_GOAL_CHARS)
     """What the agent should achieve."""
-    tools: list[str] | None = None
+    tools: list[Name] | None = None
     """Tools the job may use (default: calculator, write_note)."""
     budget: Budget | None = None
     """Limits; any left out take their defaults."""
-    ask_timeout_seconds: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    ask_timeout_seconds: float | None = Field(
+        default=None, gt=0, le=30 * 86400, allow_inf_nan=False
+    )
     """How long a question waits before the job assumes its default."""
     mode: Literal["interactive", "batch"] = "interactive"
     """``batch`` jobs never run ahead of interactive ones."""
-    corpus: str | None = Field(default=None, max_length=64)
+    corpus: Name | None = Field(default=None, max_length=64)
     """A corpus the job may search (the tenant's own, or a shared one), by name."""
-    callback_url: str | None = Field(default=None, max_length=2048)
+    callback_url: str | None = Field(default=None, max_length=2048, pattern=URL_PATTERN)
     """Webhook for the outcome, on the tenant's allow-list; signed with the tenant's secret
     (Standard Webhooks headers), the same ``webhook-id`` on every retry."""
 
     def to_request(self, tenant: str, user: str) -> JobRequest:
-        """The workflow's request, with the tenant and user the caller's key acts as."""
+        """The workflow's request, with the tenant and user the caller's key acts as.
+
+        Raises:
+            InvalidJobRequest: If the workflow's model refuses a value (``field`` names it).
+        """
+        if self.callback_url is not None:
+            _check_url(self.callback_url)
         fields = self.model_dump(exclude_none=True, exclude={"corpus"})
         if self.corpus is not None:
             fields["docs_dir"] = CORPUS_PREFIX + self.corpus
-        return JobRequest.model_validate({**fields, "tenant": tenant, "user": user})
+        try:
+            return JobRequest.model_validate({**fields, "tenant": tenant, "user": user})
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or "request"
+            raise InvalidJobRequest(
+                "corpus" if field == "docs_dir" else field, first["msg"]
+            ) from None
+
+
+def _check_url(url: str) -> None:
+    """Refuse a URL whose host or port cannot be read (the allow-list check splits it).
+
+    A 400 rather than a 422: the schema's pattern cannot say which URLs parse. Found by
+    schemathesis (``http://[x]/``, ``https://host:port-that-is-text``), which made a 500.
+
+    Raises:
+        InvalidJobRequest: With ``field="callback_url"``.
+    """
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError as err:
+        raise InvalidJobRequest("callback_url", f"not a URL ({err})") from None
+    if not parts.hostname:
+        raise InvalidJobRequest("callback_url", "the URL names no host")
 
 
 class JobAccepted(BaseModel):
@@ -64,6 +121,55 @@ class AnswerIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: str = Field(min_length=1, max_length=4000)
+
+
+class InputAck(BaseModel):
+    """The job recorded the answer."""
+
+    ack: str
+    """The job's acknowledgement."""
+
+
+class CancelAccepted(BaseModel):
+    """Cancellation was requested; the job ends ``cancelled`` with its partial result."""
+
+    job_id: str
+    status: Literal["cancellation requested"] = "cancellation requested"
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong, with a code that stays the same across releases."""
+
+    code: str
+    """Stable and machine-readable: ``unauthorized``, ``invalid_request``, ``job_not_found``,
+    ``job_running``, ``input_rejected``, ``rate_limited``, ``quota_exceeded``,
+    ``concurrency_limited``, ``body_too_large``, ``not_found``, ``method_not_allowed``,
+    ``temporal_unavailable``, ``redis_unavailable``, ``job_error``, ``timeout``,
+    ``not_ready``."""
+    message: str
+    """For people; may change."""
+    field: str | None = None
+    """The request field at fault (``invalid_request``), dotted for nested ones."""
+    limit: str | None = None
+    """The rate limit that refused the request (``rate_limited``)."""
+    quota: str | None = None
+    """The daily quota that is used up (``quota_exceeded``)."""
+    unavailable: list[str] | None = None
+    """The dependencies that did not answer (``not_ready``): ``temporal``, ``redis``."""
+
+
+class ErrorResponse(BaseModel):
+    """Every error the API answers with."""
+
+    error: ErrorDetail
+
+
+class Readiness(BaseModel):
+    """Both dependencies answered."""
+
+    ok: bool
+    temporal: bool
+    redis: bool
 
 
 def job_links(job_id: str) -> dict[str, str]:

@@ -20,7 +20,7 @@ from typing import Any
 from keel.client.cli._common import API_KEY_ENV, API_URL_ENV
 from keel.client.errors import AgentJobError, InvalidJobRequest, JobNotFound
 
-__all__ = ["ApiUnavailable", "get_json"]
+__all__ = ["ApiUnavailable", "api_error", "auth_headers", "get_json"]
 
 TIMEOUT_SECONDS = 15.0
 """A read waits this long for the API (which itself bounds its Temporal query at 10 s)."""
@@ -36,6 +36,12 @@ class ApiUnavailable(AgentJobError):
         )
 
 
+def auth_headers() -> dict[str, str]:
+    """The ``Authorization`` header for the key in ``KEEL_API_KEY``, if one is set."""
+    key = os.environ.get(API_KEY_ENV, "").strip()
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def get_json(base: str, path: str, params: dict[str, Any] | None = None) -> Any:
     """GET ``base + path`` and return the decoded JSON body.
 
@@ -47,9 +53,7 @@ def get_json(base: str, path: str, params: dict[str, Any] | None = None) -> Any:
     """
     query = {k: v for k, v in (params or {}).items() if v is not None}
     url = base + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
-    headers = {"Accept": "application/json"}
-    if key := os.environ.get(API_KEY_ENV, "").strip():
-        headers["Authorization"] = f"Bearer {key}"
+    headers = {"Accept": "application/json"} | auth_headers()
     request = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:
@@ -62,16 +66,29 @@ def get_json(base: str, path: str, params: dict[str, Any] | None = None) -> Any:
 
 
 def _api_error(err: urllib.error.HTTPError, path: str) -> AgentJobError:
+    return api_error(err.code, err.read(), path)
+
+
+def api_error(status: int, body: bytes, path: str) -> AgentJobError:
+    """The client error an API error response stands for (the API's code and message).
+
+    Args:
+        status: The HTTP status.
+        body: The response body (the API's JSON error, or anything else).
+        path: The request path; a job's ID is its last segment (or the one before it).
+    """
     try:
-        error = json.load(err).get("error", {})
+        error = json.loads(body).get("error", {})
     except (ValueError, AttributeError):
         error = {}
-    message = str(error.get("message") or f"HTTP {err.code} from {path}")
-    if err.code == 404 and error.get("code") == "job_not_found":
-        return JobNotFound(urllib.parse.unquote(path.rsplit("/", 1)[-1]))
-    if err.code == 401:
+    message = str(error.get("message") or f"HTTP {status} from {path}")
+    if status == 404 and error.get("code") == "job_not_found":
+        segments = path.strip("/").split("/")
+        job = segments[2] if len(segments) > 2 and segments[:2] == ["v1", "jobs"] else path
+        return JobNotFound(urllib.parse.unquote(job))
+    if status == 401:
         return AgentJobError(f"Keel's API refused the key in {API_KEY_ENV}: {message}")
-    if err.code in (400, 422):
+    if status in (400, 422):
         field = str(error.get("field") or "request")
         return InvalidJobRequest(field, message.removeprefix(f"{field}: "))
     return AgentJobError(message)

@@ -29,6 +29,9 @@ from keel.client.cli._common import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+    from keel.client._events import JobStreamEvent
     from keel.client._summary import JobSummary
     from keel.client.fleet import QueueStats
     from keel.workflows.types import JobResult, JobStatus
@@ -169,15 +172,43 @@ def status(job_id: JobArg, as_json: JsonOpt = False) -> None:
 
 
 def watch(job_id: JobArg) -> None:
-    """Follow a job live until it ends, then print its result."""
-    from keel.client.cli.render import follow, print_result
+    """Follow a job live (progress, then its answer as it is written); print its result."""
+    from keel.client.cli.render import follow_events, print_result
+    from keel.client.errors import AgentJobError
 
     async def main() -> JobResult:
-        agent_jobs = await jobs()
-        await follow(agent_jobs.wait_terminal(job_id))
-        return await agent_jobs.result(job_id)
+        base = api_url()
+        if base is not None:
+            from keel.client.cli._sse import api_events
 
-    print_result(run(main))
+            result = await follow_events(api_events(base, job_id))
+        else:
+            result = await _watch_direct(job_id, follow_events)
+        if result is None:
+            raise AgentJobError(f"the event stream of job {job_id} ended before the job")
+        return result
+
+    res = run(main)
+    print_result(res)
+    if res.outcome == "failed":
+        raise typer.Exit(EXIT_FAILED)
+
+
+async def _watch_direct(
+    job_id: str, show: Callable[[AsyncIterator[JobStreamEvent]], Awaitable[JobResult | None]]
+) -> JobResult | None:
+    """Follow the job straight from Temporal, with answer tokens when REDIS_URL is set."""
+    import os
+
+    import redis.asyncio as aioredis
+
+    url = os.environ.get("REDIS_URL", "").strip()
+    redis = aioredis.Redis.from_url(url, socket_timeout=5) if url else None
+    try:
+        return await show(await (await jobs()).events(job_id, tokens=redis))
+    finally:
+        if redis is not None:
+            await redis.aclose()
 
 
 def result(

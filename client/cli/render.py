@@ -15,11 +15,21 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from keel.activities.answer_tokens import TokenDelta
+from keel.client._events import JobStreamEvent
 from keel.client._listing import JobSummary
 from keel.client.fleet import QueueStats
 from keel.workflows.budget_text import budget_text, budget_use
-from keel.workflows.types import JobEvent, JobResult, JobStatus, current_iteration
+from keel.workflows.types import (
+    JobEvent,
+    JobProgress,
+    JobResult,
+    JobStatus,
+    current_iteration,
+)
 
+RECENT_EVENTS = 6
+"""Events ``keel watch`` keeps on screen."""
 WIDE_TABLE_EXTRA = 80
 """Columns the table needs beside the job ID; narrower terminals get two lines per job."""
 
@@ -59,6 +69,67 @@ async def follow(snapshots: AsyncIterator[JobStatus]) -> None:
             live.update(_progress(snap), refresh=True)
     if not console.is_terminal:
         console.line()  # Off a terminal, Live prints its last frame without a newline.
+
+
+async def follow_events(events: AsyncIterator[JobStreamEvent]) -> JobResult | None:
+    """Show a job's events live (its position, recent events, the answer as it is written).
+
+    Returns:
+        The job's result from the stream's ``end`` event; ``None`` if the stream ended first.
+    """
+    view = _EventView()
+    console = stdout_console()
+    with Live(console=console, auto_refresh=False) as live:
+        async for event in events:
+            view.add(event)
+            live.update(view.render(), refresh=True)
+    if not console.is_terminal:
+        console.line()  # Off a terminal, Live prints its last frame without a newline.
+    return view.result
+
+
+class _EventView:
+    """What ``follow_events`` shows: the newest position, the last events, the live draft."""
+
+    def __init__(self) -> None:
+        self.progress: JobProgress | None = None
+        self.recent: list[JobProgress] = []
+        self.draft_of: tuple[int, int] = (-1, -1)
+        self.draft = ""
+        self.result: JobResult | None = None
+
+    def add(self, event: JobStreamEvent) -> None:
+        data = event.data
+        if isinstance(data, JobProgress):
+            self.progress = data
+            if data.kind != "phase":
+                self.recent = [*self.recent, data][-RECENT_EVENTS:]
+        elif isinstance(data, TokenDelta):
+            if (data.iteration, data.attempt) != self.draft_of:
+                self.draft_of, self.draft = (data.iteration, data.attempt), ""
+            self.draft += data.text
+        else:
+            self.result = data
+
+    def render(self) -> Group:
+        p = self.progress
+        parts: list[Any] = []
+        if p is not None:
+            u = p.usage
+            parts.append(
+                Text.assemble(
+                    (p.state, _state_style(p.state)),
+                    f"  iteration {p.iteration + 1}  {u.steps} steps  {u.tool_calls} tool calls"
+                    f"  {u.tokens:,} tokens  ${u.cost_usd:.4f}",
+                )
+            )
+        for e in self.recent:
+            line = f"{e.at.strftime('%H:%M:%S')} {e.kind} {_one_line(e.detail, 100)}"
+            parts.append(Text(line, style="dim"))
+        if self.draft and self.result is None:
+            parts.append(Text("answer (being written)", style="bold"))
+            parts.append(Text(_one_line(self.draft[-600:], 600)))
+        return Group(*parts)
 
 
 def print_fleet(rows: Sequence[QueueStats]) -> None:

@@ -6,16 +6,17 @@ from datetime import timedelta
 
 import pytest
 from temporalio.common import RetryPolicy
-from temporalio.workflow import ActivityConfig
+from temporalio.workflow import ActivityCancellationType, ActivityConfig
 
 from keel.activities.llm import LLMConfig
-from keel.activities.types import LLM_REQUEST_TIMEOUT_SECONDS
+from keel.activities.types import LIMIT_WAIT_SECONDS, LLM_REQUEST_TIMEOUT_SECONDS
 from keel.workflows import policies
 
 POLICIES = {
     "LLM_CALL": policies.LLM_CALL,
     "TOOL_CALL": policies.TOOL_CALL,
     "RETRIEVAL": policies.RETRIEVAL,
+    "JOB_SLOT_WAIT": policies.JOB_SLOT_WAIT,
 }
 
 
@@ -30,8 +31,26 @@ def test_every_policy_is_bounded(config: ActivityConfig) -> None:
 
 def test_llm_attempts_outlast_the_clients_own_timeout() -> None:
     attempt = policies.LLM_CALL.get("start_to_close_timeout")
-    assert attempt == timedelta(seconds=LLM_REQUEST_TIMEOUT_SECONDS) + policies.LLM_ATTEMPT_SLACK
+    assert attempt == (
+        timedelta(seconds=LLM_REQUEST_TIMEOUT_SECONDS)
+        + policies.LLM_ATTEMPT_SLACK
+        + policies.LIMIT_WAIT  # the gateway's wait for the model's limits comes first
+    )
     assert LLMConfig().request_timeout_seconds < attempt.total_seconds()
+
+
+@pytest.mark.parametrize("config", [policies.LLM_CALL, policies.TOOL_CALL], ids=["llm", "tool"])
+def test_a_wait_at_the_gateways_limits_fits_in_the_attempt(config: ActivityConfig) -> None:
+    attempt = config.get("start_to_close_timeout")
+    assert attempt is not None and attempt.total_seconds() > LIMIT_WAIT_SECONDS + 10
+
+
+def test_a_job_waits_in_line_for_a_slot_in_one_attempt() -> None:
+    wait = policies.JOB_SLOT_WAIT
+    attempt, heartbeat = wait.get("start_to_close_timeout"), wait.get("heartbeat_timeout")
+    assert attempt is not None and attempt > policies.JOB_SLOT_MAX_WAIT
+    assert heartbeat is not None and heartbeat <= policies.HEARTBEAT_TIMEOUT
+    assert wait.get("cancellation_type") == ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
 
 
 def test_tool_attempts_ceiling_is_the_policys() -> None:

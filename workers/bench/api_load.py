@@ -7,12 +7,14 @@ authenticated, rate-limited, counted against quotas and started in Temporal), an
 submitted in the first phase wait on a task queue no worker polls, so the submit figures are
 the gateway's, not the agent loop's: they are batch jobs, and the worker polls only the
 interactive queue (of the benchmark's own dev server). The limits are raised far above the load
-so that none of it is refused.
+so that none of it is refused. ``KEEL_BENCH_API_PROCESSES`` sets how many API processes share
+the port (``keel api --workers``; default ``API_PROCESSES``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import time
 from typing import Any
@@ -34,6 +36,20 @@ API_TARGETS_MS = {"submit_p95_ms": 50.0, "status_p95_ms": 30.0}
 """p95 targets at 100 concurrent clients."""
 WAITING_JOBS = 20
 """Jobs waiting for input whose status the status phase reads."""
+API_PROCESSES = 1
+"""``keel api`` processes behind the port unless ``KEEL_BENCH_API_PROCESSES`` says otherwise."""
+
+
+def api_processes() -> int:
+    """How many API processes to run: ``KEEL_BENCH_API_PROCESSES``, else ``API_PROCESSES``.
+
+    Raises:
+        ValueError: If the variable is not a whole number from 1 to 64.
+    """
+    value = int(os.environ.get("KEEL_BENCH_API_PROCESSES") or API_PROCESSES)
+    if not 1 <= value <= 64:
+        raise ValueError("KEEL_BENCH_API_PROCESSES must be 1 to 64")
+    return value
 
 
 async def api_load(
@@ -60,9 +76,10 @@ async def api_load(
         "KEEL_TASK_QUEUE",
     ):
         env.pop(name, None)
-    port, keel = free_port(), keel_command()
+    port, keel, processes = free_port(), keel_command(), api_processes()
     names = [f"api-{tag}", f"api-worker-{tag}"]
-    children.start(names[0], [*keel, "api", f"--port={port}"], env=env, port=port)
+    api_cmd = [*keel, "api", f"--port={port}", f"--workers={processes}"]
+    children.start(names[0], api_cmd, env=env, port=port)
     worker = children.start(names[1], [*keel, "worker", "--task-queue", queue], env=env)
     redis = aioredis.Redis.from_url(servers.redis_url)
     try:
@@ -78,6 +95,7 @@ async def api_load(
             connector=aiohttp.TCPConnector(limit=config.api_clients),
             timeout=aiohttp.ClientTimeout(total=60),
         ) as http:
+            await _until_ready(http)
             submit = await _submit_phase(http, config, progress, task)
             status = await _status_phase(http, config, progress, task)
     finally:
@@ -86,10 +104,28 @@ async def api_load(
     measured = {**submit, **status}
     return {
         "clients": config.api_clients,
+        "api_processes": processes,
         "requests": config.api_requests,
         **measured,
         "targets_met": {k: measured[k] <= v for k, v in API_TARGETS_MS.items()},
     }
+
+
+async def _until_ready(http: aiohttp.ClientSession, timeout: float = 60.0) -> None:
+    """Wait until the API answers ``/readyz`` (its processes start after the port opens).
+
+    Raises:
+        TimeoutError: If it is not ready within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if (await _call(http, "GET", "/readyz"))[0] == 200:
+                return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.2)
+    raise TimeoutError("keel api did not become ready")
 
 
 async def _load(

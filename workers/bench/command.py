@@ -22,7 +22,7 @@ class ServerMode(StrEnum):
     both = "both"
 
 
-SECTIONS = ("overhead", "long", "scale", "cli", "api")
+SECTIONS = ("overhead", "long", "scale", "cli", "api", "stream", "priority")
 """Benchmark sections, in the order they run."""
 
 
@@ -53,7 +53,8 @@ def bench(
         ServerMode, typer.Option(help="Temporal dev server persistence to run against.")
     ] = ServerMode.both,
     only: Annotated[
-        str, typer.Option(help="Comma list of sections: overhead,long,scale,cli,api.")
+        str,
+        typer.Option(help="Comma list of sections: overhead,long,scale,cli,api,stream,priority."),
     ] = ",".join(SECTIONS),
     jobs: Annotated[int, typer.Option(min=1, help="Jobs per throughput run.")] = 200,
     concurrency: Annotated[int, typer.Option(min=1, help="Jobs in flight at most.")] = 16,
@@ -130,6 +131,13 @@ def bench(
     api: the HTTP gateway at --api-clients concurrent clients: POST /v1/jobs
     until the job ID returns, and GET /v1/jobs/{id}; targets: submit p95
     <= 50 ms, status p95 <= 30 ms.
+    stream: jobs with 300 ms model calls and a streamed answer, followed through
+    GET /v1/jobs/{id}/events: time from submit to the first progress event, the
+    first answer token and the end.
+    priority: 1,000 batch jobs flood one worker while 40 interactive jobs
+    arrive; each mode's first-task and first-activity wait (target: interactive
+    p95 < 1 s), on one shared queue and on each mode's own; then tenant A's
+    500 jobs against tenant B's 50, equal weights and B at 3.
 
     Reproduce: keel bench --server memory --jobs 50 --concurrency 8 --iterations 30
     or, full size, one section: keel bench --only overhead --json bench.json

@@ -39,6 +39,7 @@ from keel.workers.bench.cli_timing import cli_timing
 from keel.workers.bench.config import BenchConfig, Servers
 from keel.workers.bench.long_job import long_job
 from keel.workers.bench.overhead import overhead
+from keel.workers.bench.priority import priority
 from keel.workers.bench.scale import scale
 from keel.workers.bench.stack import (
     child_pid,
@@ -47,6 +48,7 @@ from keel.workers.bench.stack import (
     start_temporal,
     supervisor,
 )
+from keel.workers.bench.streaming import stream_latency
 from keel.workers.bench.tables import TABLES
 from keel.workers.devstack import TRANSFER_RPS
 from keel.workers.logs import configure_logging
@@ -64,6 +66,8 @@ SECTIONS: dict[str, Section] = {
     "scale": scale,
     "cli": cli_timing,
     "api": api_load,
+    "stream": stream_latency,
+    "priority": priority,
 }
 
 

@@ -97,6 +97,10 @@ async def start_temporal(
             dev_server_extra_args=[
                 "--dynamic-config-value",
                 f"history.transferProcessorMaxPollRPS={transfer_rps}",
+                # As `keel dev` runs it (workers.devstack): the matcher honours the tenants'
+                # fairness keys and weights only with fairness on (the priority section).
+                "--dynamic-config-value",
+                "matching.enableFairness=true",
             ],
         )
     return env, (version.splitlines() or ["temporal (unknown version)"])[0]

@@ -16,6 +16,7 @@ from keel.workers.bench.api_load import API_TARGETS_MS
 from keel.workers.bench.cli_timing import CLI_TARGETS_MS
 from keel.workers.bench.config import BenchConfig
 from keel.workers.bench.overhead import OVERHEAD_TARGETS
+from keel.workers.bench.priority import priority_table
 
 
 def _f(value: float | None, fmt: str = ",.1f", scale: float = 1.0) -> str:
@@ -236,7 +237,30 @@ def _api_table(mode: str, rps: int, config: BenchConfig, data: dict[str, Any]) -
         )
     table.caption = (
         f"{data['requests']} requests of each kind from {data['clients']} concurrent clients, "
-        "one `keel api` process; per s is the rate sustained at that concurrency"
+        f"{data.get('api_processes', 1)} `keel api` process(es); "
+        "per s is the rate sustained at that concurrency"
+    )
+    return table
+
+
+STREAM_ROWS = (
+    ("first_progress_ms", "submit -> first progress event"),
+    ("first_token_ms", "submit -> first answer token"),
+    ("end_ms", "submit -> end (result)"),
+    ("streaming_lead_ms", "first token -> end: the lead streaming gives"),
+)
+
+
+def _stream_table(mode: str, rps: int, config: BenchConfig, data: dict[str, Any]) -> Table:
+    table = Table(title=_title("Job events over SSE (GET /v1/jobs/{id}/events)", mode, rps))
+    for col in ("from submit", "p50 (ms)", "p95 (ms)"):
+        table.add_column(col, justify="left" if col == "from submit" else "right")
+    for key, label in STREAM_ROWS:
+        table.add_row(label, _f(data[f"{key}_p50"], ",.0f"), _f(data[f"{key}_p95"], ",.0f"))
+    table.caption = (
+        f"{data['jobs']} jobs, {data['concurrency']} at a time, model calls of 300 ms and "
+        f"answers streamed at 15 ms a piece; {data['token_events_per_job']:.0f} token events "
+        "per job"
     )
     return table
 
@@ -247,4 +271,6 @@ TABLES: dict[str, Callable[[str, int, BenchConfig, dict[str, Any]], Table]] = {
     "scale": _scale_table,
     "cli": _cli_table,
     "api": _api_table,
+    "stream": _stream_table,
+    "priority": priority_table,
 }

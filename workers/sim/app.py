@@ -7,8 +7,9 @@ deterministic (``workers.sim.replies``); a goal can steer them with a ``[sim: ..
 (``workers.sim.directives``), for example ``[sim: ask, fail_verify=1, fault=503x2, tokens=500]``.
 Faults, latency and counters are ``workers.sim.state``'s.
 
-Endpoints: ``POST /v1/chat/completions``, ``POST /v1/embeddings``, ``GET /v1/models``,
-``GET /health``, ``GET /_sim/stats`` and ``POST /_sim/reset``. ``keel sim-llm`` runs it.
+Endpoints: ``POST /v1/chat/completions`` (streamed too), ``POST /v1/embeddings``,
+``GET /v1/models``, ``GET /health``, ``GET /_sim/stats`` and ``POST /_sim/reset``. ``keel sim-llm``
+runs it.
 """
 
 from __future__ import annotations

@@ -23,6 +23,10 @@ class SimConfig(BaseModel):
     """Faults the random fault rate picks from, uniformly."""
     retry_after_seconds: float = Field(default=1.0, ge=0.0)
     """Retry-After header value on 429."""
+    token_delay_ms: float = Field(default=0.0, ge=0.0)
+    """Delay before each piece of a streamed reply (``stream: true``), after the first, to
+    simulate a model's token rate; non-streaming replies are not slowed. Zero by default, so
+    tests and the overhead benchmark measure Keel rather than a simulated model."""
     timeout_seconds: float = Field(default=30.0, ge=0.0)
     """How long a ``timeout`` fault stalls before answering 504."""
     fail_first_verify: bool = False

@@ -13,8 +13,19 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-FAULT_KINDS = ("500", "503", "429", "timeout", "malformed", "malformed_plan", "401", "400")
-"""Every fault a ``fault=`` directive (or the random fault rate) can inject."""
+FAULT_KINDS = (
+    "500",
+    "503",
+    "429",
+    "timeout",
+    "malformed",
+    "malformed_plan",
+    "401",
+    "400",
+    "cut",
+)
+"""Every fault a ``fault=`` directive (or the random fault rate) can inject. ``cut``, a directive
+only, hits streamed replies (``stream: true``) alone: the connection drops halfway through."""
 DEFAULT_MAX_STEPS = 4
 """Tool steps in a plan when the goal carries no ``steps=`` directive."""
 MAX_PLAN_STEPS = 16
@@ -38,6 +49,8 @@ class Directives:
     """How many requests get the fault; None means every one."""
     slow_ms: float = 0.0
     """Extra latency for requests carrying this goal."""
+    token_ms: float = 0.0
+    """Extra delay before each piece of a streamed reply (``token_ms=``)."""
     extra_tokens: int = 0
     """Added to the reported completion tokens, to exhaust token budgets."""
     max_steps: int = DEFAULT_MAX_STEPS
@@ -77,6 +90,8 @@ def parse_goal(goal: str) -> tuple[str, Directives]:
                 values["fail_verify"] = int(raw)
             elif key == "slow":
                 values["slow_ms"] = max(0.0, float(raw))
+            elif key == "token_ms":
+                values["token_ms"] = max(0.0, float(raw))
             elif key == "tokens":
                 values["extra_tokens"] = max(0, int(raw))
             elif key == "steps":

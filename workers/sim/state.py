@@ -18,7 +18,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, Response
 
-from keel.workers.sim import replies, wire
+from keel.workers.sim import replies, streaming, wire
 from keel.workers.sim.config import SimConfig
 from keel.workers.sim.directives import FAULT_KINDS, Directives, fault_key, parse_goal
 
@@ -77,14 +77,20 @@ class SimState:
         if ms > 0:
             await asyncio.sleep(ms / 1000)
 
-    def pick_fault(self, kind: str, goal: str | None, directives: Directives) -> str | None:
-        """The fault this request gets: a goal directive first, else a random one."""
+    def pick_fault(
+        self, kind: str, goal: str | None, directives: Directives, *, stream: bool = False
+    ) -> str | None:
+        """The fault this request gets: a goal directive first, else a random one.
+
+        ``malformed_plan`` spares every call but the plan, and ``cut`` every one but a stream.
+        """
         cfg = self.config
         random_fault = None
         if cfg.fault_rate > 0 and self.rng.random() < cfg.fault_rate and cfg.fault_kinds:
             random_fault = self.rng.choice(cfg.fault_kinds)
         fault = directives.fault
-        if goal is not None and fault and (fault != "malformed_plan" or kind == "plan"):
+        applies = (fault != "malformed_plan" or kind == "plan") and (fault != "cut" or stream)
+        if goal is not None and fault and applies:
             key = fault_key(goal, fault)
             hits = self.fault_hits.get(key, 0)
             if directives.fault_count is None or hits < directives.fault_count:
@@ -111,9 +117,12 @@ class SimState:
         return error_response(status, message, type_, code, headers)
 
     async def chat(self, body: dict[str, Any], api_key: str = "") -> Response:
-        """Answer ``POST /v1/chat/completions``; ``api_key`` is the bearer token it came with."""
-        if body.get("stream"):
-            raise SimError(400, "streaming not supported by the simulator", INVALID, "stream")
+        """Answer ``POST /v1/chat/completions``; ``api_key`` is the bearer token it came with.
+
+        With ``stream: true`` the same reply is streamed (``workers.sim.streaming``); faults
+        other than ``cut`` are answered before the stream starts, as a provider answers them.
+        """
+        stream = body.get("stream") is True
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise SimError(400, "messages must be a non-empty list", INVALID, "messages")
@@ -122,13 +131,21 @@ class SimState:
         reply = _reply(body, messages, self.config)
         self.requests[reply.kind] += 1
         await self.delay(reply.directives.slow_ms)
-        fault = self.pick_fault(reply.kind, reply.raw_goal, reply.directives)
+        fault = self.pick_fault(reply.kind, reply.raw_goal, reply.directives, stream=stream)
         content, call = reply.content, reply.call
         if fault in ("malformed", "malformed_plan"):
             content, call = wire.MALFORMED_CONTENT, None
-        elif fault:
+        elif fault and fault != "cut":
             return await self.fault_response(fault, api_key)
-        return JSONResponse(self._completion(body, messages, content, call, reply.directives))
+        completion = self._completion(body, messages, content, call, reply.directives)
+        if not stream:
+            return JSONResponse(completion)
+        delay_ms = self.config.token_delay_ms + reply.directives.token_ms
+        return streaming.sse_response(
+            streaming.chunks(completion, with_usage=streaming.include_usage(body)),
+            delay_seconds=delay_ms / 1000,
+            cut=fault == "cut",
+        )
 
     def _completion(
         self,
