@@ -166,6 +166,11 @@ class ConcurrencyLimits(BaseModel):
     per_user: int = Field(default=0, ge=0)
     policy: Policy = "wait"
 
+    @property
+    def limited(self) -> bool:
+        """Whether any limit applies (a job then holds a slot while it runs)."""
+        return self.per_tenant > 0 or self.per_user > 0
+
 
 def concurrency_limits(config: Mapping[str, str], tenant: str) -> ConcurrencyLimits:
     """The limits in force for ``tenant``: its own settings, else everyone's, else none.

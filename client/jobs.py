@@ -113,6 +113,7 @@ class AgentJobs:
         *,
         request_key: str | None = None,
         task_queue: str | None = None,
+        job_slot: bool = False,
     ) -> str:
         """Validate a request and start its job, or find the job this key already started.
 
@@ -122,6 +123,9 @@ class AgentJobs:
                 Sending the same key for the same tenant again returns the same job ID and
                 starts nothing, even after that job has ended. Defaults to a fresh random key.
             task_queue: Overrides the façade's task queue for this job.
+            job_slot: Hold a running-job slot for the job's life, waiting in line when its
+                tenant's or user's concurrency limit is full (the HTTP API sets it when a
+                limit covers the job; ``keel limits concurrency``).
 
         Returns:
             The job ID.
@@ -146,7 +150,7 @@ class AgentJobs:
         try:
             await self._client.start_workflow(
                 AgentLoop.run,
-                AgentLoopInput(request=request),
+                AgentLoopInput(request=request, job_slot=job_slot),
                 id=job_id,
                 task_queue=task_queue or self._fixed_queue or TASK_QUEUES[request.mode],
                 **start_options(request, self._weights.get(request.tenant)),

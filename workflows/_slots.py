@@ -9,8 +9,10 @@ granted, so a job never runs out of time in line. The line itself is bounded by
 ``policies.JOB_SLOT_MAX_WAIT``; a job still waiting then fails with ``JobSlotUnavailable``,
 naming the full limit, and the job's execution timeout allows for that wait.
 
-Histories recorded before slots existed replay unchanged: the slot is taken only behind
-``workflow.patched(JOB_SLOTS_PATCH)``, and only a job that asked for one gives one back.
+Only a job started with ``AgentLoopInput.job_slot`` asks for a slot (the gateway sets it when a
+limit covers the job's tenant or user), so every other job, and every history recorded before
+slots existed, runs no slot call at all; only a job that asked for one gives one back. Asking
+once and giving back are local activities (a marker each); waiting in line is an activity.
 """
 
 from __future__ import annotations
@@ -28,9 +30,6 @@ with workflow.unsafe.imports_passed_through():
     from keel.workflows._state import JobFailure, raise_if_cancelled
     from keel.workflows.types import JobRequest, LoopState
 
-JOB_SLOTS_PATCH = "job-slots"
-"""Patch ID: a job takes a running-job slot before it starts, and gives it back at the end."""
-
 SLOT_LEASE_SLACK_SECONDS = 600.0
 """Room over the longest a job can work (its wall-clock budget plus every question's wait)
 before a slot it never gave back (a terminated workflow) frees itself."""
@@ -47,7 +46,12 @@ class JobSlot:
     """The slot of one job."""
 
     def __init__(
-        self, req: JobRequest, state: LoopState, event: Callable[[str, str], None]
+        self,
+        req: JobRequest,
+        state: LoopState,
+        event: Callable[[str, str], None],
+        *,
+        wanted: bool = False,
     ) -> None:
         """Bind to the job.
 
@@ -55,8 +59,10 @@ class JobSlot:
             req: The job's request (tenant, user and budgets).
             state: The loop state; ``job_slot`` records that the job asked for a slot.
             event: Adds one of the job's events (``queued``, ``slot_granted``).
+            wanted: The job was started to take a slot (``AgentLoopInput.job_slot``).
         """
         self._req, self._s, self._event = req, state, event
+        self._wanted = wanted
 
     async def acquire(self) -> None:
         """Take the job's slot, waiting in line when its tenant's or user's limit is full.
@@ -65,7 +71,7 @@ class JobSlot:
             JobFailure: ``JobSlotUnavailable`` when no slot freed within JOB_SLOT_MAX_WAIT.
             asyncio.CancelledError: The job was cancelled while it waited.
         """
-        if not workflow.patched(JOB_SLOTS_PATCH):
+        if not self._wanted:
             return
         # Set before asking, so a job cancelled or failed while in line leaves the line too.
         self._s.job_slot = True

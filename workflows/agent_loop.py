@@ -107,7 +107,7 @@ class AgentLoopWorkflow:
             self._refuse_foreign_state()
         if self._s.started_at is None:
             # Time in line for a running-job slot is not work: the wall clock starts after it.
-            await JobSlot(self._req, self._s, self._event).acquire()
+            await JobSlot(self._req, self._s, self._event, wanted=self._inp.job_slot).acquire()
             self._s.started_at = workflow.now()
             self._event("started", f"goal: {self._req.goal[:80]}")
         self._ledger = Ledger(self._req.budget, self._s.counters, self._s.started_at)

@@ -244,6 +244,10 @@ class AgentLoopInput(BaseModel):
 
     request: JobRequest
     state: LoopState | None = None
+    job_slot: bool = False
+    """Take a running-job slot before starting (``workflows/_slots.py``): set by the gateway
+    when a concurrency limit covers the job's tenant or user. Jobs without one cost no slot
+    calls, and histories recorded before slots existed replay unchanged."""
     continue_as_new_after: int | None = Field(default=None, gt=0)
     """Continue as new after this many iterations in one run even if Temporal does not
     suggest it yet; keeps very long jobs' histories short. None: only when suggested."""

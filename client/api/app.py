@@ -383,8 +383,8 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one short function pe
             jobs_per_day=quotas.jobs_per_day,
             usd_per_day=quotas.usd_per_day,
         )
-        await check_concurrency(ledger.redis, request, job_id_for(caller.tenant, key))
-        job_id = await jobs.start(request, request_key=key)
+        slot = await check_concurrency(ledger.redis, request, job_id_for(caller.tenant, key))
+        job_id = await jobs.start(request, request_key=key, job_slot=slot)
         accepted = JobAccepted(job_id=job_id, links=job_links(job_id))
         if wait > 0:
             try:

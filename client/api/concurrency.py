@@ -36,8 +36,8 @@ class ConcurrencyLimited(Exception):
         self.message = f"the {limit} limit of {count} running jobs is reached"
 
 
-async def check_concurrency(redis: aioredis.Redis, request: JobRequest, job_id: str) -> None:
-    """Reserve the job's running slot under the ``refuse`` policy; nothing under ``wait``.
+async def check_concurrency(redis: aioredis.Redis, request: JobRequest, job_id: str) -> bool:
+    """Whether the job must hold a running slot; under ``refuse``, reserve it or refuse.
 
     A retried submit of a running job finds its slot already held and passes.
 
@@ -46,9 +46,17 @@ async def check_concurrency(redis: aioredis.Redis, request: JobRequest, job_id: 
         request: The validated job (its tenant and user).
         job_id: The job's ID, which names its slot.
 
+    Returns:
+        True when a limit covers the job's tenant or user: its workflow then takes a slot
+        (``AgentLoopInput.job_slot``). False when none does, so the job makes no slot calls.
+
     Raises:
         ConcurrencyLimited: The tenant's or user's limit is reached and the policy refuses.
     """
-    verdict = await slots_for(redis).reserve_for_submit(job_id, request.tenant, request.user)
+    slots = slots_for(redis)
+    if not (await slots.limits(request.tenant)).limited:
+        return False
+    verdict = await slots.reserve_for_submit(job_id, request.tenant, request.user)
     if verdict is not None and not verdict.granted:
         raise ConcurrencyLimited(f"per_{verdict.blocked_by}", verdict.limit)
+    return True

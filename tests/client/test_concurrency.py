@@ -4,6 +4,7 @@ limits (and the gateways') at run time."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -74,16 +75,33 @@ async def test_refuse_answers_429_at_the_tenants_limit_and_admits_after_a_job_en
 
 
 async def test_wait_accepts_every_job_over_the_limit(
-    api: httpx.AsyncClient, redis_client: aioredis.Redis, tenant: str
+    api: httpx.AsyncClient, redis_client: aioredis.Redis, tenant: str, client: Client
 ) -> None:
     key, _ = await ApiKeys(redis_client).create(tenant)
     auth = {"Authorization": f"Bearer {key}"}
+    body = {"goal": "What is 2 + 2? use calculator", "tools": ["calculator"]}
+    free = await api.post("/v1/jobs", json=body, headers=auth, params={"wait": 30})
+    assert free.json()["result"]["outcome"] == "completed"
     await redis_client.hset(CONCURRENCY_KEY, f"per_tenant:{tenant}", 1)
+    await asyncio.sleep(1.2)  # the API re-reads limits at most once a second
     body = {"goal": "Book the usual [sim: ask]", "tools": ["calculator"]}
     accepted = [await api.post("/v1/jobs", json=body, headers=auth) for _ in range(2)]
     assert [r.status_code for r in accepted] == [202, 202]  # the second queues in its job
+    first, second = (f"/v1/jobs/{r.json()['job_id']}" for r in accepted)
+    for _ in range(300):
+        states = [(await api.get(url, headers=auth)).json().get("state") for url in (first, second)]
+        if states == ["waiting_for_input", "queued"]:
+            break
+        await asyncio.sleep(0.1)
+    assert states == ["waiting_for_input", "queued"]
     for response in accepted:
         await api.post(f"/v1/jobs/{response.json()['job_id']}/cancel", headers=auth)
+    # Only jobs a limit covers make slot calls: the job started before the limit made none.
+    unlimited = await client.get_workflow_handle(free.json()["job_id"]).fetch_history()
+    limited = await client.get_workflow_handle(accepted[0].json()["job_id"]).fetch_history()
+    assert "acquire_job_slot" not in unlimited.to_json()
+    markers = [e.marker_recorded_event_attributes.marker_name for e in limited.events]
+    assert "core_local_activity" in markers
 
 
 def test_keel_limits_concurrency_shows_and_sets_a_tenants_limits(

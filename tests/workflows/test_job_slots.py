@@ -49,10 +49,13 @@ async def test_a_job_over_the_tenant_limit_queues_then_runs_when_the_first_ends(
     async with make_worker(client) as worker:
         jobs = AgentJobs(client, task_queue=worker.task_queue)
         # The first job holds the tenant's one slot while it waits for an answer.
-        first = await jobs.start(JobRequest(goal="Book the usual [sim: ask]", tenant=tenant))
+        first = await jobs.start(
+            JobRequest(goal="Book the usual [sim: ask]", tenant=tenant), job_slot=True
+        )
         await wait_until(lambda: _state_is(jobs, first, "waiting_for_input"))
         second = await jobs.start(
-            JobRequest(goal="What is 6 * 7? use calculator", tenant=tenant, tools=["calculator"])
+            JobRequest(goal="What is 6 * 7? use calculator", tenant=tenant, tools=["calculator"]),
+            job_slot=True,
         )
         await wait_until(lambda: _has_event(jobs, second, "queued"))
         queued = await jobs.status(second)
@@ -99,9 +102,13 @@ async def test_a_job_cancelled_in_line_ends_cancelled_and_leaves_the_line(
 ) -> None:
     async with make_worker(client) as worker:
         jobs = AgentJobs(client, task_queue=worker.task_queue)
-        first = await jobs.start(JobRequest(goal="Book the usual [sim: ask]", tenant=tenant))
+        first = await jobs.start(
+            JobRequest(goal="Book the usual [sim: ask]", tenant=tenant), job_slot=True
+        )
         await wait_until(lambda: _state_is(jobs, first, "waiting_for_input"))
-        second = await jobs.start(JobRequest(goal="Book it again [sim: ask]", tenant=tenant))
+        second = await jobs.start(
+            JobRequest(goal="Book it again [sim: ask]", tenant=tenant), job_slot=True
+        )
         await wait_until(lambda: _has_event(jobs, second, "queued"))
         await jobs.cancel(second)
         assert (await jobs.result(second, timeout=30)).outcome == "cancelled"
@@ -144,7 +151,8 @@ async def test_a_worker_whose_limit_store_is_down_still_runs_jobs(
     async with worker:
         jobs = AgentJobs(client, task_queue=worker.task_queue)
         job_id = await jobs.start(
-            JobRequest(goal="What is 6 * 7? use calculator", tenant=tenant, tools=["calculator"])
+            JobRequest(goal="What is 6 * 7? use calculator", tenant=tenant, tools=["calculator"]),
+            job_slot=True,
         )
         result = await jobs.result(job_id, timeout=60)
     assert result.outcome == "completed" and "42" in (result.answer or "")
@@ -168,7 +176,7 @@ async def test_continue_as_new_keeps_the_slot_it_took_in_the_first_run(
     async with make_worker(client) as worker:
         handle = await client.start_workflow(
             AgentLoopWorkflow.run,
-            AgentLoopInput(request=req, continue_as_new_after=1),
+            AgentLoopInput(request=req, continue_as_new_after=1, job_slot=True),
             id=f"agent-job-{tenant}:{unique('can')}",
             task_queue=worker.task_queue,
         )
