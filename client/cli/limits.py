@@ -25,11 +25,6 @@ limits_app = typer.Typer(
 def _limiter_call(
     set_rates: dict[str, str], set_quotas: dict[str, str] | None = None, tenant: str | None = None
 ) -> dict[str, str]:
-    import asyncio
-
-    import redis.asyncio as aioredis
-    from redis.exceptions import RedisError
-
     from keel.client.api.limits import (
         CONFIG_KEY,
         QUOTAS_KEY,
@@ -38,34 +33,24 @@ def _limiter_call(
         parse_rate,
     )
 
-    async def call() -> dict[str, str]:
-        url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-        redis = aioredis.Redis.from_url(url, socket_timeout=5)
-        try:
-            for name, text in set_rates.items():
-                await redis.hset(CONFIG_KEY, name, str(parse_rate(text)).removesuffix("s"))
-            for name, text in (set_quotas or {}).items():
-                if float(text) < 0:
-                    raise ValueError(f"--{name.replace('_', '-')} must be 0 (none) or more")
-                field = f"{name}:{tenant}" if tenant else name
-                await redis.hset(QUOTAS_KEY, field, str(float(text)))
-            limits = await RateLimiter(redis).limits()
-            quotas = await daily_quotas(redis, tenant or "*")
-            return {
-                "per_key": str(limits.per_key),
-                "per_tenant": str(limits.per_tenant),
-                "jobs_per_day": str(quotas.jobs_per_day or "none"),
-                "usd_per_day": str(quotas.usd_per_day or "none"),
-            }
-        finally:
-            await redis.aclose()
+    async def work(redis: Any) -> dict[str, Any]:
+        for name, text in set_rates.items():
+            await redis.hset(CONFIG_KEY, name, str(parse_rate(text)).removesuffix("s"))
+        for name, text in (set_quotas or {}).items():
+            if float(text) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be 0 (none) or more")
+            field = f"{name}:{tenant}" if tenant else name
+            await redis.hset(QUOTAS_KEY, field, str(float(text)))
+        limits = await RateLimiter(redis).limits()
+        quotas = await daily_quotas(redis, tenant or "*")
+        return {
+            "per_key": str(limits.per_key),
+            "per_tenant": str(limits.per_tenant),
+            "jobs_per_day": str(quotas.jobs_per_day or "none"),
+            "usd_per_day": str(quotas.usd_per_day or "none"),
+        }
 
-    try:
-        return asyncio.run(call())
-    except RedisError as err:
-        fail(f"cannot reach Redis ({err}); set REDIS_URL", 1)
-    except ValueError as err:
-        fail(str(err), 2)
+    return _redis_call(work)
 
 
 def _show(limits: dict[str, str], as_json: bool) -> None:

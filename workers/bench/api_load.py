@@ -18,19 +18,14 @@ import os
 import statistics
 import time
 from typing import Any
-from uuid import uuid4
 
 import aiohttp
-import redis.asyncio as aioredis
 from rich.progress import Progress
 from temporalio.client import Client
 
-from keel.client.api.keys import ApiKeys
-from keel.workers.bench.cli_timing import keel_command
-from keel.workers.bench.config import SIM_MODEL, BenchConfig, Servers
-from keel.workers.bench.stack import wait_for_pollers, worker_env
-from keel.workers.supervisor import Supervisor, free_port
-from keel.workflows import TASK_QUEUES
+from keel.workers.bench.api_stack import api_stack
+from keel.workers.bench.config import BenchConfig, Servers
+from keel.workers.supervisor import Supervisor
 
 API_TARGETS_MS = {"submit_p95_ms": 50.0, "status_p95_ms": 30.0}
 """p95 targets at 100 concurrent clients."""
@@ -60,47 +55,24 @@ async def api_load(
     children: Supervisor,
 ) -> dict[str, Any]:
     """Submit and status latency through ``keel api`` at ``config.api_clients`` clients."""
-    tag = uuid4().hex[:8]
-    queue = TASK_QUEUES["interactive"]  # the benchmark's own server: no other worker polls it
-    target = client.service_client.config.target_host
-    env = worker_env(target, client.namespace, servers.redis_url, servers.sim_url, SIM_MODEL)
-    env |= {
-        "KEEL_TASK_QUEUES": queue,
-        "KEEL_API_RATE_PER_KEY": "100000000/1",
-        "KEEL_API_RATE_PER_TENANT": "100000000/1",
-    }
-    for name in (
-        "KEEL_QUOTA_JOBS_PER_DAY",
-        "KEEL_QUOTA_USD_PER_DAY",
-        "KEEL_API_URL",
-        "KEEL_TASK_QUEUE",
-    ):
-        env.pop(name, None)
-    port, keel, processes = free_port(), keel_command(), api_processes()
-    names = [f"api-{tag}", f"api-worker-{tag}"]
-    api_cmd = [*keel, "api", f"--port={port}", f"--workers={processes}"]
-    children.start(names[0], api_cmd, env=env, port=port)
-    worker = children.start(names[1], [*keel, "worker", "--task-queue", queue], env=env)
-    redis = aioredis.Redis.from_url(servers.redis_url)
-    try:
-        key, _ = await ApiKeys(redis).create(f"bench-{tag}", "member", "bench")
-        await wait_for_pollers(client, queue, 1, [worker])
-        base = f"http://127.0.0.1:{port}"
+    processes = api_processes()
+    # Limits far above the load, so that none of it is refused.
+    rates = {"KEEL_API_RATE_PER_KEY": "100000000/1", "KEEL_API_RATE_PER_TENANT": "100000000/1"}
+    async with api_stack(
+        client, servers, children, name="api", processes=processes, env=rates
+    ) as stack:
         task = progress.add_task("api: submit", total=config.api_requests * 2)
         # aiohttp drives the load: httpx's pool tops out near 80 requests/s at 100 concurrent
         # requests on this machine, which would measure the client, not the gateway.
         async with aiohttp.ClientSession(
-            base,
-            headers={"Authorization": f"Bearer {key}"},
+            stack.base_url,
+            headers={"Authorization": f"Bearer {stack.key}"},
             connector=aiohttp.TCPConnector(limit=config.api_clients),
             timeout=aiohttp.ClientTimeout(total=60),
         ) as http:
             await _until_ready(http)
             submit = await _submit_phase(http, config, progress, task)
             status = await _status_phase(http, config, progress, task)
-    finally:
-        await redis.aclose()
-        await asyncio.to_thread(children.stop, *names)
     measured = {**submit, **status}
     return {
         "clients": config.api_clients,

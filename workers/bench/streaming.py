@@ -15,19 +15,14 @@ import asyncio
 import statistics
 import time
 from typing import Any
-from uuid import uuid4
 
 import aiohttp
-import redis.asyncio as aioredis
 from rich.progress import Progress
 from temporalio.client import Client
 
-from keel.client.api.keys import ApiKeys
-from keel.workers.bench.cli_timing import keel_command
-from keel.workers.bench.config import SIM_MODEL, BenchConfig, Servers
-from keel.workers.bench.stack import wait_for_pollers, worker_env
-from keel.workers.supervisor import Supervisor, free_port
-from keel.workflows import TASK_QUEUES
+from keel.workers.bench.api_stack import api_stack
+from keel.workers.bench.config import BenchConfig, Servers
+from keel.workers.supervisor import Supervisor
 
 STREAM_GOAL = "Explain why 6 * 7 is 42, step by step [sim: slow=300, token_ms=15]"
 """Every model call of these jobs takes 300 ms before it answers; a streamed answer then
@@ -45,25 +40,11 @@ async def stream_latency(
     children: Supervisor,
 ) -> dict[str, Any]:
     """Time to first progress event, first answer token and end, through ``keel api``."""
-    tag = uuid4().hex[:8]
-    queue = TASK_QUEUES["interactive"]
-    target = client.service_client.config.target_host
-    env = worker_env(target, client.namespace, servers.redis_url, servers.sim_url, SIM_MODEL)
-    env |= {"KEEL_TASK_QUEUES": queue}
-    for name in ("KEEL_API_URL", "KEEL_TASK_QUEUE"):
-        env.pop(name, None)
-    port, keel = free_port(), keel_command()
-    names = [f"stream-api-{tag}", f"stream-worker-{tag}"]
-    children.start(names[0], [*keel, "api", f"--port={port}"], env=env, port=port)
-    worker = children.start(names[1], [*keel, "worker", "--task-queue", queue], env=env)
-    redis = aioredis.Redis.from_url(servers.redis_url)
-    try:
-        key, _ = await ApiKeys(redis).create(f"bench-{tag}", "member", "bench")
-        await wait_for_pollers(client, queue, 1, [worker])
+    async with api_stack(client, servers, children, name="stream") as stack:
         task = progress.add_task("stream: jobs", total=STREAM_JOBS)
         async with aiohttp.ClientSession(
-            f"http://127.0.0.1:{port}",
-            headers={"Authorization": f"Bearer {key}"},
+            stack.base_url,
+            headers={"Authorization": f"Bearer {stack.key}"},
             timeout=aiohttp.ClientTimeout(total=120),
         ) as http:
             gate = asyncio.Semaphore(STREAM_CONCURRENCY)
@@ -75,9 +56,6 @@ async def stream_latency(
                 return timings
 
             runs = await asyncio.gather(*(one() for _ in range(STREAM_JOBS)))
-    finally:
-        await redis.aclose()
-        await asyncio.to_thread(children.stop, *names)
     figures: dict[str, Any] = {"jobs": STREAM_JOBS, "concurrency": STREAM_CONCURRENCY}
     for name in ("first_progress_ms", "first_token_ms", "end_ms", "streaming_lead_ms"):
         ordered = sorted(run[name] for run in runs)

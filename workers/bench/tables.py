@@ -221,7 +221,7 @@ def _cli_table(mode: str, rps: int, config: BenchConfig, data: dict[str, Any]) -
 
 
 def _api_table(mode: str, rps: int, config: BenchConfig, data: dict[str, Any]) -> Table:
-    table = Table(title=_title("The HTTP gateway, 100 clients", mode, rps))
+    table = Table(title=_title(f"The HTTP gateway, {data['clients']} clients", mode, rps))
     for col in ("call", "p50 (ms)", "p95 (ms)", "p99 (ms)", "per s", "target"):
         table.add_column(col, justify="left" if col == "call" else "right")
     for kind, label in (("submit", "POST /v1/jobs"), ("status", "GET /v1/jobs/{id}")):
