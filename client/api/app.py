@@ -24,8 +24,8 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, get_args
-from urllib.parse import urlencode
+from typing import Annotated, Any
+from urllib.parse import parse_qsl, urlencode
 
 import redis.asyncio as aioredis
 import structlog
@@ -70,7 +70,7 @@ from keel.client.errors import (
     JobTimeout,
 )
 from keel.client.jobs import AgentJobs
-from keel.workflows.types import HumanInput, JobResult, JobState, JobStatus, job_id_for
+from keel.workflows.types import JobResult, JobState, JobStatus, job_id_for
 
 __all__ = ["ERROR_STATUS", "MAX_BODY_BYTES", "create_app"]
 
@@ -183,6 +183,11 @@ class _BodyCap:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if repeated := _repeated_parameter(scope.get("query_string", b"")):
+            # Every parameter of this API is one value; given twice, which one was meant?
+            message = "given more than once; every query parameter takes one value"
+            await _error(422, "invalid_request", message, field=repeated)(scope, receive, send)
+            return
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None:
             if not length.isdigit() or int(length) > MAX_BODY_BYTES:
@@ -201,6 +206,18 @@ class _BodyCap:
             return message
 
         await self.app(scope, capped, send)
+
+
+def _repeated_parameter(query: bytes) -> str | None:
+    """The first query parameter that appears twice, if any (one cheap pass, no decoding)."""
+    if b"&" not in query:
+        return None
+    seen: set[str] = set()
+    for name, _ in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if name in seen:
+            return name[:64]
+        seen.add(name)
+    return None
 
 
 def _too_large() -> JSONResponse:
@@ -413,13 +430,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one short function pe
         request: Request,
         response: Response,
         tenant: Annotated[str | None, Query(max_length=64)] = None,
-        state: Annotated[
-            str | None,
-            Query(
-                description="Only jobs in this state.",
-                json_schema_extra={"enum": list(get_args(JobState))},  # any other is a 400
-            ),
-        ] = None,
+        state: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
         since: Annotated[
             AwareDatetime | None,
             BeforeValidator(_date_time),
@@ -471,7 +482,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one short function pe
     @app.post("/v1/jobs/{job_id}/answer", response_model=InputAck, responses=_errors(409))
     async def answer(job_id: str, body: AnswerIn, jobs: Jobs) -> InputAck:
         """Answer the job's pending question; acknowledged once the job recorded it."""
-        return InputAck(ack=await jobs.send_input(job_id, HumanInput(text=body.text)))
+        return InputAck(ack=await jobs.send_input(job_id, body.text))
 
     @app.post("/v1/jobs/{job_id}/cancel", status_code=202, response_model=CancelAccepted)
     async def cancel(job_id: str, jobs: Jobs) -> CancelAccepted:

@@ -11,7 +11,14 @@ from __future__ import annotations
 from typing import Annotated, Literal
 from urllib.parse import quote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from keel.activities.corpora import CORPUS_PREFIX
 from keel.client.errors import InvalidJobRequest
@@ -38,6 +45,24 @@ Name = Annotated[str, StringConstraints(pattern=IDENT_RE.pattern)]
 """A tool's or corpus's name, as ``JobRequest`` accepts it (and as the OpenAPI shows it)."""
 
 
+def _no_booleans(value: object) -> object:
+    """Refuse ``true``/``false`` where a number goes (pydantic would read them as 1 and 0).
+
+    JSON Schema's ``number`` and ``integer`` do not match a boolean, so the API refuses what its
+    OpenAPI document says it refuses (schemathesis found ``"ask_timeout_seconds": true``
+    accepted). Not strict mode: that would also refuse ``369.0``, which ``integer`` matches.
+    """
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+class BudgetIn(Budget):
+    """``Budget`` as an API caller sends it: every limit a JSON number, never a boolean."""
+
+    _numbers = field_validator("*", mode="before")(_no_booleans)
+
+
 class JobCreate(BaseModel):
     """A job as an API caller submits it.
 
@@ -52,12 +77,13 @@ class JobCreate(BaseModel):
     """What the agent should achieve."""
     tools: list[Name] | None = None
     """Tools the job may use (default: calculator, write_note)."""
-    budget: Budget | None = None
+    budget: BudgetIn | None = None
     """Limits; any left out take their defaults."""
     ask_timeout_seconds: float | None = Field(
         default=None, gt=0, le=30 * 86400, allow_inf_nan=False
     )
     """How long a question waits before the job assumes its default."""
+    _numbers = field_validator("ask_timeout_seconds", mode="before")(_no_booleans)
     mode: Literal["interactive", "batch"] = "interactive"
     """``batch`` jobs never run ahead of interactive ones."""
     corpus: Name | None = Field(default=None, max_length=64)
@@ -120,7 +146,8 @@ class AnswerIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(min_length=1, max_length=4000)
+    text: str = Field(min_length=1, max_length=4000, pattern=r"\S")
+    """The answer; not blank (a pattern, so the OpenAPI document says so too)."""
 
 
 class InputAck(BaseModel):

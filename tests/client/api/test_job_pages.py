@@ -108,7 +108,8 @@ async def test_bad_list_parameters_are_json_errors_never_a_500(
         (key, {"limit": "0"}, 422, "limit"),
         (key, {"limit": "501"}, 422, "limit"),
         (key, {"limit": "many"}, 422, "limit"),
-        (key, {"state": "sleeping"}, 400, "state"),
+        (key, {"state": "sleeping"}, 422, "state"),
+        (key, {"state": ""}, 422, "state"),
         (operator, {"tenant": "a b' OR 1=1"}, 400, "tenant"),
         (key, {"tenant": "t" * 65}, 422, "tenant"),
     ]
