@@ -82,7 +82,7 @@ from typing import Any  # noqa: E402
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest  # noqa: E402
 from temporalio.client import Client  # noqa: E402
 from temporalio.testing import WorkflowEnvironment  # noqa: E402
-from temporalio.worker import Worker  # noqa: E402
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker  # noqa: E402
 
 from keel.activities.converter import DATA_CONVERTER  # noqa: E402
 from keel.activities.corpora import Corpora  # noqa: E402
@@ -215,6 +215,14 @@ def make_worker(redis_url: str, sim_url: str) -> WorkerFactory:
             webhook_hosts=WebhookHosts(webhook_hosts),
         )
         worker_kwargs.setdefault("max_cached_workflows", 0)
+        # Unsandboxed, as `keel worker` runs; every task still replays (no cache), so
+        # nondeterminism fails here as it would there. Temporal's sandbox importer can trip
+        # CPython's module-lock race on 3.10/3.11 (KeyError: <thread id> while validating or
+        # creating a workflow; temporalio/sdk-python#585, python/cpython#91351), and a sandbox
+        # per activation gave it hundreds of chances a run. The sandbox keeps its own tests:
+        # test_replay.py replays every recorded history in it, and test_plugin.py hosts Keel in
+        # a worker on the SDK's defaults.
+        worker_kwargs.setdefault("workflow_runner", UnsandboxedWorkflowRunner())
         worker = Worker(
             client,
             task_queue=task_queue or f"tq-{uuid.uuid4()}",
