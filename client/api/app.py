@@ -65,7 +65,6 @@ from keel.client.errors import (
     ConnectionFailed,
     InputRejected,
     InvalidJobRequest,
-    JobFailed,
     JobNotFound,
     JobTimeout,
 )
@@ -686,9 +685,4 @@ class _StillRunning(Exception):
 
 async def _result(jobs: AgentJobs, job_id: str, wait: float) -> JobResult:
     """The job's result, failed jobs' included; ``JobTimeout`` if it runs past ``wait``."""
-    try:
-        return await jobs.result(job_id, timeout=max(wait, 0.001))
-    except JobFailed as failed:
-        if failed.result is None:
-            raise
-        return failed.result
+    return await jobs.final_result(job_id, timeout=max(wait, 0.001))
