@@ -1,6 +1,8 @@
 """The built-in tools' names, descriptions and argument models.
 
-Owns the *shape* of every built-in tool: what the model may call and with which arguments.
+Owns the *shape* of every built-in tool: what the model may call and with which arguments,
+and what the gateway may assume about it (side-effecting or read-only, its behaviour version,
+how long its results may be served from the tool-result cache).
 The client imports this module to check ``--tool`` names when a job is submitted, and the
 tool gateway (``activities/tools/gateway.py``) validates arguments against these models, so it
 depends only on pydantic and the standard library and performs no I/O. Not workflow code,
@@ -10,6 +12,7 @@ though it is deterministic and safe to import anywhere.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -89,6 +92,37 @@ class ToolInfo:
     """Pydantic model the gateway validates the arguments against."""
     side_effecting: bool = False
     """True when the tool changes the world; the gateway then records its result per op_key."""
+    read_only: bool = False
+    """True when the tool only reads, so a result may be served again to the same tenant for
+    the same arguments (``activities/tools/result_cache.py``). Never true of a side-effecting
+    tool: serving a write from a cache would skip the effect."""
+    version: str = "1"
+    """The tool's behaviour version. It is part of every cache key, so bumping it when the
+    tool's output for the same arguments changes stops old results being served."""
+    cache_ttl_seconds: float = 0.0
+    """How long a result of this read-only tool may be served from the tool-result cache
+    (capped by the worker's ``CacheSettings``); 0: never cached by the gateway."""
+
+    def __post_init__(self) -> None:
+        """Refuse a declaration the gateway could not honour.
+
+        Raises:
+            ValueError: If a side-effecting tool is declared read-only, or a tool that is not
+                read-only (or has a negative or non-finite TTL) declares a cache TTL.
+        """
+        if self.side_effecting and self.read_only:
+            raise ValueError(f"tool {self.name!r} cannot be both side-effecting and read-only")
+        if not math.isfinite(self.cache_ttl_seconds) or self.cache_ttl_seconds < 0:
+            raise ValueError(f"tool {self.name!r}: cache_ttl_seconds must be finite and >= 0")
+        if self.cache_ttl_seconds > 0 and not self.read_only:
+            raise ValueError(f"tool {self.name!r} is cached but not declared read-only")
+        if not self.version:
+            raise ValueError(f"tool {self.name!r} needs a version")
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether the gateway may serve this tool's results from the tool-result cache."""
+        return self.read_only and self.cache_ttl_seconds > 0
 
     def schema(self) -> dict[str, Any]:
         """The tool's description for a prompt.
@@ -101,6 +135,10 @@ class ToolInfo:
             "description": self.description,
             "parameters": json_schema(self.args_model),
         }
+
+
+_CALCULATOR_TTL = 7 * 86_400.0
+_HTTP_GET_TTL = 300.0
 
 
 @functools.cache
@@ -119,11 +157,17 @@ BUILTIN_TOOLS: dict[str, ToolInfo] = {
             "calculator",
             "Evaluate an arithmetic expression exactly and return the number.",
             CalculatorArgs,
+            read_only=True,
+            # Pure arithmetic: the answer never goes stale, only the tool's version can change.
+            cache_ttl_seconds=_CALCULATOR_TTL,
         ),
         ToolInfo(
             "http_get",
             "Fetch a URL with HTTP GET and return the status and the start of the body.",
             HttpGetArgs,
+            read_only=True,
+            # Pages change: a short TTL bounds how stale a served page can be.
+            cache_ttl_seconds=_HTTP_GET_TTL,
         ),
         ToolInfo(
             "write_note",
@@ -135,6 +179,12 @@ BUILTIN_TOOLS: dict[str, ToolInfo] = {
             "search_docs",
             "Search the job's documents and return the best-matching passages.",
             SearchDocsArgs,
+            read_only=True,
+            # Not cached here: its hits depend on the corpus contents, and the Retriever it
+            # calls knows the corpus index version and keeps the retrieval top-k cache keyed by
+            # it. A tool-level entry would need a second folder scan before every lookup to
+            # learn that version, and would store the same hits twice.
+            cache_ttl_seconds=0.0,
         ),
     )
 }

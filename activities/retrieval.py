@@ -1,34 +1,72 @@
-"""Lexical retrieval over a job's document folder, and the ``search_corpus`` activity.
+"""Hybrid retrieval over a job's documents (BM25 and dense vectors, fused), and ``search_corpus``.
 
 Owns reading a folder of text documents, their metadata (path, extension, folder and an
-optional ``---`` front-matter block), a BM25 index over them (``bm25s``, English stopwords) and
-ranked, filtered search. Indexes are cached in-process per folder and rebuilt when any file's
-path, mtime or size changes. Searches are reads: their results are memoized in workflow history,
-so they need no idempotency key. Not workflow code: this module reads the file system.
+optional ``---`` front-matter block), the in-process index of each folder and ranked, filtered
+search. An index holds a BM25 index (``bm25s``, English stopwords) and, once a dense or hybrid
+search has asked for them, the documents' embedding vectors (numpy, from ``Embedder``). Indexes
+are cached per folder and rebuilt when any file's path, mtime or size changes; the digest of
+those is the index version (``RetrievalResult.index_version``), and documents are embedded once
+per version, by one run that concurrent searches share.
+
+Ranking (``RetrievalQuery.mode``):
+
+- ``bm25``: BM25 scores (the score of a hit is its BM25 score).
+- ``dense``: cosine similarity between the query's and each document's vector (the score).
+- ``hybrid``: both rankings, each cut to its best ``FUSION_DEPTH``, fused by reciprocal rank
+  fusion, ``sum 1 / (RRF_K + rank)`` with RRF_K = 60, scaled so a document first in both
+  rankings scores 1.0 (one first in one ranking only scores 0.5).
+
+Filters remove documents before any ranking, and at most MAX_TOP_K hits come back. A document
+is embedded as one unit: its title and the first ``EMBED_CHARS`` characters of its body
+(passage-level chunking is left out; BM25 still reads the whole text). The optional rerank is
+maximal marginal relevance (``_mmr``). When the embeddings endpoint fails, or the documents'
+vectors are not ready in time, a search degrades to BM25 and says so in ``degraded``.
+
+Searches are reads: their results are memoized in workflow history, so they need no
+idempotency key. The retrieval top-k cache (``CacheKind.RETRIEVAL``) keeps a search's hits per
+tenant, corpus, index version, query, filters, k, mode and rerank; a hit returns the same hits
+with ``cached=True``, recorded in history like a miss. Degraded results are never cached. Not
+workflow code: this module reads the file system and calls the embeddings endpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import bm25s
 import numpy as np
+import numpy.typing as npt
 import structlog
+from pydantic import ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from keel.activities._heartbeat import heartbeating
+from keel.activities.cache import CacheKind, KeelCache, normalize_text
 from keel.activities.corpora import Corpora, corpus_name
+from keel.activities.embeddings import Embedder, Vectors
 from keel.activities.errors import CORPUS_TOO_LARGE, DOCS_NOT_FOUND
-from keel.activities.types import RetrievalHit, RetrievalQuery, RetrievalResult
+from keel.activities.types import RetrievalHit, RetrievalMode, RetrievalQuery, RetrievalResult
 
-__all__ = ["DOC_EXTENSIONS", "MAX_DOC_BYTES", "MAX_TOP_K", "RetrievalActivities", "Retriever"]
+__all__ = [
+    "DOC_EXTENSIONS",
+    "EMBED_CHARS",
+    "MAX_DOC_BYTES",
+    "MAX_TOP_K",
+    "RRF_K",
+    "RetrievalActivities",
+    "Retriever",
+    "index_version",
+]
 
 DOC_EXTENSIONS = frozenset({".md", ".txt", ".rst", ".json", ".py", ".html"})
 """File extensions that are indexed; everything else in the folder is ignored."""
@@ -42,6 +80,24 @@ MAX_TOP_K = 20
 """Most hits one search returns."""
 SNIPPET_CHARS = 300
 """Approximate length of a hit's snippet."""
+EMBED_CHARS = 2_000
+"""Characters of a document's body that are embedded (after its title): about 500 tokens, so
+a batch of 128 stays far inside an embeddings request's token limit."""
+RRF_K = 60
+"""Reciprocal rank fusion's constant (Cormack et al., 2009): damps the weight of the top ranks
+so that agreement between rankings counts more than one ranking's first place."""
+FUSION_DEPTH = 100
+"""How deep into each ranking fusion looks."""
+RERANK_LAMBDA = 0.7
+"""Maximal marginal relevance's trade-off: 1.0 is relevance alone, 0.0 novelty alone."""
+RERANK_POOL = 3
+"""The rerank re-orders the best ``RERANK_POOL * top_k`` candidates."""
+EMBED_WAIT_SECONDS = 40.0
+"""How long a search waits for its documents' vectors before it ranks by BM25 alone (and the
+embedding run goes on for later searches): inside the retrieval activity's 60 s attempt."""
+RANKING_VERSION = "1"
+"""Part of every retrieval cache key: bump it when ranking code changes what a search returns,
+so hits ranked by the old code are not served."""
 _MAX_CACHED_FOLDERS = 32
 
 _log = structlog.get_logger(__name__)
@@ -57,12 +113,38 @@ class _Doc:
     metadata: dict[str, str]
 
 
+@dataclass
+class _Dense:
+    """An index's document vectors: computed at most once per index version."""
+
+    vectors: Vectors | None = None
+    run: asyncio.Task[Vectors] | None = None
+    """The embedding run in progress, shared by every search that waits for it."""
+
+
 @dataclass(frozen=True)
 class _Index:
     signature: Signature
     docs: list[_Doc]
     bm25: bm25s.BM25 | None
     """None when no document has an indexable term."""
+    version: str
+    dense: _Dense = field(default_factory=_Dense)
+
+
+class _DenseUnavailable(Exception):
+    """Dense ranking cannot be done for this search; the message says why."""
+
+
+def index_version(signature: Signature) -> str:
+    """The version of an index: a digest of its files' paths, mtimes and sizes.
+
+    The folder's own path is left out, so workers that mount the same files at different paths
+    share retrieval cache entries; a copy whose every path, mtime and size matches is taken to
+    hold the same text.
+    """
+    raw = json.dumps(signature, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(raw).hexdigest()[:24]
 
 
 def _tokenize(texts: list[str]) -> list[list[str]]:
@@ -147,13 +229,21 @@ def _load(folder: Path, files: list[tuple[Path, str, int, int]]) -> list[_Doc]:
 
 def _build(folder: Path, signature: Signature, files: list[tuple[Path, str, int, int]]) -> _Index:
     docs = _load(folder, files)
+    version = index_version(signature)
     corpus = _tokenize([f"{d.metadata.get('title', '')}\n{d.text}" for d in docs])
     if not any(corpus):
-        # bm25s cannot index a corpus without a single term, and nothing could match anyway.
-        return _Index(signature, docs, None)
+        # bm25s cannot index a corpus without a single term; dense ranking may still work.
+        return _Index(signature, docs, None, version)
     bm25 = bm25s.BM25()
     bm25.index(corpus, show_progress=False)
-    return _Index(signature, docs, bm25)
+    return _Index(signature, docs, bm25, version)
+
+
+def _embed_text(doc: _Doc) -> str:
+    """What represents ``doc`` in vector space: its title and the start of its body."""
+    parts = (doc.metadata.get("title", ""), " ".join(doc.text[:EMBED_CHARS].split()))
+    # Endpoints refuse an empty input; a document without words is represented by its path.
+    return "\n".join(p for p in parts if p.strip()) or doc.path
 
 
 def _snippet(text: str, terms: list[str]) -> str:
@@ -170,19 +260,91 @@ def _snippet(text: str, terms: list[str]) -> str:
     return f"{prefix}{piece}{suffix}"
 
 
-def _rank(index: _Index, query: str, top_k: int, filters: dict[str, str]) -> list[RetrievalHit]:
-    if index.bm25 is None:
-        return []
-    terms = _tokenize([query])[0]
-    if not terms:
-        return []
-    scores = np.asarray(index.bm25.get_scores(terms), dtype=np.float64)
+def _allowed(docs: list[_Doc], filters: dict[str, str]) -> npt.NDArray[np.bool_]:
+    return np.array(
+        [all(d.metadata.get(k) == v for k, v in filters.items()) for d in docs], dtype=bool
+    )
+
+
+def _order(scores: npt.NDArray[np.float64], depth: int) -> npt.NDArray[np.intp]:
+    """Indexes of the positive scores, best first (ties by document order), at most ``depth``."""
+    order = np.argsort(-scores, kind="stable")[:depth]
+    return order[scores[order] > 0.0]
+
+
+def _fuse(*rankings: npt.NDArray[np.intp], n: int) -> npt.NDArray[np.float64]:
+    """Reciprocal rank fusion of ``rankings`` over ``n`` documents, scaled to (0, 1]."""
+    fused = np.zeros(n, dtype=np.float64)
+    for ranking in rankings:
+        fused[ranking] += 1.0 / (RRF_K + 1 + np.arange(len(ranking)))
+    return fused / (len(rankings) / (RRF_K + 1))
+
+
+def _mmr(
+    pool: npt.NDArray[np.intp], scores: npt.NDArray[np.float64], vectors: Vectors, k: int
+) -> list[int]:
+    """Maximal marginal relevance (Carbonell and Goldstein, 1998) over the candidates ``pool``.
+
+    Picks, one at a time, the candidate with the best ``RERANK_LAMBDA * relevance -
+    (1 - RERANK_LAMBDA) * (its highest cosine with a hit already picked)``, relevance being the
+    score scaled by the pool's best. The best hit stays first; a near-duplicate of a hit
+    already picked drops below a slightly less relevant document that adds something new, so
+    a planner's context is not spent twice on one passage. Cheap: no model call, only the
+    vectors the index already holds (one pool-by-pool product, at most 60 by 60).
+    """
+    relevance = scores[pool] / max(float(scores[pool].max()), 1e-12)
+    sims = vectors[pool] @ vectors[pool].T
+    picked: list[int] = []
+    redundancy = np.full(len(pool), -np.inf)
+    left = np.ones(len(pool), dtype=bool)
+    while len(picked) < min(k, len(pool)):
+        penalty = np.where(np.isfinite(redundancy), redundancy, 0.0)
+        value = RERANK_LAMBDA * relevance - (1 - RERANK_LAMBDA) * penalty
+        best = int(np.argmax(np.where(left, value, -np.inf)))
+        picked.append(best)
+        left[best] = False
+        redundancy = np.maximum(redundancy, sims[best])
+    return [int(pool[i]) for i in picked]
+
+
+@dataclass(frozen=True)
+class _Ranking:
+    """One search's inputs to ``_ranked``, all computed before it runs in a thread."""
+
+    query: str
+    top_k: int
+    filters: dict[str, str]
+    mode: RetrievalMode
+    rerank: bool
+    query_vector: Vectors | None
+    doc_vectors: Vectors | None
+
+
+def _ranked(index: _Index, r: _Ranking) -> list[RetrievalHit]:
+    """Rank ``index``'s documents for ``r`` (CPU only: run it off the event loop)."""
+    n = len(index.docs)
+    terms = _tokenize([r.query])[0]
+    allowed = _allowed(index.docs, r.filters)
     # Filters are applied to every document before ranking, so a selective filter still returns
     # up to top_k hits instead of whatever survived from an unfiltered top_k.
-    for i, doc in enumerate(index.docs):
-        if any(doc.metadata.get(k) != v for k, v in filters.items()):
-            scores[i] = 0.0
-    order = np.argsort(-scores, kind="stable")[:top_k]
+    bm25 = np.zeros(n, dtype=np.float64)
+    if r.mode != "dense" and index.bm25 is not None and terms:
+        bm25 = np.where(allowed, np.asarray(index.bm25.get_scores(terms), dtype=np.float64), 0.0)
+    cosine = np.zeros(n, dtype=np.float64)
+    if r.mode != "bm25" and r.query_vector is not None and r.doc_vectors is not None:
+        raw = (r.doc_vectors @ r.query_vector[0]).astype(np.float64)
+        cosine = np.where(allowed, raw, 0.0)
+    if r.mode == "bm25":
+        scores = bm25
+    elif r.mode == "dense":
+        scores = cosine
+    else:
+        scores = _fuse(_order(bm25, FUSION_DEPTH), _order(cosine, FUSION_DEPTH), n=n)
+    pool = _order(scores, RERANK_POOL * r.top_k if r.rerank else r.top_k)
+    if r.rerank and r.doc_vectors is not None and len(pool):
+        chosen = _mmr(pool, scores, r.doc_vectors, r.top_k)
+    else:
+        chosen = [int(i) for i in pool[: r.top_k]]
     return [
         RetrievalHit(
             doc_id=index.docs[i].path,
@@ -191,16 +353,17 @@ def _rank(index: _Index, query: str, top_k: int, filters: dict[str, str]) -> lis
             snippet=_snippet(index.docs[i].text, terms),
             metadata=index.docs[i].metadata,
         )
-        for i in order
-        if scores[i] > 0.0
+        for i in chosen
     ]
 
 
 class Retriever:
-    """BM25 search over document folders, with one cached index per folder.
+    """Hybrid search over document folders, with one cached index per folder.
 
     Safe to share between concurrent activities on one event loop: builds of the same folder
-    are serialized, and indexing runs in a thread so it does not block the worker's loop.
+    are serialized, indexing and ranking run in threads so they do not block the worker's
+    loop, and the documents of an index version are embedded by one run that every search
+    waiting for them shares.
     """
 
     def __init__(
@@ -210,14 +373,39 @@ class Retriever:
         *,
         max_files: int = MAX_INDEX_FILES,
         max_bytes: int = MAX_INDEX_BYTES,
+        embedder: Embedder | None = None,
+        cache: KeelCache | None = None,
+        embed_wait_seconds: float = EMBED_WAIT_SECONDS,
     ) -> None:
+        """Bind the retriever to the worker's corpora, embedder and caches.
+
+        Args:
+            max_cached_folders: Indexes kept in memory, least recently used dropped first.
+            corpora: The corpus names jobs may search; none when None.
+            max_files: Most documents one index holds.
+            max_bytes: Most bytes of documents one index reads.
+            embedder: Vectors for dense and hybrid ranking; None (or one without a model):
+                BM25 only.
+            cache: The retrieval top-k cache (``CacheKind.RETRIEVAL``); None: none.
+            embed_wait_seconds: How long a search waits for its documents' vectors.
+        """
         self._corpora = corpora or Corpora()
         self._bounds = (max_files, max_bytes)
         self._indexes: OrderedDict[str, _Index] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         self._max_cached = max_cached_folders
+        self._embedder = embedder if embedder is not None and embedder.enabled else None
+        self._cache = cache
+        self._embed_wait = embed_wait_seconds
         self.builds = 0
         """How many indexes this retriever has built (tests use it to observe caching)."""
+        self.doc_embeddings = 0
+        """How many times it embedded an index's documents (once per index version)."""
+
+    @property
+    def default_mode(self) -> RetrievalMode:
+        """The mode of a search that names none: hybrid with an embedding model, else BM25."""
+        return "hybrid" if self._embedder is not None else "bm25"
 
     async def search(
         self,
@@ -227,7 +415,28 @@ class Retriever:
         filters: dict[str, str] | None = None,
         *,
         tenant: str = "",
+        mode: RetrievalMode | None = None,
+        rerank: bool = False,
+        cache: bool = True,
     ) -> list[RetrievalHit]:
+        """The hits of ``retrieve`` (same arguments), for callers that need nothing else."""
+        result = await self.retrieve(
+            docs_dir, query, top_k, filters, tenant=tenant, mode=mode, rerank=rerank, cache=cache
+        )
+        return result.hits
+
+    async def retrieve(
+        self,
+        docs_dir: str,
+        query: str,
+        top_k: int = 5,
+        filters: dict[str, str] | None = None,
+        *,
+        tenant: str = "",
+        mode: RetrievalMode | None = None,
+        rerank: bool = False,
+        cache: bool = True,
+    ) -> RetrievalResult:
         """Rank the documents against ``query``.
 
         Args:
@@ -237,26 +446,157 @@ class Retriever:
             query: Search text.
             top_k: Most hits to return; capped at MAX_TOP_K.
             filters: Metadata equality filters (``path``, ``ext``, ``dir``, front-matter keys).
-            tenant: Whose corpora ``corpus:NAME`` is looked up among.
+            tenant: Whose corpora ``corpus:NAME`` is looked up among, and whose caches are
+                read and written (none when empty).
+            mode: ``hybrid``, ``bm25`` or ``dense``; None: ``default_mode``.
+            rerank: Re-order the best candidates by maximal marginal relevance.
+            cache: Whether the retrieval cache may serve this search and store its hits.
 
         Returns:
-            Hits with a positive score, best first; empty when nothing matches.
+            Hits with a positive score, best first (in MMR order with ``rerank``), the mode
+            that ranked them, the index version, and ``cached`` or ``degraded`` when so.
 
         Raises:
             ApplicationError: ``DOCS_NOT_FOUND`` (non-retryable) if the folder does not exist
                 or the corpus is not one the tenant may search; ``CORPUS_TOO_LARGE`` past the
                 index's bounds.
         """
-        if (name := corpus_name(docs_dir)) is not None:
-            folder = self._corpora.resolve(tenant, name)
-            if folder is None:  # another tenant's corpus reads exactly like a missing one
-                raise ApplicationError(
-                    f"no corpus named {name!r}", type=DOCS_NOT_FOUND, non_retryable=True
-                )
-            docs_dir = folder
-        index = await self._index(docs_dir)
+        index = await self._index(self._folder(docs_dir, tenant))
+        wanted = mode or self.default_mode
         top_k = max(1, min(top_k, MAX_TOP_K))
-        return await asyncio.to_thread(_rank, index, query, top_k, dict(filters or {}))
+        filters = dict(filters or {})
+        parts = {
+            "ranking": RANKING_VERSION,
+            "corpus": docs_dir,
+            "index": index.version,
+            # Whitespace collapsed, case kept: an embedding model may tell "US" from "us".
+            "query": normalize_text(query, "whitespace"),
+            "filters": filters,
+            "k": top_k,
+            "mode": wanted,
+            "rerank": rerank,
+            "embedding_model": self._embedder.model if self._embedder else "",
+        }
+        key = self._cache_key(tenant, parts) if cache else None
+        if key is not None and (hit := await self._cached(key)) is not None:
+            _log.info("retrieval.cache_hit", hits=len(hit.hits), index_version=index.version)
+            return hit
+        result = await self._search(index, query, top_k, filters, wanted, rerank, tenant)
+        if key is not None:
+            result.cached = False  # looked up and missed: the job counts it
+        if key is not None and self._cache is not None and result.degraded is None:
+            # A degraded result is not what the search asked for: the next search tries again.
+            await self._cache.put(CacheKind.RETRIEVAL, key, result.model_dump(mode="json"))
+        return result
+
+    def _folder(self, docs_dir: str, tenant: str) -> str:
+        if (name := corpus_name(docs_dir)) is None:
+            return docs_dir
+        folder = self._corpora.resolve(tenant, name)
+        if folder is None:  # another tenant's corpus reads exactly like a missing one
+            raise ApplicationError(
+                f"no corpus named {name!r}", type=DOCS_NOT_FOUND, non_retryable=True
+            )
+        return folder
+
+    def _cache_key(self, tenant: str, parts: dict[str, Any]) -> str | None:
+        if self._cache is None or not tenant or not self._cache.enabled(CacheKind.RETRIEVAL):
+            return None
+        try:
+            return self._cache.key(CacheKind.RETRIEVAL, tenant, parts)
+        except ValueError:  # not a tenant name: search without the cache
+            return None
+
+    async def _cached(self, key: str) -> RetrievalResult | None:
+        assert self._cache is not None  # _cache_key checked it
+        entry = await self._cache.get(CacheKind.RETRIEVAL, key)
+        if entry is None:
+            return None
+        try:
+            return RetrievalResult.model_validate(entry).model_copy(update={"cached": True})
+        except ValidationError:  # an entry written by other code: a miss
+            return None
+
+    async def _search(
+        self,
+        index: _Index,
+        query: str,
+        top_k: int,
+        filters: dict[str, str],
+        mode: RetrievalMode,
+        rerank: bool,
+        tenant: str,
+    ) -> RetrievalResult:
+        result = RetrievalResult(mode=mode, index_version=index.version)
+        if not index.docs or not query.strip():
+            return result
+        query_vector = doc_vectors = None
+        if mode != "bm25" or rerank:
+            try:
+                query_vector, doc_vectors = await self._vectors(index, query, tenant)
+            except _DenseUnavailable as why:
+                used = "bm25" if mode != "bm25" else mode
+                note = f"{why}; ranked by BM25" + (" without rerank" if rerank else "")
+                _log.warning("retrieval.degraded", asked=mode, reason=str(why))
+                result = result.model_copy(update={"mode": used, "degraded": note})
+                mode = used
+        ranking = _Ranking(query, top_k, filters, mode, rerank, query_vector, doc_vectors)
+        hits = await asyncio.to_thread(_ranked, index, ranking)
+        return result.model_copy(update={"hits": hits})
+
+    async def _vectors(self, index: _Index, query: str, tenant: str) -> tuple[Vectors, Vectors]:
+        """The query's vector and the documents' (embedding them if this version has none).
+
+        Raises:
+            _DenseUnavailable: No embedding model, the endpoint failed (its classified error,
+                retryable or not, is logged), or the documents' vectors were not ready in time.
+        """
+        if self._embedder is None:
+            raise _DenseUnavailable("no embedding model is configured on this worker")
+        try:
+            query_vector = await self._embedder.embed([query], tenant=tenant)
+            docs = await self._doc_vectors(index, tenant)
+        except ApplicationError as err:
+            _log.warning(
+                "retrieval.embeddings_failed",
+                error_type=err.type,
+                retryable=not err.non_retryable,
+            )
+            raise _DenseUnavailable(f"the embeddings endpoint failed ({err.type})") from None
+        if docs.shape[1] != query_vector.shape[1]:
+            raise _DenseUnavailable("the documents' vectors are of another embedding model")
+        return query_vector, docs
+
+    async def _doc_vectors(self, index: _Index, tenant: str) -> Vectors:
+        dense = index.dense
+        if dense.vectors is not None:
+            return dense.vectors
+        if dense.run is None:
+            dense.run = asyncio.create_task(self._embed_docs(index, tenant))
+            dense.run.add_done_callback(_forget_failure)
+        try:
+            # Shielded: a search that is cancelled or stops waiting leaves the run going for
+            # the others and for the next search of this index version.
+            return await asyncio.wait_for(asyncio.shield(dense.run), self._embed_wait)
+        except TimeoutError:
+            raise _DenseUnavailable("the documents are still being embedded") from None
+
+    async def _embed_docs(self, index: _Index, tenant: str) -> Vectors:
+        assert self._embedder is not None  # _vectors checked it
+        try:
+            # Scoped by the tenant whose search started the run: its cache entries are read and
+            # written, and a search of another tenant on this worker reuses the vectors in
+            # memory, as it reuses the BM25 index.
+            vectors = await self._embedder.embed(
+                [_embed_text(d) for d in index.docs], tenant=tenant
+            )
+        except BaseException:
+            index.dense.run = None  # the next search starts a new run
+            raise
+        index.dense.vectors = vectors
+        self.doc_embeddings += 1
+        _log.info("retrieval.embedded", docs=len(index.docs), index_version=index.version)
+        return vectors
 
     async def _index(self, docs_dir: str) -> _Index:
         folder = Path(docs_dir).expanduser().resolve()
@@ -279,12 +619,20 @@ class Retriever:
                 return cached
             index = await asyncio.to_thread(_build, folder, signature, files)
             self.builds += 1
-            _log.info("retrieval.indexed", folder=key, docs=len(index.docs))
+            _log.info("retrieval.indexed", folder=key, docs=len(index.docs), version=index.version)
             self._indexes[key] = index
             self._indexes.move_to_end(key)
             while len(self._indexes) > self._max_cached:
                 self._indexes.popitem(last=False)
             return index
+
+
+def _forget_failure(run: asyncio.Task[Vectors]) -> None:
+    # Mark a failed run's exception as retrieved: every search that waited has already seen
+    # it, and asyncio would otherwise log "exception was never retrieved" for a run nobody
+    # awaited to the end.
+    if not run.cancelled():
+        run.exception()
 
 
 class RetrievalActivities:
@@ -298,10 +646,10 @@ class RetrievalActivities:
         """Search the job's documents.
 
         Args:
-            q: Folder, query, top_k and metadata filters.
+            q: Corpus or folder, query, top_k, metadata filters, mode, rerank and cache.
 
         Returns:
-            The ranked hits and the attempt that produced them.
+            The ranked hits, how they were ranked, and the attempt that produced them.
 
         Raises:
             ApplicationError: ``DOCS_NOT_FOUND`` if the folder does not exist on this worker.
@@ -309,8 +657,21 @@ class RetrievalActivities:
         job_id = q.job_id or activity.info().workflow_id
         with structlog.contextvars.bound_contextvars(job_id=job_id, tenant=q.tenant):
             async with heartbeating():
-                hits = await self._retriever.search(
-                    q.docs_dir, q.query, q.top_k, q.filters, tenant=q.tenant
+                result = await self._retriever.retrieve(
+                    q.docs_dir,
+                    q.query,
+                    q.top_k,
+                    q.filters,
+                    tenant=q.tenant,
+                    mode=q.mode,
+                    rerank=q.rerank,
+                    cache=q.cache,
                 )
-            _log.info("retrieval.searched", hits=len(hits))
-        return RetrievalResult(hits=hits, attempt=activity.info().attempt)
+            _log.info(
+                "retrieval.searched",
+                hits=len(result.hits),
+                mode=result.mode,
+                cached=result.cached,
+                degraded=result.degraded is not None,
+            )
+        return result.model_copy(update={"attempt": activity.info().attempt})

@@ -99,7 +99,19 @@ class Usage(BaseModel):
         )
 
 
-Role = Literal["planner", "verifier", "answerer"]
+Role = Literal["planner", "verifier", "answerer", "router", "summarizer"]
+"""What a model call does; the worker maps each role to a tier (``LLMConfig.role_tiers``)."""
+
+TierName = Literal["fast", "deep"]
+"""A model tier a job runs on, cheapest first (``TIERS``). The router has its own model."""
+TIERS: tuple[TierName, ...] = ("fast", "deep")
+"""Tiers from cheapest to strongest: escalation moves one step right."""
+
+
+def next_tier(tier: TierName) -> TierName | None:
+    """The tier above ``tier``, or None at the top."""
+    at = TIERS.index(tier)
+    return TIERS[at + 1] if at + 1 < len(TIERS) else None
 
 
 class Observation(BaseModel):
@@ -206,6 +218,30 @@ class LLMCallBase(BaseModel):
     MIN_OUTPUT_TOKENS would not fit. None: no dollar cap (calls made outside a job)."""
     observations: list[Observation] = Field(default_factory=list)
     clarifications: list[Clarification] = Field(default_factory=list)
+    tier: TierName | None = None
+    """The job's tier for this call (routing, issue 14); the worker's role map decides the
+    model from it. None: the worker's default tier (calls recorded before tiers existed)."""
+    cache: bool = True
+    """Whether the response cache may serve or store this call (``--no-cache`` turns it off)."""
+    summary: str | None = None
+    """The rolling summary of observations older than ``observations`` (context compression)."""
+    correction: str | None = None
+    """Why this call's previous output was rejected (schema validation), when it is a retry."""
+
+
+class LLMCallResult(BaseModel):
+    """What every model call reports besides its output: usage, where it ran, the cache."""
+
+    usage: Usage = Field(default_factory=Usage)
+    """What the call cost (zero on a cache hit)."""
+    tier: str | None = None
+    """The tier that served the call (``router`` for the router); None before tiers existed."""
+    model: str | None = None
+    cached: bool | None = None
+    """True: served from the response cache, nothing was sent to the model; False: a miss;
+    None: the cache was not consulted (off, or the job opted out)."""
+    saved: Usage | None = None
+    """On a hit: what the call cost when it was first made, at today's price."""
 
 
 class PlanInput(LLMCallBase):
@@ -215,18 +251,15 @@ class PlanInput(LLMCallBase):
     retrieval_enabled: bool = False
     critique: str | None = None
     """The verifier's critique of the previous draft, when refining."""
-    correction: str | None = None
-    """Why the previous planner output was rejected, when this is a corrective call."""
     may_ask: bool = True
     """False once the job has used its question budget."""
 
 
-class PlanResult(BaseModel):
+class PlanResult(LLMCallResult):
     """Output of ``plan_step``: a valid plan, or the reason the model's output was unusable."""
 
     plan: Plan | None = None
     invalid_reason: str | None = None
-    usage: Usage = Field(default_factory=Usage)
 
 
 class AnswerInput(LLMCallBase):
@@ -235,11 +268,10 @@ class AnswerInput(LLMCallBase):
     critique: str | None = None
 
 
-class AnswerResult(BaseModel):
+class AnswerResult(LLMCallResult):
     """Output of ``draft_answer``."""
 
     answer: str
-    usage: Usage = Field(default_factory=Usage)
 
 
 class VerifyInput(LLMCallBase):
@@ -248,12 +280,49 @@ class VerifyInput(LLMCallBase):
     draft: str
 
 
-class VerifyResult(BaseModel):
+class VerifyResult(LLMCallResult):
     """Output of ``verify_draft``."""
 
     verdict: Verdict | None = None
     invalid_reason: str | None = None
-    usage: Usage = Field(default_factory=Usage)
+
+
+class RouteDecision(BaseModel):
+    """The router's classification of a job, and the tier it starts on."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    tier: TierName
+    complexity: Literal["low", "medium", "high"] = "medium"
+    needs_tools: bool = False
+    risk: Literal["low", "high"] = "low"
+    reason: str = Field(default="", max_length=300)
+
+
+class RouteInput(LLMCallBase):
+    """Input of ``route_job``: what the router sees of a job before it starts."""
+
+    allowed_tools: list[str] = Field(default_factory=list)
+    retrieval_enabled: bool = False
+
+
+class RouteResult(LLMCallResult):
+    """Output of ``route_job``."""
+
+    decision: RouteDecision | None = None
+    invalid_reason: str | None = None
+
+
+class SummaryInput(LLMCallBase):
+    """Input of ``summarize_observations``: fold ``fold`` into ``summary`` (may be None)."""
+
+    fold: list[Observation] = Field(default_factory=list)
+
+
+class SummaryResult(LLMCallResult):
+    """Output of ``summarize_observations``."""
+
+    summary: str = ""
 
 
 class ToolCall(BaseModel):
@@ -274,6 +343,9 @@ class ToolCall(BaseModel):
     """The job's allow-list; the gateway refuses anything else whatever the model asked."""
     docs_dir: str | None = None
     """The job's document folder, for tools that search it."""
+    cache: bool = True
+    """Whether the tool-result cache may serve this call (and store its result); False for a
+    job that opted out of Keel's caches. Write tools are never cached either way."""
 
     @model_validator(mode="after")
     def _keyed(self) -> ToolCall:
@@ -297,6 +369,13 @@ class ToolResult(BaseModel):
     """Activity attempt that produced this result; the workflow charges retries to the tool."""
     replayed: bool = False
     """True when the result came from the idempotency record instead of a new effect."""
+    cached: bool | None = None
+    """True: served from the tool-result cache; False: looked up and missed; None: not looked
+    up (a write tool, a job that opted out, or no cache)."""
+
+
+RetrievalMode = Literal["hybrid", "bm25", "dense"]
+"""How a search ranks documents (``activities/retrieval.py``)."""
 
 
 class RetrievalQuery(BaseModel):
@@ -309,6 +388,14 @@ class RetrievalQuery(BaseModel):
     query: str
     top_k: int = Field(default=5, ge=1, le=20)
     filters: dict[str, str] = Field(default_factory=dict)
+    # Issue 14 (hybrid retrieval): optional, so inputs recorded before it still read.
+    mode: RetrievalMode | None = None
+    """``hybrid`` (BM25 and dense ranks fused), ``bm25`` or ``dense``; None: hybrid when the
+    worker has an embedding model, else bm25."""
+    rerank: bool = False
+    """Re-order the top candidates by maximal marginal relevance (``activities/retrieval.py``)."""
+    cache: bool = True
+    """Whether the retrieval cache may serve this search (and store its hits)."""
 
 
 class RetrievalHit(BaseModel):
@@ -338,6 +425,18 @@ class RetrievalResult(BaseModel):
 
     hits: list[RetrievalHit] = Field(default_factory=list)
     attempt: int = 1
+    # Issue 14 (hybrid retrieval): optional, so results recorded before it still read.
+    mode: RetrievalMode | None = None
+    """What ranked the hits (``bm25`` when dense ranking was asked for and unavailable). Scores:
+    BM25 scores in ``bm25``, cosine similarity in ``dense``, and in ``hybrid`` the reciprocal
+    rank fusion score scaled to (0, 1] (1: first in both rankings)."""
+    cached: bool | None = None
+    """True: served from the retrieval cache (the hits an earlier identical search returned);
+    False: looked up and missed; None: not looked up."""
+    degraded: str | None = None
+    """Why the search ranked less than it was asked to (embeddings endpoint down); None: not."""
+    index_version: str = ""
+    """Digest of the indexed files' paths, mtimes and sizes: changes when a document does."""
 
 
 class SlotRequest(BaseModel):

@@ -114,6 +114,7 @@ class AgentJobs:
         request_key: str | None = None,
         task_queue: str | None = None,
         job_slot: bool = False,
+        compress: bool = True,
     ) -> str:
         """Validate a request and start its job, or find the job this key already started.
 
@@ -126,6 +127,9 @@ class AgentJobs:
             job_slot: Hold a running-job slot for the job's life, waiting in line when its
                 tenant's or user's concurrency limit is full (the HTTP API sets it when a
                 limit covers the job; ``keel limits concurrency``).
+            compress: Fold older observations into a rolling summary as they grow (the
+                default); False keeps the last few and drops the rest (``keel bench cost``
+                measures what compression saves with it).
 
         Returns:
             The job ID.
@@ -150,7 +154,7 @@ class AgentJobs:
         try:
             await self._client.start_workflow(
                 AgentLoop.run,
-                AgentLoopInput(request=request, job_slot=job_slot),
+                AgentLoopInput(request=request, job_slot=job_slot, compress=compress),
                 id=job_id,
                 task_queue=task_queue or self._fixed_queue or TASK_QUEUES[request.mode],
                 **start_options(request, self._weights.get(request.tenant)),

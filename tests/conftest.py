@@ -84,6 +84,7 @@ from temporalio.client import Client  # noqa: E402
 from temporalio.testing import WorkflowEnvironment  # noqa: E402
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker  # noqa: E402
 
+from keel.activities.cache import CacheSettings  # noqa: E402
 from keel.activities.converter import DATA_CONVERTER  # noqa: E402
 from keel.activities.corpora import Corpora  # noqa: E402
 from keel.activities.llm import LLMConfig  # noqa: E402
@@ -202,13 +203,22 @@ def make_worker(redis_url: str, sim_url: str) -> WorkerFactory:
         http_allowed_hosts: list[str] | None = None,
         corpora: dict[str, dict[str, str]] | None = None,
         webhook_hosts: dict[str, list[str]] | None = None,
+        llm_config: LLMConfig | None = None,
+        cache: CacheSettings | None = None,
+        embedding_model: str = "",
         **worker_kwargs: Any,
     ) -> AsyncGenerator[Worker, None]:
         deps = build_deps(
             redis_url=redis_url,
             openai_base_url=base_url or sim_url,
             openai_api_key=api_key,
-            llm_config=LLMConfig(planner_model=model, verifier_model=model, answerer_model=model),
+            # Every role pinned to ``model`` unless a test brings its own tiers.
+            llm_config=llm_config
+            or LLMConfig(planner_model=model, verifier_model=model, answerer_model=model),
+            # Caches off unless a test turns them on: the suite shares one Redis, and a reply
+            # cached by one test must not change what another test's job sends the simulator.
+            cache_settings=cache or CacheSettings(enabled=False),
+            embedding_model=embedding_model,
             # Any port on loopback, written out: the tests' HTTP servers listen on free ports.
             http_allowed_hosts=http_allowed_hosts or ["127.0.0.1:*"],
             corpora=Corpora(corpora),

@@ -131,6 +131,13 @@ def sim_llm(
         bool, typer.Option(help="Fail verification on iteration 0.")
     ] = False,
     seed: Annotated[int, typer.Option()] = 0,
+    router_accuracy: Annotated[
+        float, typer.Option(min=0, max=1, help="Chance a router call names the right tier.")
+    ] = 0.8,
+    difficulty_weights: Annotated[
+        str,
+        typer.Option(help="Comma list: chances of goal difficulty 1,2,3... (empty: all 1)."),
+    ] = "",
 ) -> None:
     """Serve the OpenAI-compatible LLM simulator (chat completions, embeddings, models)."""
     from keel.workers.logs import configure_logging
@@ -145,6 +152,8 @@ def sim_llm(
         fault_kinds=[k.strip() for k in fault_kinds.split(",") if k.strip()],  # type: ignore[misc]
         fail_first_verify=fail_first_verify,
         seed=seed,
+        router_accuracy=router_accuracy,
+        difficulty_weights=[float(w) for w in difficulty_weights.split(",") if w.strip()] or None,
     )
     serve(config, host=host, port=port)
 

@@ -138,7 +138,27 @@ class DevStack:
         if self.start_worker:
             # The allow-list goes to the worker alone, and one exported by the user wins.
             allow = {"KEEL_HTTP_ALLOWED_HOSTS": self.http_allowed_hosts}
-            start("worker", [*KEEL_COMMAND, "worker"], env=allow | env, restart=WORKER_RESTARTS)
+            start(
+                "worker",
+                [*KEEL_COMMAND, "worker"],
+                env=allow | self._sim_models() | env,
+                restart=WORKER_RESTARTS,
+            )
+
+    def _sim_models(self) -> dict[str, str]:
+        """The simulator's models as the worker's tiers, and the job header.
+
+        The header lets the simulator score jobs (``GET /sim/truth/{job}``). Variables the user
+        exported win.
+        """
+        if not self.use_simulator:
+            return {}
+        return {
+            "KEEL_MODEL_ROUTER": "sim-small",
+            "KEEL_MODEL_FAST": "sim-small",
+            "KEEL_MODEL_DEEP": "sim-large",
+            "KEEL_LLM_JOB_HEADER": "true",
+        }
 
     def _temporal_cmd(self) -> list[str]:
         return [

@@ -17,7 +17,10 @@ from temporalio.worker import Interceptor
 
 from keel.activities._backoff import JitteredBackoff
 from keel.activities.answer_tokens import AnswerTokens
+from keel.activities.cache import CacheSettings, KeelCache
 from keel.activities.corpora import Corpora
+from keel.activities.costing import CarryAttemptCharges, preload
+from keel.activities.embeddings import Embedder
 from keel.activities.gateway_limits import GatewayLimits
 from keel.activities.llm import LLMActivities, LLMConfig
 from keel.activities.retrieval import RetrievalActivities, Retriever
@@ -31,8 +34,9 @@ from keel.workers.settings import WorkerSettings
 from keel.workflows.agent_loop import AgentLoopWorkflow
 
 WORKFLOWS: list[type] = [AgentLoopWorkflow]
-INTERCEPTORS: list[Interceptor] = [JitteredBackoff()]
-"""Every retryable activity failure waits a jittered interval before its next attempt."""
+INTERCEPTORS: list[Interceptor] = [JitteredBackoff(), CarryAttemptCharges()]
+"""Every retryable activity failure waits a jittered interval before its next attempt; a model
+call's heartbeats carry what its failed attempts may have cost to the next attempt."""
 
 
 @dataclass
@@ -55,6 +59,8 @@ class Deps:
     """Running-job slots per tenant and user; None: every job runs at once."""
     answer_tokens: AnswerTokens | None = None
     """Where ``draft_answer`` streams answer tokens (a Redis stream per job); None: no streaming."""
+    cache: KeelCache | None = None
+    """Response, tool-result, embedding and retrieval caches (``activities/cache.py``)."""
 
     async def aclose(self) -> None:
         """Close the network clients."""
@@ -85,21 +91,19 @@ def build_deps(
     http_allowed_hosts_by_tenant: dict[str, list[str]] | None = None,
     corpora: Corpora | None = None,
     webhook_hosts: WebhookHosts | None = None,
+    cache_settings: CacheSettings | None = None,
+    embedding_model: str = "",
 ) -> Deps:
     """Build the real dependencies: Redis, the OpenAI client (vendor retries off), the tools.
 
     ``http_allowed_hosts`` are ``host:port``, ``host:*`` or ``host`` entries for ``http_get``;
-    ``http_allowed_hosts_by_tenant`` adds entries for one tenant's calls.
+    ``http_allowed_hosts_by_tenant`` adds entries for one tenant's calls. ``embedding_model``
+    turns on hybrid retrieval (empty: BM25 only; ``keel worker`` passes its setting).
     """
+    # The tokenizers the models need, loaded now (a second or two, once per process) rather
+    # than inside the first model call, where they would stall the worker's event loop.
+    preload({*llm_config.tier_models.values(), *llm_config.prices})
     store = KeelStore.from_url(redis_url)
-    retriever = Retriever(corpora=corpora)
-    tools = ToolRegistry.builtin(
-        store,
-        retriever,
-        http_allowed_hosts=http_allowed_hosts,
-        http_max_bytes=http_max_bytes,
-        http_allowed_by_tenant=http_allowed_hosts_by_tenant,
-    )
     # aiohttp under the openai client (its supported ``aiohttp`` extra): about half the CPU and
     # wall time per call of the default httpx transport, measured against the simulator.
     llm = openai.AsyncOpenAI(
@@ -112,6 +116,19 @@ def build_deps(
     # Limits have their own client with short timeouts: a slow limit store degrades open in
     # about a second instead of holding every call for five.
     limits = aioredis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
+    # The caches share the limits' short timeouts: a slow cache is a miss within a second.
+    cache = KeelCache(limits, cache_settings)
+    # Hybrid retrieval embeds through the worker's model client and caches vectors and top-k
+    # hits per tenant (issue 14); no embedding model means BM25 only.
+    embedder = Embedder(llm, embedding_model, cache)
+    retriever = Retriever(corpora=corpora, embedder=embedder, cache=cache)
+    tools = ToolRegistry.builtin(
+        store,
+        retriever,
+        http_allowed_hosts=http_allowed_hosts,
+        http_max_bytes=http_max_bytes,
+        http_allowed_by_tenant=http_allowed_hosts_by_tenant,
+    )
     # Webhooks go only where the allow-list says: no environment proxy, no redirects.
     webhook_http = httpx.AsyncClient(trust_env=False, follow_redirects=False)
     webhooks = WebhookActivities(redis, webhook_http, webhook_hosts or WebhookHosts())
@@ -127,6 +144,7 @@ def build_deps(
         answer_tokens=AnswerTokens(redis, only_when_watched=True),
         gateway=GatewayLimits(limits),
         slots=JobSlots(limits),
+        cache=cache,
     )
 
 
@@ -151,6 +169,8 @@ def deps_from_settings(
         http_allowed_hosts_by_tenant=settings.http_allowed_hosts_by_tenant,
         corpora=Corpora.from_env(),
         webhook_hosts=WebhookHosts.from_env(),
+        cache_settings=settings.cache_settings(),
+        embedding_model=settings.embedding_model,
     )
 
 
@@ -164,8 +184,9 @@ def build_activities(deps: Deps) -> list[Callable[..., Any]]:
         deps.usage,
         deps.answer_tokens,
         limits=deps.gateway,
+        cache=deps.cache,
     )
-    tools = ToolActivities(deps.tools, deps.store, deps.gateway)
+    tools = ToolActivities(deps.tools, deps.store, deps.gateway, deps.cache)
     slots = JobSlotActivities(deps.slots)
     retrieval = RetrievalActivities(deps.retriever)
     webhooks = [deps.webhooks.deliver_webhook] if deps.webhooks is not None else []
@@ -173,9 +194,11 @@ def build_activities(deps: Deps) -> list[Callable[..., Any]]:
         *webhooks,
         slots.acquire_job_slot,
         slots.release_job_slot,
+        llm.route_job,
         llm.plan_step,
         llm.draft_answer,
         llm.verify_draft,
+        llm.summarize_observations,
         tools.execute_tool,
         retrieval.search_corpus,
     ]

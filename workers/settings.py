@@ -14,8 +14,10 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from keel.activities.llm import DEFAULT_PRICES, LLMConfig
+from keel.activities.cache import CacheKind, CacheSettings
+from keel.activities.llm import DEFAULT_PRICES, LLMConfig, RoleTier
 from keel.activities.tools.http_get import parse_allow_list
+from keel.activities.types import Role
 from keel.workflows import TASK_QUEUES
 from keel.workflows.types import IDENT_RE
 
@@ -69,12 +71,40 @@ class WorkerSettings(BaseSettings):
         default=SecretStr(SIM_API_KEY),
         validation_alias=AliasChoices("OPENAI_API_KEY", "KEEL_OPENAI_API_KEY"),
     )
-    model_planner: str = "gpt-4.1-mini"
-    model_verifier: str = "gpt-4.1-mini"
-    model_answerer: str = "gpt-4.1-mini"
+    model_router: str = "gpt-4.1-nano"
+    """The router's model: one cheap call per job picks the tier it starts on."""
+    model_fast: str = "gpt-4.1-mini"
+    """The fast tier's model."""
+    model_deep: str = "gpt-4.1"
+    """The deep tier's model."""
+    role_tiers: dict[Role, RoleTier] = Field(default_factory=dict)
+    """JSON ``{"verifier": "deep", ...}`` over the default role map: ``planner``, ``answerer``
+    and ``verifier`` run on the job's tier (``job``), ``router`` on the router, ``summarizer``
+    on ``fast``."""
+    default_tier: Literal["fast", "deep"] = "deep"
+    """The tier of calls recorded before routing existed, and of jobs the router failed."""
+    verifier_not_weaker: bool = True
+    """The verifier runs on at least the tier that drafted what it judges."""
+    model_planner: str | None = None
+    """Pins the planner to one model whatever the tier (the role's tier is then only a label)."""
+    model_verifier: str | None = None
+    model_answerer: str | None = None
     max_output_tokens: int = Field(default=1024, gt=0)
+    llm_decoding: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    """JSON decoding parameters sent with every model call (``{"temperature": 0}``)."""
     prices_json: str | None = None
     """JSON object ``{"model": [usd_per_mtok_in, usd_per_mtok_out]}`` merged over the defaults."""
+    llm_job_header: bool = False
+    """Send ``X-Keel-Job-Id`` with model calls (``keel dev`` turns it on for the simulator)."""
+    cache: bool = True
+    """Keel's caches (responses, tool results, embeddings, retrieval); off: all misses."""
+    cache_ttl_seconds: dict[str, float] = Field(default_factory=dict)
+    """JSON ``{"response": 86400, "tool": 3600, ...}`` over the default TTLs; 0 turns one off."""
+    cache_normalization: Literal["exact", "whitespace", "casefold"] = "casefold"
+    """How prompts are normalised into response-cache keys (``activities/cache.py``)."""
+    embedding_model: str = "text-embedding-3-small"
+    """``KEEL_EMBEDDING_MODEL``: the model that embeds documents and queries for hybrid
+    retrieval (``activities/embeddings.py``); empty turns dense retrieval off (BM25 only)."""
 
     http_allowed_hosts: str = ""
     """Comma-separated ``host:port``, ``host:*`` (any port) or ``host`` (port 80 or 443) entries
@@ -121,9 +151,27 @@ class WorkerSettings(BaseSettings):
                 k: (float(v[0]), float(v[1])) for k, v in json.loads(self.prices_json).items()
             }
         return LLMConfig(
+            tier_models={
+                "router": self.model_router,
+                "fast": self.model_fast,
+                "deep": self.model_deep,
+            },
+            role_tiers=LLMConfig().role_tiers | self.role_tiers,
+            default_tier=self.default_tier,
+            verifier_not_weaker=self.verifier_not_weaker,
             planner_model=self.model_planner,
             verifier_model=self.model_verifier,
             answerer_model=self.model_answerer,
             max_output_tokens=self.max_output_tokens,
             prices=prices,
+            job_header=self.llm_job_header,
+            decoding=self.llm_decoding,
+        )
+
+    def cache_settings(self) -> CacheSettings:
+        """The caches' configuration."""
+        defaults = CacheSettings()
+        ttls = defaults.ttl_seconds | {CacheKind(k): v for k, v in self.cache_ttl_seconds.items()}
+        return CacheSettings(
+            enabled=self.cache, ttl_seconds=ttls, normalization=self.cache_normalization
         )

@@ -97,6 +97,8 @@ class StepRunner:
             top_k=step.top_k,
             filters=step.filters,
         )
+        if not self._req.cache:
+            query.cache = False
         try:
             result = await workflow.execute_activity_method(
                 RetrievalActivities.search_corpus,
@@ -110,6 +112,7 @@ class StepRunner:
         except ActivityError as err:
             raise_if_cancelled(err)
             return self._failed(base, err)
+        self._count_cache("retrieval", result.cached)
         return base.model_copy(update={"ok": True, "content": format_hits(result.hits)})
 
     async def _tool(self, step: PlanStep) -> Observation:
@@ -122,6 +125,8 @@ class StepRunner:
             args=step.args,
             allowed_tools=self._req.tools,
         )
+        if not self._req.cache:
+            call.cache = False
         if self._req.docs_dir:
             call.docs_dir = self._req.docs_dir
         attempts = self._ledger.attempts_for(tool, policies.TOOL_ATTEMPTS)
@@ -140,10 +145,18 @@ class StepRunner:
             raise_if_cancelled(err)
             return self._failed(base, err, tool, attempts)
         self._ledger.charge_retries(tool, result.attempt - 1)
+        self._count_cache("tool", result.cached)
         update = {"ok": True, "content": result.content}
         if result.ref:
             update |= {"ref": result.ref, "size": result.size}
         return base.model_copy(update=update)
+
+    def _count_cache(self, cache: str, cached: bool | None) -> None:
+        """Count a tool's or a search's cache hit or miss in the job's usage."""
+        if cached is not None:
+            counters = self._s.counters
+            table = counters.cache_hits if cached else counters.cache_misses
+            table[cache] = table.get(cache, 0) + 1
 
     def _failed(
         self, base: Observation, err: ActivityError, tool: str | None = None, attempts: int = 1

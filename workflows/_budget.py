@@ -15,6 +15,7 @@ from keel.activities.types import (
     MIN_OUTPUT_TOKENS,
     PROMPT_CHARS_PER_OBSERVATION,
     LLMCallBase,
+    Observation,
     Usage,
 )
 from keel.workflows.types import Budget, BudgetName, LoopCounters
@@ -50,13 +51,31 @@ def estimate_prompt_tokens(inp: LLMCallBase) -> int:
 
     Observations stored by reference count at the size the activity will expand them to.
     """
+    # A summary call's observations to fold are in its prompt too.
+    fold: list[Observation] = getattr(inp, "fold", [])
+    observations = [*inp.observations, *fold]
     expanded = sum(
         max(0, min(o.size, PROMPT_CHARS_PER_OBSERVATION) - len(o.content))
-        for o in inp.observations
+        for o in observations
         if o.ref
     )
-    chars = len(inp.model_dump_json()) + expanded
-    return chars // CHARS_PER_TOKEN + PROMPT_OVERHEAD_TOKENS
+    return (
+        estimate_tokens(inp.model_dump_json())
+        + expanded // CHARS_PER_TOKEN
+        + (PROMPT_OVERHEAD_TOKENS)
+    )
+
+
+def estimate_tokens(text: str) -> int:
+    """A deterministic, generous token count for budgeting (the activity counts exactly).
+
+    One token per CHARS_PER_TOKEN characters undercounts text outside ASCII (a CJK character
+    is about one token, an emoji up to three), so every byte a character needs past its first
+    adds half a token: about 1.3 tokens per CJK character, 1.8 per emoji, a third per ASCII one.
+    """
+    chars = len(text)
+    extra_bytes = len(text.encode("utf-8")) - chars
+    return chars // CHARS_PER_TOKEN + extra_bytes // 2
 
 
 class Ledger:

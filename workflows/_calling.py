@@ -18,6 +18,7 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
     from keel.activities import errors
+    from keel.activities.types import LLMCallResult, Usage
     from keel.workflows import policies
     from keel.workflows._budget import BudgetExhausted, Ledger, estimate_prompt_tokens
     from keel.workflows._state import JobFailure, raise_if_cancelled
@@ -45,18 +46,26 @@ class ModelCaller:
     def fields(self, **optional: Any) -> dict[str, Any]:
         """Fields of an LLM input; optional ones only when set, so payloads stay small.
 
-        The budget fields (``max_output_tokens``, ``max_cost_usd``) are left unset: ``call``
-        fills them in once the ledger has reserved the call.
+        The job's tier, its summary and its cache opt-out go into every call (a ``tier`` given
+        here overrides the job's, for one escalated call). The budget fields
+        (``max_output_tokens``, ``max_cost_usd``) are left unset: ``call`` fills them in once
+        the ledger has reserved the call.
         """
-        optional |= {
+        routing = self._s.routing
+        optional = {
             # Stored outputs go by reference only: the activity reads them from Redis, and the
             # tool's result in history already holds their preview.
             "observations": [
                 o.model_copy(update={"content": ""}) if o.ref else o for o in self._s.observations
             ],
             "clarifications": self._s.clarifications,
-        }
-        return {k: v for k, v in optional.items() if v} | {
+            "summary": self._s.summary,
+            "tier": routing.tier if routing else None,
+        } | {k: v for k, v in optional.items() if v is not None}
+        fields = {k: v for k, v in optional.items() if v}
+        if not self._req.cache:
+            fields["cache"] = False
+        return fields | {
             "tenant": self._req.tenant,
             "goal": self._req.goal,
             "iteration": self._s.iteration,
@@ -94,6 +103,21 @@ class ModelCaller:
             raise JobFailure(
                 kind or errors.LLM_TRANSIENT, f"{phase} call failed: {cause}"
             ) from None
-        ledger.charge_llm(result.usage)  # type: ignore[attr-defined]
+        self._account(result)  # type: ignore[arg-type]
         self._charged()
         return result
+
+    def _account(self, result: LLMCallResult) -> None:
+        """Charge a call's usage, by tier, and count the response cache's hit or miss."""
+        self._ledger.charge_llm(result.usage)
+        counters = self._s.counters
+        tier = result.tier or "default"
+        counters.by_tier[tier] = counters.by_tier.get(tier, Usage()) + result.usage
+        routing = self._s.routing
+        if routing is not None and routing.escalated and tier == routing.tier:
+            counters.escalation_usd = round(counters.escalation_usd + result.usage.cost_usd, 8)
+        if result.cached is not None:
+            table = counters.cache_hits if result.cached else counters.cache_misses
+            table["response"] = table.get("response", 0) + 1
+        if result.saved is not None:
+            counters.saved = counters.saved + result.saved

@@ -135,13 +135,17 @@ def status_of(job_id: str, req: JobRequest, state: LoopState) -> JobStatus:
         pending_question=state.pending_question,
         events=list(state.events),
         runs=state.runs,
+        routing=state.routing,
     )
 
 
 def details_markdown(req: JobRequest, state: LoopState) -> str:
     """Current details for the Temporal UI: phase, then iteration and budget use."""
     usage = JobUsage.of(state.counters)
-    return f"**{state.state}**\n\n{budget_text(req.budget, usage, state.iteration)}"
+    tier = ""
+    if state.routing is not None:
+        tier = f" · tier **{state.routing.tier}** ({state.routing.source}: {state.routing.reason})"
+    return f"**{state.state}**{tier}\n\n{budget_text(req.budget, usage, state.iteration)}"
 
 
 def observation_summary(state: LoopState) -> str | None:

@@ -36,6 +36,10 @@ class Visibility:
         if coarse != self._state or final:
             self._upsert(coarse, final=final)
 
+    def tier(self, tier: str) -> None:
+        """The job was routed to ``tier`` or escalated to it: ``KeelTier``, one upsert."""
+        workflow.upsert_search_attributes([sa.KEEL_TIER.value_set(tier)])
+
     def iteration_done(self) -> None:
         """An iteration ended without an answer: publish cost and tokens so far."""
         self._upsert(self._state)

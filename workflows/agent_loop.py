@@ -29,7 +29,9 @@ with workflow.unsafe.imports_passed_through():
     from keel.workflows._acting import StepRunner
     from keel.workflows._budget import BudgetExhausted, Ledger
     from keel.workflows._calling import ModelCaller
+    from keel.workflows._context import MAX_OBSERVATIONS, ContextFolder
     from keel.workflows._progress import ProgressStream
+    from keel.workflows._routing import Router
     from keel.workflows._slots import JobSlot
     from keel.workflows._state import (
         JobFailure,
@@ -54,10 +56,11 @@ with workflow.unsafe.imports_passed_through():
         Outcome,
     )
 
-MAX_OBSERVATIONS = 16
-"""Observations kept in state and prompts; older ones drop off so history stays bounded."""
+__all__ = ["MAX_OBSERVATIONS", "AgentLoopWorkflow"]
+
 MAX_CORRECTIONS = 2
-"""Corrective planner calls after invalid output before the job fails with BadModelOutput."""
+"""Corrective calls after invalid output (the first on the job's tier, the second one tier up)
+before the planner's failure fails the job, or a verdict counts as a rejection."""
 
 
 @workflow.defn
@@ -75,6 +78,8 @@ class AgentLoopWorkflow:
         # Set by _setup, before any phase runs; handlers never use them.
         self._ledger: Ledger
         self._calls: ModelCaller
+        self._router: Router
+        self._context: ContextFolder
 
     @workflow.run
     async def run(self, inp: AgentLoopInput) -> JobResult:
@@ -112,6 +117,12 @@ class AgentLoopWorkflow:
             self._event("started", f"goal: {self._req.goal[:80]}")
         self._ledger = Ledger(self._req.budget, self._s.counters, self._s.started_at)
         self._calls = ModelCaller(self._req, self._s, self._ledger, self._show_details)
+        self._router = Router(self._req, self._s, self._calls, self._visibility, self._event)
+        self._context = ContextFolder(
+            self._s, self._calls, self._event, enabled=self._inp.compress
+        )
+        if self._s.routing is None and workflow.patched("router-first"):
+            await self._router.route()
 
     def _refuse_foreign_state(self) -> None:
         """Fail the job, using nothing of it, on carried state Keel did not write (issue 13)."""
@@ -125,9 +136,12 @@ class AgentLoopWorkflow:
         while True:
             self._set_state("refining" if self._s.critique else "planning")
             correction: str | None = None
-            for _ in range(MAX_CORRECTIONS + 1):
+            for retry in range(MAX_CORRECTIONS + 1):
+                tier = self._router.tier_for_retry(retry, "plan")
                 inp = PlanInput(
-                    **self._calls.fields(critique=self._s.critique, correction=correction),
+                    **self._calls.fields(
+                        critique=self._s.critique, correction=correction, tier=tier
+                    ),
                     allowed_tools=self._req.tools,
                     retrieval_enabled=self._req.docs_dir is not None,
                     may_ask=self._s.counters.questions < self._req.budget.max_questions,
@@ -167,8 +181,7 @@ class AgentLoopWorkflow:
     async def _act(self, plan: Plan) -> None:
         self._set_state("acting")
         runner = StepRunner(self._req, self._s, self._ledger, self._event)
-        observations = await runner.run(plan.steps)
-        self._s.observations = (self._s.observations + observations)[-MAX_OBSERVATIONS:]
+        await self._context.add(await runner.run(plan.steps))
 
     async def _draft(self) -> str:
         self._set_state("verifying")
@@ -180,6 +193,15 @@ class AgentLoopWorkflow:
     async def _verify(self, draft: str) -> Verdict:
         inp = VerifyInput(**self._calls.fields(), draft=draft)
         result = await self._calls.call(LLMActivities.verify_draft, inp, "verify")
+        retry = 0
+        while (
+            result.verdict is None and retry < MAX_CORRECTIONS and workflow.patched("verify-retry")
+        ):
+            retry += 1
+            correction = result.invalid_reason or "output did not match the verdict schema"
+            tier = self._router.tier_for_retry(retry, "verify")
+            inp = VerifyInput(**self._calls.fields(correction=correction, tier=tier), draft=draft)
+            result = await self._calls.call(LLMActivities.verify_draft, inp, "verify")
         verdict = result.verdict or Verdict(
             passed=False, score=0.0, critique=f"verifier output invalid: {result.invalid_reason}"
         )
@@ -190,6 +212,7 @@ class AgentLoopWorkflow:
 
     def _refine(self, verdict: Verdict) -> None:
         self._s.critique = verdict.critique or "The verifier rejected the draft."
+        self._router.escalate_after_rejection()
         self._s.iteration += 1
         if self._s.iteration >= self._req.budget.max_iterations:
             raise BudgetExhausted("max_iterations")
@@ -217,6 +240,7 @@ class AgentLoopWorkflow:
             usage=JobUsage.of(self._s.counters),
             iterations=self._s.iteration + (1 if verified else 0),
             error=error,
+            routing=self._s.routing,
         )
         self._event(outcome, f"budget {exhausted} ran out" if exhausted else (error or ""))
         if self._req.notify_workflow:

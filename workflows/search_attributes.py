@@ -12,6 +12,8 @@ KEEL_USER = SearchAttributeKey.for_keyword("KeelUser")
 KEEL_STATE = SearchAttributeKey.for_keyword("KeelState")
 KEEL_OUTCOME = SearchAttributeKey.for_keyword("KeelOutcome")
 KEEL_MODE = SearchAttributeKey.for_keyword("KeelMode")
+KEEL_TIER = SearchAttributeKey.for_keyword("KeelTier")
+"""The model tier a job runs on (``fast`` or ``deep``), set by routing and escalation."""
 KEEL_COST_USD = SearchAttributeKey.for_float("KeelCostUsd")
 KEEL_TOKENS = SearchAttributeKey.for_int("KeelTokens")
 
@@ -21,6 +23,7 @@ ALL_KEYS = (
     KEEL_STATE,
     KEEL_OUTCOME,
     KEEL_MODE,
+    KEEL_TIER,
     KEEL_COST_USD,
     KEEL_TOKENS,
 )

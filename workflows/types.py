@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from keel.activities.types import Clarification, Observation, Usage
+from keel.activities.types import Clarification, Observation, TierName, Usage
 
 MAX_GOAL_CHARS = 8000
 IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -133,6 +133,11 @@ class JobRequest(BaseModel):
     """Webhook: POSTed the outcome, signed with the tenant's secret, when the job ends."""
     mode: Literal["interactive", "batch"] = "interactive"
     """Which task queue runs the job: interactive jobs never wait behind a batch backlog."""
+    tier: Literal["auto", "fast", "deep"] = "auto"
+    """The model tier the job starts on: ``auto`` lets the router pick; ``fast`` or ``deep``
+    forces it (escalation may still move a fast job to deep). The models are the worker's."""
+    cache: bool = True
+    """Whether Keel's caches (responses, tool results, retrieval) may serve this job."""
 
     @field_validator("goal")
     @classmethod
@@ -164,6 +169,25 @@ class LoopCounters(BaseModel):
     retries_by_tool: dict[str, int] = Field(default_factory=dict)
     questions: int = 0
     waited_seconds: float = 0.0
+    by_tier: dict[str, Usage] = Field(default_factory=dict)
+    """Model usage per tier that served it (``router``, ``fast``, ``deep``)."""
+    cache_hits: dict[str, int] = Field(default_factory=dict)
+    """Hits per cache (``response``, ``tool``, ``retrieval``)."""
+    cache_misses: dict[str, int] = Field(default_factory=dict)
+    saved: Usage = Field(default_factory=Usage)
+    """What response-cache hits would have cost at today's prices."""
+    escalations: int = 0
+    escalation_usd: float = 0.0
+    """Dollars spent on calls made on a tier the job escalated to."""
+    summaries: int = 0
+    """Observations folded into the rolling summary (context compression)."""
+
+
+class TierUsage(BaseModel):
+    """One tier's share of a job's usage."""
+
+    tokens: int = 0
+    cost_usd: float = 0.0
 
 
 class JobUsage(BaseModel):
@@ -175,6 +199,16 @@ class JobUsage(BaseModel):
     cost_usd: float
     steps: int
     tool_calls: int
+    by_tier: dict[str, TierUsage] = Field(default_factory=dict)
+    """Tokens and dollars per tier (``router``, ``fast``, ``deep``)."""
+    cache_hits: dict[str, int] = Field(default_factory=dict)
+    cache_misses: dict[str, int] = Field(default_factory=dict)
+    saved_tokens: int = 0
+    """Model tokens the response cache saved this job."""
+    saved_usd: float = 0.0
+    """Dollars the response cache saved this job, at the worker's prices."""
+    escalations: int = 0
+    escalation_usd: float = 0.0
 
     @classmethod
     def of(cls, counters: LoopCounters) -> JobUsage:
@@ -187,7 +221,31 @@ class JobUsage(BaseModel):
             cost_usd=round(u.cost_usd, 6),
             steps=counters.steps,
             tool_calls=counters.tool_calls,
+            by_tier={
+                t: TierUsage(tokens=v.total_tokens, cost_usd=round(v.cost_usd, 6))
+                for t, v in counters.by_tier.items()
+            },
+            cache_hits=dict(counters.cache_hits),
+            cache_misses=dict(counters.cache_misses),
+            saved_tokens=counters.saved.total_tokens,
+            saved_usd=round(counters.saved.cost_usd, 6),
+            escalations=counters.escalations,
+            escalation_usd=round(counters.escalation_usd, 6),
         )
+
+
+class Routing(BaseModel):
+    """Which tier a job runs on, and why (recorded in status, result and ``KeelTier``)."""
+
+    tier: TierName
+    """The tier the job runs on now (after any escalation)."""
+    started_on: TierName
+    source: Literal["router", "caller", "fallback"]
+    """``router``: the router's call decided; ``caller``: forced by ``tier``; ``fallback``:
+    the router's output was unusable and the job starts on the worker-safe deep tier."""
+    reason: str = ""
+    complexity: str | None = None
+    escalated: bool = False
 
 
 PROGRESS_TOPIC = "progress"
@@ -237,6 +295,10 @@ class LoopState(BaseModel):
     """The last progress events published, carried so the next run's stream still has them."""
     progress_next: int = 0
     """Offset the next progress event gets on the job's stream; offsets never go back."""
+    routing: Routing | None = None
+    """The job's tier and why; None for jobs started before routing existed."""
+    summary: str | None = None
+    """Rolling summary of observations folded out of ``observations`` (context compression)."""
 
 
 class AgentLoopInput(BaseModel):
@@ -248,6 +310,9 @@ class AgentLoopInput(BaseModel):
     """Take a running-job slot before starting (``workflows/_slots.py``): set by the gateway
     when a concurrency limit covers the job's tenant or user. Jobs without one cost no slot
     calls, and histories recorded before slots existed replay unchanged."""
+    compress: bool = True
+    """Fold older observations into a rolling summary (``workflows/_context.py``); False drops
+    them past the window instead (a baseline for ``keel bench cost``)."""
     continue_as_new_after: int | None = Field(default=None, gt=0)
     """Continue as new after this many iterations in one run even if Temporal does not
     suggest it yet; keeps very long jobs' histories short. None: only when suggested."""
@@ -281,6 +346,7 @@ class JobStatus(BaseModel):
     pending_question: str | None = None
     events: list[JobEvent] = Field(default_factory=list)
     runs: int = 1
+    routing: Routing | None = None
 
 
 def current_iteration(iteration: int, budget: Budget) -> int:
@@ -305,6 +371,8 @@ class JobResult(BaseModel):
     usage: JobUsage
     iterations: int
     error: str | None = None
+    routing: Routing | None = None
+    """The tier the job ran on, why, and whether it escalated."""
 
 
 NOTIFY_SIGNAL = "keel_job_finished"

@@ -5,6 +5,8 @@ Owns everything between a planned tool call and its effect, one concern per modu
 * ``gateway``: the ``execute_tool`` activity: the job's allow-list, argument validation against
   ``activities/catalog.py``, exactly-once recording of side-effecting calls, and moving large
   outputs to a Redis blob so only a preview enters workflow history.
+* ``result_cache``: the tool-result cache's keys and entries: read-only tools' outputs, served
+  again to the same tenant for the same tool version, arguments and scope (issue 14).
 * ``registry``: the tools a worker offers and the resources they share.
 * ``base``: what every tool receives (``ToolContext``) and how it fails.
 * ``calculator``, ``http_get``, ``notes`` (``write_note``), ``search_docs``: the built-in tools.

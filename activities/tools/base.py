@@ -5,15 +5,15 @@ Not workflow code, though deterministic: plain data and constructors of ``Applic
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from temporalio.exceptions import ApplicationError
 
 from keel.activities.errors import TOOL_FAILED, TOOL_INPUT_INVALID
 
-__all__ = ["ToolContext", "ToolImpl", "invalid_input", "tool_failed"]
+__all__ = ["CacheScoped", "ToolContext", "ToolImpl", "invalid_input", "tool_failed"]
 
 
 @dataclass(frozen=True)
@@ -26,10 +26,39 @@ class ToolContext:
     """Durable identity of the call; side effects are keyed by it."""
     docs_dir: str | None = None
     """The job's document folder, if it has one."""
+    cache: bool = True
+    """False when the job opted out of Keel's caches; a tool that reads through a cache of its
+    own (``search_docs``: the retrieval cache) passes it on."""
 
 
 ToolImpl = Callable[[Any, ToolContext], Awaitable[str]]
 """A tool: (validated args model, context) -> output text. Raises ApplicationError to fail."""
+
+
+@runtime_checkable
+class CacheScoped(Protocol):
+    """A read-only tool whose output depends on more than its arguments (``http_get``).
+
+    The gateway calls ``cache_scope`` before it looks a result up in the tool-result cache
+    (``activities/tools/result_cache.py``); a tool without it is keyed by its name, version
+    and arguments alone.
+    """
+
+    async def cache_scope(self, args: Any, ctx: ToolContext) -> Mapping[str, Any]:
+        """What besides the arguments decides this call's output, as JSON-serialisable parts.
+
+        Args:
+            args: The validated arguments.
+            ctx: Who the call runs for.
+
+        Returns:
+            Parts added to the cache key.
+
+        Raises:
+            ApplicationError: When the tool would refuse the call: a cached result must never
+                be served to a call the tool itself would refuse now.
+        """
+        ...
 
 
 def invalid_input(message: str) -> ApplicationError:

@@ -1,7 +1,8 @@
 """The tool gateway: the ``execute_tool`` activity every tool call of a job goes through.
 
 Owns the job's allow-list, argument validation against ``activities/catalog.py``, exactly-once
-recording of side-effecting calls per op_key, and moving large outputs to a Redis blob so only a
+recording of side-effecting calls per op_key, serving read-only tools' results from the
+tool-result cache (``result_cache.py``), and moving large outputs to a Redis blob so only a
 preview enters workflow history. Not workflow code: it runs tools and reads and writes Redis.
 """
 
@@ -13,12 +14,14 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from keel.activities._heartbeat import heartbeating
+from keel.activities.cache import KeelCache
 from keel.activities.catalog import ToolInfo
 from keel.activities.errors import TOOL_INPUT_INVALID, TOOL_NOT_ALLOWED, TOOL_NOT_FOUND
 from keel.activities.gateway_limits import GatewayLimits
 from keel.activities.store import KeelStore
 from keel.activities.tools.base import ToolContext, ToolImpl
 from keel.activities.tools.registry import ToolRegistry
+from keel.activities.tools.result_cache import ToolResultCache
 from keel.activities.types import PREVIEW_CHARS, ToolCall, ToolResult
 
 __all__ = ["ToolActivities"]
@@ -30,12 +33,18 @@ class ToolActivities:
     """The tool gateway activity, bound to a registry and the store."""
 
     def __init__(
-        self, registry: ToolRegistry, store: KeelStore, limits: GatewayLimits | None = None
+        self,
+        registry: ToolRegistry,
+        store: KeelStore,
+        limits: GatewayLimits | None = None,
+        cache: KeelCache | None = None,
     ) -> None:
         self._registry = registry
         self._store = store
         self._limits = limits or GatewayLimits(None)
         """The tool gateway's fleet-wide in-flight limits (issue 13); None: not limited."""
+        self._results = ToolResultCache(cache)
+        """Read-only tools' results (issue 14); a None cache: every call runs its tool."""
 
     @activity.defn(name="execute_tool")
     async def execute_tool(self, call: ToolCall) -> ToolResult:
@@ -45,12 +54,14 @@ class ToolActivities:
             call: The tool, its arguments, the job's allow-list and the call's op_key.
 
         Returns:
-            The output (or its preview and blob ref); for a side-effecting call that already
-            completed, the recorded result with ``replayed=True``.
+            The output (or its preview and a blob ref of this job); ``cached=True`` when a
+            read-only tool's result came from the tool-result cache; for a side-effecting call
+            that already completed, the recorded result with ``replayed=True``.
 
         Raises:
             ApplicationError: ``TOOL_NOT_ALLOWED``, ``TOOL_NOT_FOUND`` or ``TOOL_INPUT_INVALID``
-                (non-retryable) before the tool runs, or whatever the tool raised.
+                (non-retryable) before the tool runs, a refusal of the tool's own checks that
+                precede a cache lookup (``http_get``'s allow-list), or whatever the tool raised.
         """
         job_id = _job_id(call.job_id)
         op_key = call.op_key or f"{job_id}:{call.step_key}"
@@ -63,13 +74,24 @@ class ToolActivities:
                 if recorded is not None:
                     _log.info("tool.replayed")
                     return recorded.model_copy(update={"replayed": True})
-            ctx = ToolContext(job_id, call.tenant, op_key, call.docs_dir)
+            ctx = ToolContext(job_id, call.tenant, op_key, call.docs_dir, call.cache)
+            key = await self._results.key_for(info, impl, args, ctx, allowed=call.cache)
+            if key is not None and (hit := await self._results.get(key)) is not None:
+                # Packaged like a fresh output, so a large one gets a blob ref of this job.
+                result = await self._package(ctx, hit, cached=True)
+                _log.info("tool.cache_hit", size=result.size or len(result.content))
+                return result
             # The tool's in-flight limit first: waiting for it heartbeats and never raises.
             async with self._limits.tool(call.tool), heartbeating():
                 output = await impl(args, ctx)
             result = await self._package(ctx, output)
+            if key is not None:
+                result.cached = False  # looked up and missed: the job counts it
             if info.side_effecting:
                 await self._store.put_record(call.tenant, op_key, result)
+            if key is not None:
+                # Only a successful output gets here: a tool's error is never cached.
+                await self._results.put(key, output, info.cache_ttl_seconds)
             _log.info("tool.executed", size=result.size or len(result.content), ref=result.ref)
             return result
 
@@ -100,12 +122,14 @@ class ToolActivities:
             ) from None
         return info, impl, args
 
-    async def _package(self, ctx: ToolContext, output: str) -> ToolResult:
+    async def _package(
+        self, ctx: ToolContext, output: str, *, cached: bool | None = None
+    ) -> ToolResult:
         """Keep small outputs inline; move large ones to a blob and keep a preview."""
         attempt = activity.info().attempt
         if len(output) <= PREVIEW_CHARS:
             # Inline: the content is the whole output, so its length is the size.
-            return ToolResult(content=output, attempt=attempt)
+            return ToolResult(content=output, attempt=attempt, cached=cached)
         # Workflow history has a 2 MB payload limit, so only a preview and the ref go there.
         ref = await self._store.put_blob(ctx.tenant, ctx.op_key, output)
         return ToolResult(
@@ -113,6 +137,7 @@ class ToolActivities:
             ref=ref,
             size=len(output),
             attempt=attempt,
+            cached=cached,
         )
 
 

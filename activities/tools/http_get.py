@@ -15,8 +15,10 @@ The rules (issue 13: a prompt-injected plan must not reach the worker's own netw
   (rebinding). The client does not use proxies from the environment for the same reason.
 - Redirects are followed by hand, each hop checked like the first before it is contacted.
 
-The body is read up to a byte cap and one deadline bounds the whole call. Not workflow code:
-network I/O.
+The body is read up to a byte cap and one deadline bounds the whole call. The tool is read-only,
+so the gateway may serve a cached result: ``cache_scope`` applies the allow-list to the URL
+before any lookup, and keys results by the tenant's whole list and the byte cap. Not workflow
+code: network I/O.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 from temporalio.exceptions import ApplicationError
@@ -213,7 +215,7 @@ class HttpGet:
                 ``TOOL_TRANSIENT`` for timeouts, transport errors, 429 and 5xx, ``TOOL_FAILED``
                 for other 4xx, unknown hosts and redirect loops.
         """
-        entries = [*self._allowed, *self._by_tenant.get(ctx.tenant, ())]
+        entries = self._entries(ctx.tenant)
         try:
             # One deadline for the whole call: httpx's timeout is per operation, so a server
             # dripping bytes could otherwise outlast the activity's start_to_close_timeout.
@@ -223,6 +225,38 @@ class HttpGet:
             raise ApplicationError(
                 f"GET {args.url} failed: {type(e).__name__}: {e}", type=TOOL_TRANSIENT
             ) from None
+
+    async def cache_scope(self, args: HttpGetArgs, ctx: ToolContext) -> dict[str, Any]:
+        """Refuse an off-list URL before a cache lookup; key results by what shapes them.
+
+        The first hop's host and port are checked against the tenant's allow-list exactly as
+        a fetch checks them, so a host removed from the list is refused even when a result is
+        cached. Every entry the tenant has is part of the key too: a redirect's later hops
+        were checked against the list the result was fetched under, so any change to the list
+        makes earlier results unreachable. The address rule needs DNS and guards the
+        connection a hit never makes, so it is not applied here.
+
+        Args:
+            args: The URL.
+            ctx: Whose allow-list applies.
+
+        Returns:
+            The tenant's allow-list entries and the body cap (a different cap cuts the body
+            elsewhere).
+
+        Raises:
+            ApplicationError: ``TOOL_PERMISSION`` (non-retryable) for a URL off the allow-list.
+        """
+        entries = self._entries(ctx.tenant)
+        _matching(httpx.URL(args.url), entries)
+        return {
+            "allow": sorted([e.host, str(e.port)] for e in entries),
+            "max_bytes": self._max_bytes,
+        }
+
+    def _entries(self, tenant: str) -> list[AllowEntry]:
+        """The allow-list a call of ``tenant`` is checked against."""
+        return [*self._allowed, *self._by_tenant.get(tenant, ())]
 
     async def _fetch(self, url: httpx.URL, entries: list[AllowEntry]) -> str:
         client = self._http_client()
@@ -242,13 +276,7 @@ class HttpGet:
 
     async def _admit(self, url: httpx.URL, entries: list[AllowEntry]) -> str:
         """Apply the allow-list and the address rule to one hop; return the address to use."""
-        host = _host_of(url)
-        if url.scheme not in DEFAULT_PORTS or not host:
-            raise _refused(f"http_get fetches http and https URLs with a host, not {url}")
-        port = url.port or DEFAULT_PORTS[url.scheme]
-        matching = [e for e in entries if e.admits(host, port, url.scheme)]
-        if not matching:
-            raise _refused(f"{host}:{port} is not on the http_get allow-list")
+        host, port, matching = _matching(url, entries)
         addresses = await self._addresses(host, port)
         if not any(e.names_address for e in matching) and not all(map(_public, addresses)):
             # The address is not repeated: it would tell the model about the private network.
@@ -288,6 +316,22 @@ class HttpGet:
         text = data.decode(resp.encoding or "utf-8", errors="replace")
         note = f"\n[truncated at {self._max_bytes} bytes]" if truncated else ""
         return f"HTTP {resp.status_code}\n{text}{note}"
+
+
+def _matching(url: httpx.URL, entries: list[AllowEntry]) -> tuple[str, int, list[AllowEntry]]:
+    """The URL's host and effective port, and the entries that admit them.
+
+    Raises:
+        ApplicationError: ``TOOL_PERMISSION`` (non-retryable) when no entry admits the URL.
+    """
+    host = _host_of(url)
+    if url.scheme not in DEFAULT_PORTS or not host:
+        raise _refused(f"http_get fetches http and https URLs with a host, not {url}")
+    port = url.port or DEFAULT_PORTS[url.scheme]
+    matching = [e for e in entries if e.admits(host, port, url.scheme)]
+    if not matching:
+        raise _refused(f"{host}:{port} is not on the http_get allow-list")
+    return host, port, matching
 
 
 def _pinned(client: httpx.AsyncClient, url: httpx.URL, address: str) -> httpx.Request:

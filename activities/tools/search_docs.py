@@ -1,7 +1,9 @@
 """The ``search_docs`` tool: search the job's document folder and list the hits.
 
 Not workflow code: reads the file system through the shared ``Retriever``. Hits read exactly as
-a workflow's retrieval step shows them (``activities.types.format_hits``).
+a workflow's retrieval step shows them (``activities.types.format_hits``). The tool is
+read-only but not in the tool-result cache: the Retriever's retrieval cache serves it, keyed by
+the corpus's index version (``activities/catalog.py`` says why).
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ class SearchDocs:
         """
         if not ctx.docs_dir:
             raise invalid_input("this job has no docs folder")
+        # The Retriever's top-k cache serves this tool (it is keyed by the corpus's index
+        # version, which only the Retriever knows), so the job's opt-out is passed on to it.
         hits = await self._retriever.search(
-            ctx.docs_dir, args.query, args.top_k, args.filters, tenant=ctx.tenant
+            ctx.docs_dir, args.query, args.top_k, args.filters, tenant=ctx.tenant, cache=ctx.cache
         )
         return format_hits(hits)

@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StringConstraints,
     ValidationError,
     field_validator,
@@ -86,6 +87,12 @@ class JobCreate(BaseModel):
     _numbers = field_validator("ask_timeout_seconds", mode="before")(_no_booleans)
     mode: Literal["interactive", "batch"] = "interactive"
     """``batch`` jobs never run ahead of interactive ones."""
+    tier: Literal["auto", "fast", "deep"] = "auto"
+    """The model tier to start on: ``auto`` lets the router pick. The models are the
+    worker's; escalation may still move a fast job to deep."""
+    cache: StrictBool = True
+    """``false``: no cached response, tool result or search serves this job, and it stores
+    none."""
     corpus: Name | None = Field(default=None, max_length=64)
     """A corpus the job may search (the tenant's own, or a shared one), by name."""
     callback_url: str | None = Field(default=None, max_length=2048, pattern=URL_PATTERN)

@@ -98,6 +98,18 @@ def submit(
             help="Queue class: batch jobs run on keel-batch, never ahead of interactive ones.",
         ),
     ] = None,
+    tier: Annotated[
+        str | None,
+        typer.Option(
+            "--tier",
+            metavar="auto|fast|deep",
+            help="Model tier to start on (default auto: a cheap router call picks).",
+        ),
+    ] = None,
+    no_cache: Annotated[
+        bool,
+        typer.Option("--no-cache", help="Serve nothing from Keel's caches and store nothing."),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Submit a job and print its ID at once."""
@@ -122,6 +134,8 @@ def submit(
         "ask_timeout_seconds": ask_timeout,
         "notify_workflow": notify_workflow,
         "mode": mode,
+        "tier": tier,
+        "cache": False if no_cache else None,
         "budget": budget or None,
     }
     payload: dict[str, Any] = {"goal": goal}

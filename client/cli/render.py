@@ -25,6 +25,8 @@ from keel.workflows.types import (
     JobProgress,
     JobResult,
     JobStatus,
+    JobUsage,
+    Routing,
     current_iteration,
 )
 
@@ -53,6 +55,8 @@ def print_status(snap: JobStatus) -> None:
         )
     )
     console.print(Text.assemble(("goal  ", "bold"), _one_line(snap.goal, 200)))
+    if snap.routing is not None:
+        console.print(_routing_line(snap.routing), markup=False)
     console.print(_budget_table(snap))
     if snap.pending_question:
         console.print(Text.assemble(("question  ", "bold yellow"), snap.pending_question))
@@ -254,10 +258,32 @@ def print_result(res: JobResult) -> None:
         f"{u.tokens:,} tokens · ${u.cost_usd:.4f}",
         markup=False,
     )
+    if res.routing is not None:
+        console.print(_routing_line(res.routing), markup=False)
+    economy = _economy_line(u)
+    if economy:
+        console.print(economy, markup=False)
     if res.error:
         console.print(Text.assemble(("error  ", "bold red"), res.error))
     console.print(Text("answer", style="bold"))
     console.print(res.answer or "(none)", markup=False)
+
+
+def _routing_line(routing: Routing) -> str:
+    """``tier  deep (router, escalated from fast): reason``."""
+    moved = f", escalated from {routing.started_on}" if routing.escalated else ""
+    return f"tier  {routing.tier} ({routing.source}{moved}): {_one_line(routing.reason, 160)}"
+
+
+def _economy_line(u: JobUsage) -> str:
+    """Cost by tier and what the caches saved, or "" when there is nothing to say."""
+    parts = [f"{tier} ${t.cost_usd:.4f}" for tier, t in sorted(u.by_tier.items())]
+    hits, misses = sum(u.cache_hits.values()), sum(u.cache_misses.values())
+    if hits or misses:
+        parts.append(f"cache {hits} hit(s) / {misses} miss(es), saved ${u.saved_usd:.4f}")
+    if u.escalations:
+        parts.append(f"{u.escalations} escalation(s) ${u.escalation_usd:.4f}")
+    return "cost   " + " · ".join(parts) if parts else ""
 
 
 def _state_style(state: str | None) -> str:

@@ -16,6 +16,7 @@ from temporalio.testing import ActivityEnvironment
 
 from keel.activities import errors
 from keel.activities.catalog import BUILTIN_TOOLS, tool_schema
+from keel.activities.costing import count_chat_tokens, count_tokens
 from keel.activities.llm import PLANNER_PROMPT, LLMActivities, LLMConfig
 from keel.activities.store import KeelStore
 from keel.activities.types import (
@@ -215,17 +216,20 @@ def test_real_client_is_built_with_vendor_retries_off(redis_url: str) -> None:
 
 async def test_activity_chooses_its_model_and_caps_output_by_money_left() -> None:
     acts, seen = activities(lambda _: httpx.Response(200, json=completion('{"answer": "4"}')))
-    # gpt-4.1-mini: $0.40 / $1.60 per million tokens. $0.0008 pays for the prompt and a few
-    # hundred output tokens, fewer than the 300 the token budget would allow.
+    # gpt-4.1-mini: $0.40 / $1.60 per million tokens. $0.0006 pays for the prompt and a couple
+    # of hundred output tokens, fewer than the 300 the token budget would allow.
     inp = PlanInput(
-        tenant="t", goal="What is 2 + 2?", iteration=0, max_output_tokens=300, max_cost_usd=0.0008
+        tenant="t", goal="What is 2 + 2?", iteration=0, max_output_tokens=300, max_cost_usd=0.0006
     )
     await ActivityEnvironment().run(acts.plan_step, inp)
     body = json.loads(seen[0].content)
     assert body["model"] == "gpt-4.1-mini"
-    prompt_chars = sum(len(m["content"]) for m in body["messages"])
-    prompt_usd = (prompt_chars // CHARS_PER_TOKEN + 600) * 0.40 / 1_000_000
-    assert body["max_tokens"] == min(300, int((0.0008 - prompt_usd) * 1_000_000 / 1.60))
+    # The prompt is counted exactly, with the model's tokenizer, the response schema included.
+    prompt = count_chat_tokens("gpt-4.1-mini", body["messages"]) + count_tokens(
+        "gpt-4.1-mini", json.dumps(body["response_format"])
+    )
+    prompt_usd = prompt * 0.40 / 1_000_000
+    assert body["max_tokens"] == int((0.0006 - prompt_usd) * 1_000_000 / 1.60) - 1
     assert body["max_tokens"] < 300
 
 

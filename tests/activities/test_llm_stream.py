@@ -24,8 +24,9 @@ from temporalio.worker import Worker
 
 from keel.activities import errors
 from keel.activities.answer_tokens import AnswerTokens, TokenDelta, mark_watched, read_tokens
-from keel.activities.llm import SCHEMA_ALLOWANCE_TOKENS, LLMActivities, LLMConfig
-from keel.activities.types import CHARS_PER_TOKEN, AnswerInput, AnswerResult, Observation
+from keel.activities.costing import count_chat_tokens, count_tokens, worst_case_usd
+from keel.activities.llm import LLMActivities, LLMConfig
+from keel.activities.types import AnswerInput, AnswerResult, Observation
 from keel.client import AgentJobs, JobRequest
 from keel.workers.plugin import KeelPlugin
 from keel.workers.registry import Deps, build_deps
@@ -145,7 +146,7 @@ def faked_acts(body: str, tokens: AnswerTokens) -> tuple[LLMActivities, list[dic
     return LLMActivities(client, LLMConfig(), lambda _: [], None, None, tokens), seen
 
 
-async def test_an_endpoint_without_usage_is_charged_a_conservative_estimate(
+async def test_an_endpoint_without_usage_is_charged_its_reservation(
     redis_url: str,
 ) -> None:
     redis = aioredis.Redis.from_url(redis_url)
@@ -162,10 +163,18 @@ async def test_an_endpoint_without_usage_is_charged_a_conservative_estimate(
     assert seen[0]["stream"] is True and seen[0]["stream_options"] == {"include_usage": True}
     assert result.answer == 'Forty-t\u00e9wo "quoted"'
     assert "".join(d.text for d in published) == result.answer and published[-1].end
-    prompt_chars = sum(len(m["content"]) for m in seen[0]["messages"])
-    assert result.usage.prompt_tokens == prompt_chars // CHARS_PER_TOKEN + SCHEMA_ALLOWANCE_TOKENS
-    assert result.usage.completion_tokens == -(-len("".join(pieces)) // CHARS_PER_TOKEN)
-    assert result.usage.cost_usd > 0
+    # Charged the whole reservation: the prompt's exact count (schema included) and every
+    # completion token the request allowed, never a guess below what the endpoint could bill.
+    sent = seen[0]
+    model = sent["model"]
+    prompt = count_chat_tokens(model, sent["messages"]) + count_tokens(
+        model, json.dumps(sent["response_format"])
+    )
+    assert result.usage.prompt_tokens == prompt
+    assert result.usage.completion_tokens == sent["max_tokens"]
+    assert result.usage.cost_usd == worst_case_usd(
+        LLMConfig().price(model), prompt, sent["max_tokens"]
+    )
 
 
 @pytest.mark.parametrize(

@@ -175,7 +175,7 @@ async def test_usage_counts_what_the_tenants_model_calls_cost(
     result = done.json()["result"]
     assert result["outcome"] == "completed"
     today = (await api.get("/v1/usage", headers=bearer(key))).json()[0]
-    assert today["jobs"] == 1 and today["calls"] == 3  # plan, answer, verify
+    assert today["jobs"] == 1 and today["calls"] == 4  # route, plan, answer, verify
     assert today["tokens"] == result["usage"]["tokens"]
     # The job result shows dollars to five decimals; the ledger keeps eight.
     assert today["cost_usd"] == pytest.approx(result["usage"]["cost_usd"], abs=5e-6)

@@ -44,6 +44,7 @@ def runner() -> CliRunner:
         (["hi", "--docs", "/definitely/not/here"], "docs_dir"),
         (["hi", "--request-key", "has space"], "request_key"),
         (["hi", "--notify-workflow", "bad id!"], "notify_workflow"),
+        (["hi", "--tier", "premium"], "tier"),
     ],
 )
 def test_submit_refuses_malformed_job_before_connecting(

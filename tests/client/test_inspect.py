@@ -48,6 +48,7 @@ async def test_search_attributes_summary_and_details(env: WorkflowEnvironment, m
             "KeelState",
             "KeelOutcome",
             "KeelMode",
+            "KeelTier",
             "KeelCostUsd",
             "KeelTokens",
         ):
@@ -77,12 +78,15 @@ async def test_search_attributes_summary_and_details(env: WorkflowEnvironment, m
             if event.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
                 fields = event.upsert_workflow_search_attributes_event_attributes.search_attributes
                 upserted.append(set(fields.indexed_fields) - {"TemporalChangeVersion"})
-        # A one-iteration job upserts once, at the end: KeelState stays "running" while it
-        # works (its phase is in the current details) and usage is written with the outcome.
+        # A one-iteration job upserts twice: its tier once the router has picked it, then the
+        # rest at the end: KeelState stays "running" while it works (its phase is in the
+        # current details) and usage is written with the outcome.
         assert [u for u in upserted if u] == [
-            {"KeelState", "KeelOutcome", "KeelCostUsd", "KeelTokens"}
+            {"KeelTier"},
+            {"KeelState", "KeelOutcome", "KeelCostUsd", "KeelTokens"},
         ]
         assert {
+            "route · iteration 1",
             "plan · iteration 1",
             "tool calculator",
             "answer · iteration 1",

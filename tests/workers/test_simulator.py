@@ -157,16 +157,19 @@ async def test_answer_cites_observations_critique_and_clarifications(llm: AsyncO
     resp = await keel(llm, "keel_answer", payload)
     answer = json.loads(resp.choices[0].message.content)["answer"]
     assert answer == (
-        "Answer to: What is 6 * 7?. [calculator] 42 Revised after critique: Be precise."
+        "Answer to: What is 6 * 7?. Result: fact-f8a41dc1. [calculator] 42"
+        " Revised after critique: Be precise."
         " Clarified: none"
     )
     assert resp.usage.completion_tokens == math.ceil(len(resp.choices[0].message.content) / 4) + 100
 
 
 async def test_fail_verify_fails_until_the_given_iteration(llm: AsyncOpenAI) -> None:
+    goal = "Explain X [sim: fail_verify=1]"
+    right = json.loads((await keel(llm, "keel_answer", {"goal": goal})).choices[0].message.content)
     verdicts = []
     for iteration in (0, 1):
-        payload = {"goal": "Explain X [sim: fail_verify=1]", "iteration": iteration, "draft": "d"}
+        payload = {"goal": goal, "iteration": iteration, "draft": right["answer"]}
         resp = await keel(llm, "keel_verdict", payload)
         verdicts.append(Verdict.model_validate_json(resp.choices[0].message.content))
     assert [(v.passed, v.score) for v in verdicts] == [(False, 0.3), (True, 0.9)]
@@ -247,7 +250,11 @@ async def test_embeddings_are_deterministic_and_normalised(llm: AsyncOpenAI) -> 
 
 
 async def test_models_health_and_stats(llm: AsyncOpenAI, base_url: str) -> None:
-    assert [m.id for m in (await llm.models.list()).data] == ["sim-small", "sim-large"]
+    assert [m.id for m in (await llm.models.list()).data] == [
+        "sim-small",
+        "sim-medium",
+        "sim-large",
+    ]
     async with httpx.AsyncClient(base_url=base_url) as http:
         assert (await http.get("/health")).json() == {"ok": True}
         assert (await http.post("/_sim/reset")).json() == {"ok": True}
@@ -256,7 +263,15 @@ async def test_models_health_and_stats(llm: AsyncOpenAI, base_url: str) -> None:
             await keel(llm, "keel_answer", {"goal": "stats [sim: fault=500x1]"})
         stats = (await http.get("/_sim/stats")).json()
         missing = await http.get("/v1/nope")
-    assert stats["requests"] == {"plan": 0, "answer": 1, "verify": 1, "chat": 0, "embeddings": 0}
+    assert stats["requests"] == {
+        "plan": 0,
+        "answer": 1,
+        "verify": 1,
+        "route": 0,
+        "summary": 0,
+        "chat": 0,
+        "embeddings": 0,
+    }
     assert stats["faults"]["500"] == 1 and sum(stats["faults"].values()) == 1
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "invalid_request_error"
 

@@ -60,7 +60,10 @@ async def test_happy_path_completes_with_usage_and_one_note(
     assert result.job_id == job_id and job_id.startswith("agent-job-")
     assert "14" in (result.answer or "")
     assert result.iterations == 1
-    assert result.usage.steps == 5  # plan, two tools, answer, verify
+    assert result.usage.steps == 6  # route, plan, two tools, answer, verify
+    assert result.routing is not None and result.routing.source == "router"
+    assert status.routing == result.routing and result.routing.reason
+    assert set(result.usage.by_tier) >= {"router", result.routing.tier}
     assert result.usage.tool_calls == 2
     assert result.usage.tokens > 0 and result.usage.cost_usd > 0
     notes = await redis_client.lrange(f"keel:notes:{tenant}", 0, -1)
@@ -161,8 +164,9 @@ async def test_continue_as_new_keeps_state(client: Client, make_worker) -> None:
         status = await handle.query(AgentLoopWorkflow.get_status)
     assert result.outcome == "completed" and result.iterations == 3
     assert status.runs == 3
-    # Usage and observations from earlier runs survive: 5 calls in iteration one (plan, two
-    # tools, answer, verify), then 3 per refine, which answers from the kept observations.
-    assert result.usage.steps == 5 + 3 + 3
+    # Usage and observations from earlier runs survive: the router's call, 5 calls in
+    # iteration one (plan, two tools, answer, verify), then 3 per refine, which answers from
+    # the kept observations.
+    assert result.usage.steps == 1 + 5 + 3 + 3
     assert "[calculator] 81" in (result.answer or "")
     assert sum(e.kind == "continue_as_new" for e in status.events) == 2

@@ -63,7 +63,7 @@ async def test_max_tokens_never_overrun(client: Client, make_worker) -> None:
 
 
 async def test_max_cost_never_overrun(client: Client, make_worker) -> None:
-    budget = Budget(max_cost_usd=0.004, max_iterations=50)
+    budget = Budget(max_cost_usd=0.004, max_iterations=50, max_steps=1000)
     result = await exhaust(client, make_worker, "What is 5 + 5? [sim: fail_verify=999]", budget)
     assert result.exhausted_budget == "max_cost_usd"
     assert 0 < result.usage.cost_usd <= 0.004
@@ -217,3 +217,13 @@ def test_no_sequence_of_calls_overruns_any_budget(budget: Budget, ops: list[tupl
             assert spent.usage.total_tokens <= budget.max_tokens
             assert spent.usage.cost_usd <= budget.max_cost_usd + 1e-12  # float noise only
             assert all(n <= budget.max_retries_per_tool for n in spent.retries_by_tool.values())
+
+
+def test_the_budget_estimate_does_not_undercount_cjk_or_emoji() -> None:
+    from keel.activities.costing import count_tokens
+    from keel.workflows._budget import estimate_tokens
+
+    for text in ["Hello, world! " * 40, "日本語のテキストを数える。" * 40, "🎉🚀👍🏽" * 40]:
+        exact = count_tokens("gpt-4.1", text)
+        assert estimate_tokens(text) >= exact, (text[:10], estimate_tokens(text), exact)
+        assert estimate_tokens(text) <= 3 * exact + 10  # generous, not absurd

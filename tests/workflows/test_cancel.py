@@ -85,7 +85,9 @@ async def cancel_in(  # type: ignore[no-untyped-def]
 
 
 async def test_cancel_while_planning(client: Client, make_worker) -> None:
-    req = JobRequest(goal=f"What is 2 + 2? use calculator [sim: slow={SLOW_SECONDS * 1000}]")
+    # Forced onto a tier, so the first call is the plan (no router call before it).
+    goal = f"What is 2 + 2? use calculator [sim: slow={SLOW_SECONDS * 1000}]"
+    req = JobRequest(goal=goal, tier="deep")
     result = await cancel_in(client, make_worker, req, "planning", "cancelled_in_flight")
     # The plan call was reserved (a step) but never answered, so it cost nothing.
     assert result.usage.steps == 1 and result.usage.tokens == 0

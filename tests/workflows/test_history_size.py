@@ -1,11 +1,12 @@
 """History stays bounded: what an iteration records depends neither on output size nor on age.
 
-Tool outputs over the preview size go to Redis by reference, and model calls see a window of
-the last ``MAX_OBSERVATIONS`` observations, so an iteration costs the same bytes of history
-whether its tool returned 2 KiB or 64 KiB, and once the window is full, the same at iteration 20
-as at iteration 17. ``keel bench --only long`` shows the 1,000-iteration case; this test keeps the
-property from regressing.
-"""
+Tool outputs over the preview size go to Redis by reference, and model calls see a window of the
+last ``MAX_OBSERVATIONS`` observations, so an iteration costs the same bytes of history whether its
+tool returned 2 KiB or 64 KiB, and once the window is full, the same at iteration 20 as at
+iteration 17. With context compression (the default) older observations are folded into a bounded
+summary by an extra call every few iterations, how often depending on their size: the history of an
+iteration then stays within a bound that does not grow with the job's age. ``keel bench --only
+long`` shows the 1,000-iteration case; this test keeps the property from regressing."""
 
 from __future__ import annotations
 
@@ -78,20 +79,22 @@ async def test_iteration_bytes_do_not_grow_with_output_size_or_job_length(
     async with make_worker(client) as worker:
         jobs = AgentJobs(client, task_queue=worker.task_queue)
 
-        async def run(size: str) -> list[int]:
+        async def run(size: str, *, compress: bool = False) -> list[int]:
             req = JobRequest(
                 goal=f"Fetch {pages}/{size} with http_get [sim: replan, fail_verify=1000000]",
                 tools=["http_get"],
                 budget=budget,
             )
-            job_id = await jobs.start(req, request_key=unique(size))
+            job_id = await jobs.start(req, request_key=unique(size), compress=compress)
             result = await jobs.result(job_id, timeout=240)
             assert result.exhausted_budget == "max_iterations", result
             assert result.iterations == ITERATIONS
             history = await client.get_workflow_handle(job_id).fetch_history()
             return iteration_bytes(history.events)
 
-        small, large = await asyncio.gather(run("small"), run("large"))
+        small, large, folded = await asyncio.gather(
+            run("small"), run("large"), run("large", compress=True)
+        )
 
     assert len(small) == len(large) == ITERATIONS - 1
     # 62 KiB more output per iteration changes an iteration's history by a few digits at most.
@@ -102,3 +105,7 @@ async def test_iteration_bytes_do_not_grow_with_output_size_or_job_length(
     assert len(full) >= 3
     assert max(full) - min(full) <= TOLERANCE * min(full), full
     assert max(small) <= max(full) * (1 + TOLERANCE), small
+    # Compressed: a fold every other iteration or so, and no growth with age.
+    assert len(folded) == ITERATIONS - 1
+    early, late = folded[2:8], folded[8:]
+    assert max(late) <= max(early) * (1 + TOLERANCE), folded

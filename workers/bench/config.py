@@ -18,6 +18,8 @@ OVERHEAD_REQUEST = JobRequest(
     tools=["calculator"],
     tenant="bench",
     user="bench",
+    # Forced onto a tier: the bare workflow it is compared with makes no router call either.
+    tier="deep",
 )
 """plan, four parallel calculator calls, answer, verify: seven activities."""
 

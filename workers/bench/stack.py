@@ -61,14 +61,18 @@ def start_redis(children: Supervisor, data_dir: Path) -> str:
     return f"redis://127.0.0.1:{port}/0"
 
 
-def start_simulator(children: Supervisor) -> tuple[str, int]:
-    """The project's LLM simulator (zero latency, no faults) as a process.
+def start_simulator(children: Supervisor, *args: str) -> tuple[str, int]:
+    """The project's LLM simulator (zero latency, no faults unless ``args`` say so) as a process.
+
+    Args:
+        children: The supervisor that owns the process.
+        *args: More ``keel sim-llm`` options, e.g. ``--latency-ms 150`` (``keel bench cost``).
 
     Returns:
         Its base URL and its process ID.
     """
     port = free_port()
-    cmd = [sys.executable, "-m", "keel.workers.cli", "sim-llm", "--port", str(port)]
+    cmd = [sys.executable, "-m", "keel.workers.cli", "sim-llm", "--port", str(port), *args]
     proc = children.start("llm-simulator", cmd, port=port)
     return f"http://127.0.0.1:{port}/v1", proc.pid
 

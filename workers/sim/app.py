@@ -5,11 +5,14 @@ code reaches it only through the ``openai`` client, exactly as it would reach Op
 plan → act → verify → refine loop runs for real without a network or an API key. Replies are
 deterministic (``workers.sim.replies``); a goal can steer them with a ``[sim: ...]`` directive
 (``workers.sim.directives``), for example ``[sim: ask, fail_verify=1, fault=503x2, tokens=500]``.
-Faults, latency and counters are ``workers.sim.state``'s.
+Faults, latency and counters are ``workers.sim.state``'s; whether a draft is right is the
+quality model's (``workers.sim.quality``).
 
 Endpoints: ``POST /v1/chat/completions`` (streamed too), ``POST /v1/embeddings``,
-``GET /v1/models``, ``GET /health``, ``GET /_sim/stats`` and ``POST /_sim/reset``. ``keel sim-llm``
-runs it.
+``GET /v1/models``, ``GET /health``, ``GET /_sim/stats`` and ``POST /_sim/reset``; for scoring,
+``GET /sim/truth/{job_id}`` (the ground truth of a job whose requests carried
+``X-Keel-Job-Id``) and ``POST /sim/grade`` (whether any answer text is right for a goal).
+``keel sim-llm`` runs it.
 """
 
 from __future__ import annotations
@@ -22,17 +25,24 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from keel.workers.serving import serve_app
+from keel.workers.sim import quality
 from keel.workers.sim.config import SimConfig
 from keel.workers.sim.state import INVALID, SimError, SimState, error_response, model_card
+from keel.workers.sim.truth import JOB_HEADER
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
+async def _json_object(request: Request) -> dict[str, Any]:
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SimError(400, f"request body is not valid JSON: {exc}", INVALID) from exc
     if not isinstance(body, dict):
         raise SimError(400, "request body must be a JSON object", INVALID)
+    return body
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    body = await _json_object(request)
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise SimError(400, "you must provide a model parameter", INVALID, "model")
     return body
@@ -67,7 +77,8 @@ def create_app(config: SimConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await state.chat(await _json_body(request), _bearer(request))
+        job_id = request.headers.get(JOB_HEADER, "").strip()
+        return await state.chat(await _json_body(request), _bearer(request), job_id)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
@@ -96,6 +107,24 @@ def create_app(config: SimConfig) -> FastAPI:
     async def reset() -> Response:
         state.reset()
         return JSONResponse({"ok": True})
+
+    @app.get("/sim/truth/{job_id:path}")
+    async def truth(job_id: str) -> Response:
+        record = state.truth.get(job_id)
+        if record is None:
+            message = f"The simulator has not seen job `{job_id}`"
+            raise SimError(404, message, INVALID, "job_not_found")
+        return JSONResponse(record.public())
+
+    @app.post("/sim/grade")
+    async def grade(request: Request) -> Response:
+        body = await _json_object(request)
+        for field in ("goal", "answer"):
+            if not isinstance(body.get(field), str):
+                raise SimError(400, f"{field} must be a string", INVALID, field)
+        goal, answer = body["goal"], body["answer"]
+        difficulty = quality.difficulty(goal, config)
+        return JSONResponse({"correct": quality.is_right(goal, answer), "difficulty": difficulty})
 
     return app
 

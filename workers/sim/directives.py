@@ -1,8 +1,9 @@
 """The ``[sim: ...]`` directives a goal may carry to steer the LLM simulator.
 
 Pure: no I/O, no clocks, no randomness. ``parse_goal`` splits a goal into its text and its
-``Directives``, for example ``[sim: ask, fail_verify=1, fault=503x2, tokens=500]``; the reply
-logic (``workers.sim.replies``) and the HTTP layer (``workers.sim.state``) act on them.
+``Directives``, for example ``[sim: ask, fail_verify=1, fault=503x2, tokens=500, difficulty=3]``;
+the reply logic (``workers.sim.replies``), the quality model (``workers.sim.quality``) and the
+HTTP layer (``workers.sim.state``) act on them.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class Directives:
     """Plan tool steps on every iteration instead of answering once observations exist."""
     use: str | None = None
     """A tool to put in the plan even if it was not offered (to exercise the allow-list)."""
+    difficulty: int | None = None
+    """The goal's difficulty (``difficulty=N``, N >= 1) for the quality model; None leaves it
+    to ``SimConfig.difficulty_weights``."""
 
 
 @lru_cache(maxsize=1024)
@@ -100,6 +104,8 @@ def parse_goal(goal: str) -> tuple[str, Directives]:
                 values["fanout"] = max(1, min(int(raw), MAX_PLAN_STEPS - 1))
             elif key == "replan":
                 values["replan"] = True
+            elif key == "difficulty" and int(raw) >= 1:
+                values["difficulty"] = int(raw)
             elif key == "use" and raw:
                 values["use"] = raw
             elif key == "fault" and (fault := _FAULT.match(raw)) and fault[1] in FAULT_KINDS:

@@ -1,24 +1,42 @@
 """Deterministic replies of the LLM simulator to Keel's calls and to plain chat requests.
 
-This module owns what the simulator answers: the replies to Keel's three structured calls
-(``keel_plan``, ``keel_answer``, ``keel_verdict``), tool arguments generated from a JSON schema,
-and plain chat replies or tool calls. Pure: no I/O, no clocks, no randomness, so the same
-request always gets the same reply. Fault injection, latency and counters live in the HTTP
-layer (``workers.sim.state``).
+This module owns what the simulator answers: the replies to Keel's structured calls
+(``keel_plan``, ``keel_answer``, ``keel_verdict``, ``keel_route``, ``keel_summary``), tool
+arguments generated from a JSON schema, and plain chat replies or tool calls. Pure: no I/O, no
+clocks, no randomness, so the same request always gets the same reply. Whether a draft is right,
+a wrong one is caught or a route is right is the quality model's (``workers.sim.quality``);
+fault injection, latency, counters and per-job truth live in the HTTP layer
+(``workers.sim.state``).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from keel.workers.sim.directives import MAX_PLAN_STEPS, Directives
+from keel.workers.sim.quality import Route
 from keel.workers.sim.wire import dumps, message_text
 
-KEEL_KINDS = {"keel_plan": "plan", "keel_answer": "answer", "keel_verdict": "verify"}
+KEEL_KINDS = {
+    "keel_plan": "plan",
+    "keel_answer": "answer",
+    "keel_verdict": "verify",
+    "keel_route": "route",
+    "keel_summary": "summary",
+}
 """Response-format schema names Keel sends, mapped to the request kind counted in stats."""
 FAIL_CRITIQUE = "The draft does not use the observations in enough detail; refine it."
 """Critique of a verdict forced to fail by ``fail_verify``."""
+WRONG_CRITIQUE = "The result stated in the draft is wrong; recheck it against the goal."
+"""Critique of a verdict that caught a wrong draft (it never names the right result)."""
+SUMMARY_MAX_CHARS = 1000
+"""A rolling summary never exceeds this, however long the job runs."""
+_NEW_SUMMARY_CHARS = 600
+"""Room for the new observations' clauses; the previous summary keeps the rest."""
+_CLAUSE_CHARS = 120
+"""One observation's clause in a summary, at most."""
+_NO_OBSERVATIONS = "No observations yet."
 
 _EXPR = re.compile(r"[\d(][\d\s.+\-*/()]*[\d)]")
 _URL = re.compile(r"https?://[^\s\[\]()<>\"'`,]+")
@@ -162,11 +180,22 @@ def plan_reply(payload: dict[str, Any], goal: str, directives: Directives) -> di
     return _plan("act", f"Gather what the goal needs with: {names}.", steps)
 
 
-def answer_reply(payload: dict[str, Any], goal: str) -> dict[str, Any]:
-    """The draft for a ``keel_answer`` request, built from the observations it was given."""
+def answer_reply(payload: dict[str, Any], goal: str, fact: str) -> dict[str, Any]:
+    """The draft for a ``keel_answer`` request, built from the observations it was given.
+
+    Args:
+        payload: The user message's JSON document.
+        goal: The clean goal text.
+        fact: The checkable result the draft states (``workers.sim.quality``): the goal's
+            right fact when the drafting model is capable enough, a wrong one otherwise.
+
+    Returns:
+        ``{"answer": text}``, the text quoting the result, the observations, the critique and
+        the clarifications.
+    """
     observations = [o for o in payload.get("observations") or [] if isinstance(o, dict)]
     parts = [f"[{o.get('name', '?')}] {str(o.get('content') or '')[:200]}" for o in observations]
-    text = f"Answer to: {goal}. " + " | ".join(parts)
+    text = f"Answer to: {goal}. Result: {fact}. " + " | ".join(parts)
     if critique := payload.get("critique"):
         text = f"{text.rstrip()} Revised after critique: {critique}"
     clarifications = [c for c in payload.get("clarifications") or [] if isinstance(c, dict)]
@@ -176,8 +205,18 @@ def answer_reply(payload: dict[str, Any], goal: str) -> dict[str, Any]:
     return {"answer": text.strip()}
 
 
+def iteration_of(payload: dict[str, Any]) -> int:
+    """The ``iteration`` of a Keel request's JSON document (0 when absent or not an integer)."""
+    iteration = payload.get("iteration")
+    return iteration if isinstance(iteration, int) and not isinstance(iteration, bool) else 0
+
+
 def verdict_reply(
-    payload: dict[str, Any], directives: Directives, *, fail_first_verify: bool
+    payload: dict[str, Any],
+    directives: Directives,
+    *,
+    fail_first_verify: bool,
+    judged: Literal["right", "caught", "missed"],
 ) -> dict[str, Any]:
     """The verifier's judgement for a ``keel_verdict`` request.
 
@@ -185,6 +224,8 @@ def verdict_reply(
         payload: The user message's JSON document (``iteration`` is read).
         directives: Directives parsed from the goal; ``fail_verify`` wins over the config.
         fail_first_verify: The simulator-wide default, equivalent to ``fail_verify=1``.
+        judged: The quality model's view of the draft when no forced failure applies: right,
+            wrong and caught, or wrong and missed.
 
     Returns:
         A dict that validates as Keel's ``Verdict``.
@@ -192,16 +233,106 @@ def verdict_reply(
     threshold = directives.fail_verify
     if threshold is None:
         threshold = 1 if fail_first_verify else 0
-    iteration = payload.get("iteration")
-    if not isinstance(iteration, int):
-        iteration = 0
-    if iteration < threshold:
+    if iteration_of(payload) < threshold:
         return {"passed": False, "score": 0.3, "critique": FAIL_CRITIQUE}
+    if judged == "caught":
+        return {"passed": False, "score": 0.2, "critique": WRONG_CRITIQUE}
+    if judged == "missed":
+        return {"passed": True, "score": 0.8, "critique": "The draft looks right."}
     return {
         "passed": True,
         "score": 0.9,
         "critique": "The draft answers the goal from the evidence.",
     }
+
+
+def route_tiers(payload: dict[str, Any]) -> list[tuple[str, str]] | None:
+    """A ``keel_route`` request's ``(tier, model)`` pairs, cheapest first; None if unreadable."""
+    tiers = payload.get("tiers")
+    if not isinstance(tiers, dict) or not tiers:
+        return None
+    if not all(isinstance(name, str) and isinstance(m, str) for name, m in tiers.items()):
+        return None
+    return list(tiers.items())
+
+
+def route_reply(
+    payload: dict[str, Any], chosen: Route, tiers: list[tuple[str, str]]
+) -> dict[str, Any]:
+    """The router's decision for a ``keel_route`` request.
+
+    Args:
+        payload: The user message's JSON document (``tools`` and ``retrieval_enabled``).
+        chosen: The quality model's route (``workers.sim.quality.route``).
+        tiers: The offered ``(tier, model)`` pairs.
+
+    Returns:
+        ``{"tier", "complexity", "needs_tools", "risk", "reason"}``; ``complexity`` and ``risk``
+        follow the difficulty the router's choice implies, right or wrong.
+    """
+    level = chosen.claimed_difficulty
+    complexity = "low" if level <= 1 else "medium" if level == 2 else "high"
+    model = dict(tiers)[chosen.tier]
+    tools = payload.get("tools")
+    return {
+        "tier": chosen.tier,
+        "complexity": complexity,
+        "needs_tools": isinstance(tools, list) and bool(tools),
+        "risk": "high" if level >= 3 else "low",
+        "reason": f"A {complexity}-complexity goal; the {chosen.tier} tier ({model}) fits it.",
+    }
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _fit(clauses: list[str], room: int) -> list[str]:
+    """The newest of ``clauses`` (last first kept) whose ``"; "``-joined length fits ``room``."""
+    kept: list[str] = []
+    used = 0
+    for clause in reversed(clauses):
+        cost = len(clause) + (2 if kept else 0)
+        if used + cost > room:
+            break
+        kept.append(clause)
+        used += cost
+    return kept[::-1]
+
+
+def summary_reply(payload: dict[str, Any]) -> dict[str, Any]:
+    """The rolling summary for a ``keel_summary`` request, never over SUMMARY_MAX_CHARS.
+
+    The previous summary's clauses and one short clause per new observation (``name: content``)
+    are joined with ``"; "``. When they do not fit, the newest observations keep up to
+    ``_NEW_SUMMARY_CHARS`` and the previous summary's newest clauses the rest, so old detail
+    fades and the summary stays bounded however long the job runs.
+
+    Args:
+        payload: The user message's JSON document (``summary`` and ``observations``).
+
+    Returns:
+        ``{"summary": text}``.
+    """
+    previous = payload.get("summary")
+    old = [
+        _clip(c.strip(), SUMMARY_MAX_CHARS)
+        for c in (previous if isinstance(previous, str) else "").split("; ")
+        if c.strip() and c.strip() != _NO_OBSERVATIONS
+    ]
+    new = []
+    for obs in payload.get("observations") or []:
+        if not isinstance(obs, dict):
+            continue
+        content = obs.get("content")
+        text = content if isinstance(content, str) else dumps(content)
+        clause = " ".join(f"{obs.get('name', '?')}: {text}".split())
+        # The clause separator inside a clause would split it in two on the next call.
+        new.append(_clip(clause.replace("; ", ", "), _CLAUSE_CHARS))
+    fresh = _fit(new, _NEW_SUMMARY_CHARS)
+    room = SUMMARY_MAX_CHARS - len("; ".join(fresh)) - (2 if fresh else 0)
+    clauses = _fit(old, room) + fresh
+    return {"summary": "; ".join(clauses) or _NO_OBSERVATIONS}
 
 
 def chat_reply(

@@ -1,9 +1,12 @@
 """What the LLM simulator answers each request with, faults and latency included.
 
 ``SimState`` holds one app's counters and its RNG and answers chat, embeddings and model
-requests in OpenAI's shapes; the replies themselves come from ``workers.sim.replies``. Random
-faults and jitter draw from one ``random.Random(config.seed)`` per app, so a given sequence of
-requests sees the same faults. Errors are answered in OpenAI's error shape (``SimError``).
+requests in OpenAI's shapes; the replies themselves come from ``workers.sim.replies`` and the
+quality model (``workers.sim.quality``). Random faults and jitter draw from one
+``random.Random(config.seed)`` per app, so a given sequence of requests sees the same faults.
+Each complete draft and verdict served to a request naming its job (``X-Keel-Job-Id``) is
+recorded in the app's ``TruthLedger`` (``workers.sim.truth``). Errors are answered in OpenAI's
+error shape (``SimError``).
 """
 
 from __future__ import annotations
@@ -14,17 +17,18 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fastapi.responses import JSONResponse, Response
 
-from keel.workers.sim import replies, streaming, wire
+from keel.workers.sim import quality, replies, streaming, wire
 from keel.workers.sim.config import SimConfig
 from keel.workers.sim.directives import FAULT_KINDS, Directives, fault_key, parse_goal
+from keel.workers.sim.truth import MAX_JOB_ID_CHARS, TruthLedger
 
 INVALID = "invalid_request_error"
 """OpenAI's error type for a request the simulator cannot read."""
-_REQUEST_KINDS = ("plan", "answer", "verify", "chat", "embeddings")
+_REQUEST_KINDS = ("plan", "answer", "verify", "route", "summary", "chat", "embeddings")
 _NO_DIRECTIVES = Directives()
 _ERRORS: dict[str, tuple[int, str, str, str]] = {
     "500": (500, "server_error", "internal_error", "The server had an error (simulated 500)."),
@@ -58,10 +62,12 @@ class SimState:
 
     def __init__(self, config: SimConfig) -> None:
         self.config = config
+        self.truth = TruthLedger()
         self.reset()
 
     def reset(self) -> None:
-        """Reseed the RNG and zero every counter and per-goal fault count."""
+        """Reseed the RNG, zero every counter and per-goal fault count, and forget every job."""
+        self.truth.clear()
         self.rng = random.Random(self.config.seed)
         self.requests = dict.fromkeys(_REQUEST_KINDS, 0)
         self.faults = dict.fromkeys(FAULT_KINDS, 0)
@@ -116,12 +122,26 @@ class SimState:
             await asyncio.sleep(self.config.timeout_seconds)
         return error_response(status, message, type_, code, headers)
 
-    async def chat(self, body: dict[str, Any], api_key: str = "") -> Response:
-        """Answer ``POST /v1/chat/completions``; ``api_key`` is the bearer token it came with.
+    async def chat(self, body: dict[str, Any], api_key: str = "", job_id: str = "") -> Response:
+        """Answer ``POST /v1/chat/completions``.
 
         With ``stream: true`` the same reply is streamed (``workers.sim.streaming``); faults
         other than ``cut`` are answered before the stream starts, as a provider answers them.
+
+        Args:
+            body: The request's JSON body.
+            api_key: The bearer token it came with.
+            job_id: The ``X-Keel-Job-Id`` header, empty when the request names no job.
+
+        Returns:
+            The completion, a stream of it, or an injected fault.
+
+        Raises:
+            SimError: The request cannot be read.
         """
+        if len(job_id) > MAX_JOB_ID_CHARS:
+            message = f"X-Keel-Job-Id is longer than {MAX_JOB_ID_CHARS} characters"
+            raise SimError(400, message, INVALID, "x-keel-job-id")
         stream = body.get("stream") is True
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -130,6 +150,8 @@ class SimState:
             raise SimError(400, "every message must be an object", INVALID, "messages")
         reply = _reply(body, messages, self.config)
         self.requests[reply.kind] += 1
+        if job_id and reply.kind != "chat":
+            self.truth.see(job_id, reply.raw_goal, quality.difficulty(reply.raw_goal, self.config))
         await self.delay(reply.directives.slow_ms)
         fault = self.pick_fault(reply.kind, reply.raw_goal, reply.directives, stream=stream)
         content, call = reply.content, reply.call
@@ -138,6 +160,8 @@ class SimState:
         elif fault and fault != "cut":
             return await self.fault_response(fault, api_key)
         completion = self._completion(body, messages, content, call, reply.directives)
+        if job_id and not fault and completion["choices"][0]["finish_reason"] == "stop":
+            self._record(job_id, reply)
         if not stream:
             return JSONResponse(completion)
         delay_ms = self.config.token_delay_ms + reply.directives.token_ms
@@ -146,6 +170,21 @@ class SimState:
             delay_seconds=delay_ms / 1000,
             cut=fault == "cut",
         )
+
+    def _record(self, job_id: str, reply: _Reply) -> None:
+        """Note a complete draft or verdict served for ``job_id`` in the truth ledger.
+
+        Only replies that reach the caller whole count: a fault, a malformed reply, a cut
+        stream or a reply truncated by ``max_tokens`` serves no draft or verdict Keel can use.
+        """
+        record = self.truth.get(job_id)
+        if record is None or reply.content is None:
+            return
+        if reply.kind == "answer":
+            record.drafts += 1
+            record.correct = quality.is_right(reply.raw_goal, reply.content)
+        elif reply.kind == "verify":
+            record.verifier_passed = json.loads(reply.content)["passed"] is True
 
     def _completion(
         self,
@@ -170,6 +209,10 @@ class SimState:
         chars = sum(len(wire.message_text(m.get("content"))) for m in messages)
         prompt_tokens = math.ceil(chars / 4)
         completion_tokens = wire.count_tokens(billed) + directives.extra_tokens
+        if max_tokens is not None:
+            # ``tokens=`` stands for hidden (reasoning) tokens, which a provider bills within
+            # the request's cap, never beyond it.
+            completion_tokens = min(completion_tokens, max(max_tokens, wire.count_tokens(billed)))
         self.completions += 1
         return {
             "id": f"chatcmpl-sim{self.completions:08d}",
@@ -256,15 +299,29 @@ def _reply(body: dict[str, Any], messages: list[dict[str, Any]], config: SimConf
         payload = parsed if isinstance(parsed, dict) else {"goal": text}
     raw_goal = payload["goal"] if isinstance(payload.get("goal"), str) else text
     goal, directives = parse_goal(raw_goal)
+    model = str(body["model"])
     reply: dict[str, Any] | None = None
     if kind == "plan":
         reply = replies.plan_reply(payload, goal, directives)
     elif kind == "answer":
-        reply = replies.answer_reply(payload, goal)
+        right = quality.drafts_right(model, raw_goal, config)
+        fact = quality.fact(raw_goal) if right else quality.wrong_fact(raw_goal)
+        reply = replies.answer_reply(payload, goal, fact)
     elif kind == "verify":
         reply = replies.verdict_reply(
-            payload, directives, fail_first_verify=config.fail_first_verify
+            payload,
+            directives,
+            fail_first_verify=config.fail_first_verify,
+            judged=_judge(payload, raw_goal, model, config),
         )
+    elif kind == "route":
+        tiers = replies.route_tiers(payload)
+        if tiers is None:
+            message = "a keel_route request needs a non-empty tiers object of tier: model"
+            raise SimError(400, message, INVALID, "tiers")
+        reply = replies.route_reply(payload, quality.route(raw_goal, tiers, config), tiers)
+    elif kind == "summary":
+        reply = replies.summary_reply(payload)
     elif name == "json_object":
         reply = {"reply": f"Simulated reply to: {goal[:200]}"}
     elif name:
@@ -273,6 +330,19 @@ def _reply(body: dict[str, Any], messages: list[dict[str, Any]], config: SimConf
         return _Reply(kind, raw_goal, directives, wire.dumps(reply))
     content, call = replies.chat_reply(messages, goal, body.get("tools"), body.get("tool_choice"))
     return _Reply(kind, raw_goal, directives, content, call)
+
+
+def _judge(
+    payload: dict[str, Any], goal: str, model: str, config: SimConfig
+) -> Literal["right", "caught", "missed"]:
+    """The quality model's view of a verified draft: right, or wrong and caught or missed."""
+    draft = payload.get("draft")
+    draft = draft if isinstance(draft, str) else ""
+    if quality.is_right(goal, draft):
+        return "right"
+    iteration = replies.iteration_of(payload)
+    caught = quality.verifier_catches(goal, model, iteration, draft, config)
+    return "caught" if caught else "missed"
 
 
 def _masked(key: str) -> str:
