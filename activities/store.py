@@ -145,6 +145,33 @@ class KeelStore:
         [value] = await self.get_blobs([ref], job_id=job_id, tenant=tenant)
         return value
 
+    async def expire_blobs(self, tenant: str, job_prefix: str, ttl_seconds: int = 0) -> int:
+        """Expire every stored output of the jobs whose IDs start with ``job_prefix``.
+
+        A session's turns are jobs ``{session job prefix}.t{N}``; when the session ends its
+        outputs go with it. Idempotent: running it twice expires nothing more.
+
+        Args:
+            tenant: Whose outputs (the prefix must name one of its jobs).
+            job_prefix: The start of the job IDs, e.g. ``agent-job-acme:chat-1.t``.
+            ttl_seconds: Seconds they may live on; 0 deletes them now.
+
+        Returns:
+            How many outputs were expired.
+        """
+        tenant = _check_tenant(tenant)
+        globbing = any(c in job_prefix for c in "*?[]\\")
+        if not job_prefix.startswith(f"agent-job-{tenant}:") or globbing:
+            raise ValueError(f"not a job prefix of tenant {tenant}: {job_prefix!r}")
+        pattern = f"{_BLOB_PREFIX}{tenant}:{job_prefix}*"
+        expired = 0
+        async for key in self._redis.scan_iter(match=pattern, count=500):
+            if ttl_seconds > 0:
+                expired += int(await self._redis.expire(key, ttl_seconds))
+            else:
+                expired += int(await self._redis.delete(key))
+        return expired
+
     async def get_blobs(
         self, refs: list[str], *, job_id: str | None = None, tenant: str | None = None
     ) -> list[str | None]:

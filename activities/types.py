@@ -114,6 +114,29 @@ def next_tier(tier: TierName) -> TierName | None:
     return TIERS[at + 1] if at + 1 < len(TIERS) else None
 
 
+EXCHANGE_CHARS = 2_000
+"""Longest message or answer of an earlier turn a session passes verbatim (issue 15)."""
+CONVERSATION_SUMMARY_CHARS = 2_000
+"""Longest rolling summary of a conversation's older turns."""
+
+
+class Exchange(BaseModel):
+    """One earlier turn of a conversation: what the user said and what the agent answered."""
+
+    user: str = Field(max_length=EXCHANGE_CHARS)
+    assistant: str = Field(default="", max_length=EXCHANGE_CHARS)
+
+
+class Conversation(BaseModel):
+    """What a session passes to each turn: a summary of older turns and the last few verbatim.
+
+    Bounded, so the context a turn sends its model stays flat however long the session runs.
+    """
+
+    summary: str = Field(default="", max_length=CONVERSATION_SUMMARY_CHARS)
+    recent: list[Exchange] = Field(default_factory=list, max_length=8)
+
+
 class Observation(BaseModel):
     """What one plan step produced, as the planner, answerer and verifier see it."""
 
@@ -227,6 +250,8 @@ class LLMCallBase(BaseModel):
     """The rolling summary of observations older than ``observations`` (context compression)."""
     correction: str | None = None
     """Why this call's previous output was rejected (schema validation), when it is a retry."""
+    conversation: Conversation | None = None
+    """The session's earlier turns, when the job is a turn of a session (issue 15)."""
 
 
 class LLMCallResult(BaseModel):

@@ -16,6 +16,6 @@ fi
 .venv/bin/mypy
 if [ "$#" -eq 0 ]; then
   # The whole suite: also measure coverage of workflows/ and activities/, and hold it at 90%.
-  set -- --cov --cov-fail-under=90
+  set -- --cov --cov-fail-under=90 --durations=15
 fi
 .venv/bin/pytest -q -p no:cacheprovider "$@"

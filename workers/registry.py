@@ -24,6 +24,7 @@ from keel.activities.embeddings import Embedder
 from keel.activities.gateway_limits import GatewayLimits
 from keel.activities.llm import LLMActivities, LLMConfig
 from keel.activities.retrieval import RetrievalActivities, Retriever
+from keel.activities.sessions import SessionActivities
 from keel.activities.slots import JobSlotActivities, JobSlots
 from keel.activities.store import KeelStore
 from keel.activities.tools import ToolActivities, ToolRegistry
@@ -32,8 +33,9 @@ from keel.activities.webhook_hosts import WebhookHosts
 from keel.activities.webhooks import WebhookActivities
 from keel.workers.settings import WorkerSettings
 from keel.workflows.agent_loop import AgentLoopWorkflow
+from keel.workflows.session import SessionWorkflow
 
-WORKFLOWS: list[type] = [AgentLoopWorkflow]
+WORKFLOWS: list[type] = [AgentLoopWorkflow, SessionWorkflow]
 INTERCEPTORS: list[Interceptor] = [JitteredBackoff(), CarryAttemptCharges()]
 """Every retryable activity failure waits a jittered interval before its next attempt; a model
 call's heartbeats carry what its failed attempts may have cost to the next attempt."""
@@ -189,6 +191,7 @@ def build_activities(deps: Deps) -> list[Callable[..., Any]]:
     tools = ToolActivities(deps.tools, deps.store, deps.gateway, deps.cache)
     slots = JobSlotActivities(deps.slots)
     retrieval = RetrievalActivities(deps.retriever)
+    sessions = SessionActivities(deps.store)
     webhooks = [deps.webhooks.deliver_webhook] if deps.webhooks is not None else []
     return [
         *webhooks,
@@ -201,4 +204,5 @@ def build_activities(deps: Deps) -> list[Callable[..., Any]]:
         llm.summarize_observations,
         tools.execute_tool,
         retrieval.search_corpus,
+        sessions.expire_session_outputs,
     ]

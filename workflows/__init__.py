@@ -16,3 +16,5 @@ TASK_QUEUES = {"interactive": TASK_QUEUE, "batch": BATCH_TASK_QUEUE}
 
 WORKFLOW_TYPE = "AgentLoopWorkflow"
 """Workflow type name, for visibility queries."""
+SESSION_WORKFLOW_TYPE = "SessionWorkflow"
+"""The workflow type of a session (``workflows/session.py``)."""

@@ -60,6 +60,7 @@ class ModelCaller:
             ],
             "clarifications": self._s.clarifications,
             "summary": self._s.summary,
+            "conversation": self._req.conversation,
             "tier": routing.tier if routing else None,
         } | {k: v for k, v in optional.items() if v is not None}
         fields = {k: v for k, v in optional.items() if v}

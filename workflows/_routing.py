@@ -16,7 +16,7 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from keel.activities.llm import LLMActivities
-    from keel.activities.types import RouteInput, TierName, next_tier
+    from keel.activities.types import RouteInput, TierName, Usage, next_tier
     from keel.workflows._calling import ModelCaller
     from keel.workflows._state import JobFailure
     from keel.workflows._visibility import Visibility
@@ -110,10 +110,10 @@ class Router:
         self._visibility.tier(upper)
         return True
 
-    def tier_for_retry(self, retry: int, what: str) -> TierName | None:
+    def tier_for_retry(self, retry: int) -> TierName | None:
         """The tier of the ``retry``-th retry of a call whose output failed its schema.
 
-        The first retry stays on the job's tier; the second goes one tier up (an event).
+        The first retry stays on the job's tier; the second goes one tier up.
 
         Returns:
             The tier to force for this retry, or None to use the job's tier.
@@ -121,9 +121,18 @@ class Router:
         routing = self._s.routing
         if retry < 2 or routing is None:
             return None
-        upper = next_tier(routing.tier)
-        if upper is None:
-            return None
-        self._s.counters.escalations += 1
-        self._event("escalated", f"{what}: invalid output twice on {routing.tier}; once on {upper}")
-        return upper
+        return next_tier(routing.tier)
+
+    def escalated_call(self, what: str, tier: TierName | None, usage: Usage) -> None:
+        """Record a call ``tier_for_retry`` sent a tier up: an event with what it cost."""
+        routing = self._s.routing
+        if tier is None or routing is None:
+            return
+        counters = self._s.counters
+        counters.escalations += 1
+        counters.escalation_usd = round(counters.escalation_usd + usage.cost_usd, 8)
+        self._event(
+            "escalated",
+            f"{what}: invalid output twice on {routing.tier}; retried on {tier} "
+            f"(${usage.cost_usd:.6f})",
+        )

@@ -11,7 +11,7 @@ import asyncio
 from typing import NoReturn
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from keel.activities import errors
@@ -24,12 +24,11 @@ with workflow.unsafe.imports_passed_through():
         Verdict,
         VerifyInput,
     )
-    from keel.activities.webhooks import WebhookActivities, WebhookDelivery
-    from keel.workflows import policies
     from keel.workflows._acting import StepRunner
     from keel.workflows._budget import BudgetExhausted, Ledger
     from keel.workflows._calling import ModelCaller
     from keel.workflows._context import MAX_OBSERVATIONS, ContextFolder
+    from keel.workflows._notifying import Notifier
     from keel.workflows._progress import ProgressStream
     from keel.workflows._routing import Router
     from keel.workflows._slots import JobSlot
@@ -44,7 +43,6 @@ with workflow.unsafe.imports_passed_through():
     )
     from keel.workflows._visibility import Visibility
     from keel.workflows.types import (
-        NOTIFY_SIGNAL,
         AgentLoopInput,
         BudgetName,
         HumanInput,
@@ -110,6 +108,10 @@ class AgentLoopWorkflow:
     async def _setup(self) -> None:
         if self._inp.state is not None:
             self._refuse_foreign_state()
+        # Asked first, before the slot's local activities: a patch checked after a local
+        # activity can land in a later workflow task than its marker when the task heartbeats
+        # (a slow local activity), and replay then fails with a nondeterminism error.
+        route = self._s.routing is None and workflow.patched("router-first")
         if self._s.started_at is None:
             # Time in line for a running-job slot is not work: the wall clock starts after it.
             await JobSlot(self._req, self._s, self._event, wanted=self._inp.job_slot).acquire()
@@ -118,10 +120,8 @@ class AgentLoopWorkflow:
         self._ledger = Ledger(self._req.budget, self._s.counters, self._s.started_at)
         self._calls = ModelCaller(self._req, self._s, self._ledger, self._show_details)
         self._router = Router(self._req, self._s, self._calls, self._visibility, self._event)
-        self._context = ContextFolder(
-            self._s, self._calls, self._event, enabled=self._inp.compress
-        )
-        if self._s.routing is None and workflow.patched("router-first"):
+        self._context = ContextFolder(self._s, self._calls, self._event, enabled=self._inp.compress)
+        if route:
             await self._router.route()
 
     def _refuse_foreign_state(self) -> None:
@@ -137,7 +137,7 @@ class AgentLoopWorkflow:
             self._set_state("refining" if self._s.critique else "planning")
             correction: str | None = None
             for retry in range(MAX_CORRECTIONS + 1):
-                tier = self._router.tier_for_retry(retry, "plan")
+                tier = self._router.tier_for_retry(retry)
                 inp = PlanInput(
                     **self._calls.fields(
                         critique=self._s.critique, correction=correction, tier=tier
@@ -147,6 +147,7 @@ class AgentLoopWorkflow:
                     may_ask=self._s.counters.questions < self._req.budget.max_questions,
                 )
                 result = await self._calls.call(LLMActivities.plan_step, inp, "plan")
+                self._router.escalated_call("plan", tier, result.usage)
                 if result.plan is not None:
                     break
                 correction = result.invalid_reason or "output did not match the plan schema"
@@ -164,6 +165,7 @@ class AgentLoopWorkflow:
         self._s.pending_question, self._s.pending_default = question, default
         self._set_state("waiting_for_input")
         self._event("question", question[:200])
+        await Notifier(self._req, self._event).question(question)
         asked_at = workflow.now()
         try:
             await workflow.wait_condition(
@@ -199,9 +201,10 @@ class AgentLoopWorkflow:
         ):
             retry += 1
             correction = result.invalid_reason or "output did not match the verdict schema"
-            tier = self._router.tier_for_retry(retry, "verify")
+            tier = self._router.tier_for_retry(retry)
             inp = VerifyInput(**self._calls.fields(correction=correction, tier=tier), draft=draft)
             result = await self._calls.call(LLMActivities.verify_draft, inp, "verify")
+            self._router.escalated_call("verify", tier, result.usage)
         verdict = result.verdict or Verdict(
             passed=False, score=0.0, critique=f"verifier output invalid: {result.invalid_reason}"
         )
@@ -243,37 +246,9 @@ class AgentLoopWorkflow:
             routing=self._s.routing,
         )
         self._event(outcome, f"budget {exhausted} ran out" if exhausted else (error or ""))
-        if self._req.notify_workflow:
-            await self._notify(self._req.notify_workflow, result)
-        if self._req.callback_url:
-            await self._deliver(self._req.callback_url, result)
+        await Notifier(self._req, self._event).finished(result)
         await self._progress.close()
         return result
-
-    async def _deliver(self, url: str, result: JobResult) -> None:
-        """POST the outcome to the job's callback URL; a failed delivery never fails the job."""
-        delivery = WebhookDelivery(
-            tenant=self._req.tenant,
-            url=url,
-            webhook_id=f"msg_{self._job_id}",  # the same on every retry: receivers dedupe on it
-            body={"type": "job.finished", "data": result.model_dump(mode="json")},
-        )
-        config = policies.WEBHOOK.copy()
-        config["summary"] = "webhook"
-        try:
-            await workflow.execute_activity_method(
-                WebhookActivities.deliver_webhook, delivery, **config
-            )
-            self._event("webhook_delivered")
-        except ActivityError as err:
-            self._event("webhook_failed", str(err.cause)[:200])
-
-    async def _notify(self, workflow_id: str, result: JobResult) -> None:
-        try:
-            handle = workflow.get_external_workflow_handle(workflow_id)
-            await handle.signal(NOTIFY_SIGNAL, result)
-        except Exception as err:  # noqa: BLE001 - a missing listener must not fail the job
-            self._event("notify_failed", f"{workflow_id}: {err}"[:200])
 
     def _set_state(self, state: JobState, *, final: bool = False) -> None:
         changed = state != self._s.state

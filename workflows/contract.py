@@ -12,10 +12,16 @@ from __future__ import annotations
 
 from temporalio import workflow
 
-from keel.workflows import WORKFLOW_TYPE
+from keel.workflows import SESSION_WORKFLOW_TYPE, WORKFLOW_TYPE
+from keel.workflows.session_types import (
+    SessionInput,
+    SessionMessage,
+    SessionStatus,
+    TurnAccepted,
+)
 from keel.workflows.types import AgentLoopInput, HumanInput, JobResult, JobStatus
 
-__all__ = ["AgentLoop"]
+__all__ = ["AgentLoop", "Session"]
 
 
 def _not_callable() -> TypeError:
@@ -44,4 +50,29 @@ class AgentLoop:
     @workflow.signal
     def answer_signal(self, inp: HumanInput) -> None:
         """Answer the pending question without an acknowledgement."""
+        raise _not_callable()
+
+
+@workflow.defn(name=SESSION_WORKFLOW_TYPE)
+class Session:
+    """The client's view of ``SessionWorkflow``; calling its methods directly is an error."""
+
+    @workflow.run
+    async def run(self, inp: SessionInput) -> SessionStatus:
+        """Run the session's turns until it ends or idles out."""
+        raise _not_callable()
+
+    @workflow.update
+    async def send_message(self, message: SessionMessage) -> TurnAccepted:
+        """Queue a message as a turn (or answer the turn's question); idempotent per ID."""
+        raise _not_callable()
+
+    @workflow.update
+    def end(self) -> SessionStatus:
+        """End the session after the turn in progress."""
+        raise _not_callable()
+
+    @workflow.query
+    def get_session(self) -> SessionStatus:
+        """A snapshot of the session."""
         raise _not_callable()

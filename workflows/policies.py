@@ -101,6 +101,18 @@ WEBHOOK = ActivityConfig(
     ),
 )
 
+STORE = ActivityConfig(
+    # Housekeeping in Redis (a session's outputs, when it ends): a SCAN and deletes, idempotent,
+    # so a Redis blip is ridden out with a few quick retries; the keys' own TTL is the backstop.
+    start_to_close_timeout=timedelta(seconds=30),
+    schedule_to_close_timeout=timedelta(minutes=2),
+    retry_policy=RetryPolicy(
+        initial_interval=timedelta(milliseconds=500),
+        maximum_interval=timedelta(seconds=10),
+        maximum_attempts=5,
+    ),
+)
+
 
 JOB_SLOT_MAX_WAIT = timedelta(hours=1)
 """Longest a job waits in line for a running-job slot before it fails with

@@ -13,6 +13,8 @@ KEEL_STATE = SearchAttributeKey.for_keyword("KeelState")
 KEEL_OUTCOME = SearchAttributeKey.for_keyword("KeelOutcome")
 KEEL_MODE = SearchAttributeKey.for_keyword("KeelMode")
 KEEL_TIER = SearchAttributeKey.for_keyword("KeelTier")
+KEEL_SESSION = SearchAttributeKey.for_keyword("KeelSession")
+"""The session key of a session and of each of its turns (issue 15)."""
 """The model tier a job runs on (``fast`` or ``deep``), set by routing and escalation."""
 KEEL_COST_USD = SearchAttributeKey.for_float("KeelCostUsd")
 KEEL_TOKENS = SearchAttributeKey.for_int("KeelTokens")
@@ -24,6 +26,7 @@ ALL_KEYS = (
     KEEL_OUTCOME,
     KEEL_MODE,
     KEEL_TIER,
+    KEEL_SESSION,
     KEEL_COST_USD,
     KEEL_TOKENS,
 )

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from keel.activities.types import Clarification, Observation, TierName, Usage
+from keel.activities.types import Clarification, Conversation, Observation, TierName, Usage
 
 MAX_GOAL_CHARS = 8000
 IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -138,6 +138,11 @@ class JobRequest(BaseModel):
     forces it (escalation may still move a fast job to deep). The models are the worker's."""
     cache: bool = True
     """Whether Keel's caches (responses, tool results, retrieval) may serve this job."""
+    conversation: Conversation | None = None
+    """Earlier turns of the session this job is a turn of (set by the session, issue 15)."""
+    notify_questions: bool = False
+    """Also signal ``notify_workflow`` (``QUESTION_SIGNAL``) when the job asks a question, so
+    the session that started it can route the next message to it as the answer."""
 
     @field_validator("goal")
     @classmethod
@@ -374,6 +379,10 @@ class JobResult(BaseModel):
     routing: Routing | None = None
     """The tier the job ran on, why, and whether it escalated."""
 
+
+QUESTION_SIGNAL = "keel_job_question"
+"""Signal sent to ``JobRequest.notify_workflow`` with the question when a job asks one (only
+with ``notify_questions``)."""
 
 NOTIFY_SIGNAL = "keel_job_finished"
 """Signal name sent to ``JobRequest.notify_workflow`` with the JobResult when a job ends."""

@@ -60,6 +60,7 @@ from keel.client.api.models import (
     Readiness,
     job_links,
 )
+from keel.client.api.sessions import install_session_routes
 from keel.client.errors import (
     AgentJobError,
     ConnectionFailed,
@@ -290,6 +291,7 @@ def create_app(
     _install_ops_routes(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     install_event_routes(app, Jobs)
+    install_session_routes(app, Caller)
     return app
 
 

@@ -3,7 +3,8 @@
 ``JobCreate`` is what a caller may choose about a job. What the key decides (tenant, user) and
 what only operators of the worker may decide (folders on the worker's disk, which workflow to
 signal) is not in it: webhooks replace ``notify_workflow`` for API callers, and named corpora
-replace ``docs_dir`` (issue 13).
+replace ``docs_dir`` (issue 13). ``SessionCreate`` is the same for a session (issue 15): its
+turns are jobs, so what a job may not choose, a session may not either.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from pydantic import (
 )
 
 from keel.activities.corpora import CORPUS_PREFIX
+from keel.client._validation import validate_request
 from keel.client.errors import InvalidJobRequest
+from keel.workflows.session_types import SessionBudget, SessionRequest, TurnAccepted
 from keel.workflows.types import IDENT_RE, MAX_GOAL_CHARS, Budget, JobRequest, JobResult
 
 __all__ = [
@@ -33,8 +36,13 @@ __all__ = [
     "InputAck",
     "JobAccepted",
     "JobCreate",
+    "MessageAccepted",
+    "MessageIn",
     "Readiness",
+    "SessionCreate",
+    "SessionCreated",
     "job_links",
+    "session_links",
 ]
 
 
@@ -138,6 +146,96 @@ def _check_url(url: str) -> None:
         raise InvalidJobRequest("callback_url", "the URL names no host")
 
 
+class SessionBudgetIn(SessionBudget):
+    """``SessionBudget`` as an API caller sends it: every limit a JSON number, never a boolean."""
+
+    _numbers = field_validator("*", mode="before")(_no_booleans)
+
+
+class SessionCreate(BaseModel):
+    """A session as an API caller opens it: what every turn inherits.
+
+    The tenant and user come from the caller's key. ``to_request`` checks the turns' fields
+    as a job's (known tools, a visible corpus), so a session is refused at once rather than
+    every turn failing later.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    session_key: Name | None = None
+    """The caller's name for the session, unique within the tenant; generated when absent.
+    Opening a key that is open returns that session (with the request it was opened with);
+    a key whose session has ended is not reused."""
+    budget: SessionBudgetIn | None = None
+    """Limits across all turns (turns, tokens, dollars, idle timeout); defaults for any left
+    out."""
+    turn_budget: BudgetIn | None = None
+    """Each turn's own limits; a turn gets less when the session has less left."""
+    tools: list[Name] | None = None
+    """Tools the turns may use (default: calculator, write_note)."""
+    corpus: Name | None = Field(default=None, max_length=64)
+    """A corpus the turns may search (the tenant's own, or a shared one), by name."""
+    mode: Literal["interactive", "batch"] = "interactive"
+    """``batch`` sessions' turns never run ahead of interactive ones."""
+    tier: Literal["auto", "fast", "deep"] = "auto"
+    """The model tier each turn starts on; ``auto`` lets the router pick."""
+    cache: StrictBool = True
+    """``false``: no cached response, tool result or search serves the turns."""
+
+    def to_request(self, tenant: str, user: str) -> SessionRequest:
+        """The session's request, with the tenant and user the caller's key acts as.
+
+        Raises:
+            InvalidJobRequest: If a value is refused (``field`` names it): an unknown tool or
+                corpus, or a limit the workflow's models refuse.
+        """
+        fields = self.model_dump(exclude_none=True, exclude={"session_key", "corpus"})
+        if self.corpus is not None:
+            fields["docs_dir"] = CORPUS_PREFIX + self.corpus
+        turn = {k: v for k, v in fields.items() if k != "budget"}
+        if "turn_budget" in turn:
+            turn["budget"] = turn.pop("turn_budget")
+        try:
+            # A turn is a job: checked as one, with a stand-in goal, so its tools and corpus
+            # are judged exactly as ``POST /v1/jobs`` judges them.
+            validate_request({**turn, "goal": "(turn)", "tenant": tenant, "user": user})
+            return SessionRequest.model_validate({**fields, "tenant": tenant, "user": user})
+        except InvalidJobRequest as err:
+            field = {"docs_dir": "corpus"}.get(err.field, err.field)
+            raise InvalidJobRequest(field.replace("budget", "turn_budget", 1), err.reason) from None
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or "request"
+            raise InvalidJobRequest(field, first["msg"]) from None
+
+
+class SessionCreated(BaseModel):
+    """An open session: a new one, or the one already open under this key."""
+
+    session_id: str
+    session_key: str
+    links: dict[str, str]
+    """Where to send messages, read the session and its events, and end it."""
+
+
+class MessageIn(BaseModel):
+    """One message to a session: the next turn, or the answer to the turn's question."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, max_length=MAX_GOAL_CHARS, pattern=r"\S")
+    """The message; not blank."""
+
+
+class MessageAccepted(TurnAccepted):
+    """The message's turn (the first send's, for a repeated ``Idempotency-Key``)."""
+
+    links: dict[str, str]
+    """The turn's job: its status, result and events."""
+    result: JobResult | None = None
+    """The turn's outcome, when its job ended within the request's ``wait``."""
+
+
 class JobAccepted(BaseModel):
     """A started (or, for a repeated ``Idempotency-Key``, found) job."""
 
@@ -179,7 +277,8 @@ class ErrorDetail(BaseModel):
     ``job_running``, ``input_rejected``, ``rate_limited``, ``quota_exceeded``,
     ``concurrency_limited``, ``body_too_large``, ``not_found``, ``method_not_allowed``,
     ``temporal_unavailable``, ``redis_unavailable``, ``job_error``, ``timeout``,
-    ``not_ready``."""
+    ``not_ready``; for sessions ``session_not_found``, ``session_ended``,
+    ``session_budget_exhausted``, ``session_busy``, ``session_refused``."""
     message: str
     """For people; may change."""
     field: str | None = None
@@ -190,6 +289,9 @@ class ErrorDetail(BaseModel):
     """The daily quota that is used up (``quota_exceeded``)."""
     unavailable: list[str] | None = None
     """The dependencies that did not answer (``not_ready``): ``temporal``, ``redis``."""
+    budget: str | None = None
+    """The session budget that is used up (``session_budget_exhausted``): ``max_turns``,
+    ``max_tokens`` or ``max_cost_usd``."""
 
 
 class ErrorResponse(BaseModel):
@@ -215,3 +317,9 @@ def job_links(job_id: str) -> dict[str, str]:
         "answer": f"{base}/answer",
         "cancel": f"{base}/cancel",
     }
+
+
+def session_links(session_id: str) -> dict[str, str]:
+    """The session's resources, by name."""
+    base = f"/v1/sessions/{quote(session_id, safe='')}"
+    return {"self": base, "messages": f"{base}/messages", "events": f"{base}/events"}

@@ -1,4 +1,4 @@
-"""``keel`` job commands: submit, status, watch, result, answer, cancel, fleet, list.
+"""``keel`` job commands: submit, chat, status, watch, result, answer, cancel, fleet, list.
 
 A thin layer over ``AgentJobs``. Every command connects with ``keel.client.connect``
 (environment config), and every error becomes one line on stderr in one place
@@ -27,6 +27,7 @@ from keel.client.cli._common import (
     jobs,
     run,
 )
+from keel.client.cli.chat import chat
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from keel.client._events import JobStreamEvent
     from keel.client._summary import JobSummary
     from keel.client.fleet import QueueStats
+    from keel.workflows.session_types import TurnAccepted
     from keel.workflows.types import JobResult, JobStatus
 
 
@@ -110,9 +112,18 @@ def submit(
         bool,
         typer.Option("--no-cache", help="Serve nothing from Keel's caches and store nothing."),
     ] = False,
+    session: Annotated[
+        str | None,
+        typer.Option(
+            "--session",
+            metavar="KEY",
+            help="Send GOAL as a message to this session (opening it) and print the turn's "
+            "job ID; the budget options then bound each turn.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Submit a job and print its ID at once."""
+    """Submit a job and print its ID at once (with --session: a session's next turn)."""
     budget = {
         name: value
         for name, value in {
@@ -138,6 +149,9 @@ def submit(
         "cache": False if no_cache else None,
         "budget": budget or None,
     }
+    if session is not None:
+        _submit_turn(session, goal, optional, request_key, as_json)
+        return
     payload: dict[str, Any] = {"goal": goal}
     payload.update({name: value for name, value in optional.items() if value is not None})
 
@@ -154,6 +168,37 @@ def submit(
         emit_json({"job_id": job_id})
     else:
         typer.echo(job_id)
+
+
+def _submit_turn(
+    session: str, goal: str, options: dict[str, Any], message_id: str | None, as_json: bool
+) -> None:
+    """``submit --session``: send the goal as a session's message; print its turn's job ID.
+
+    ``--request-key`` becomes the message ID, so a script that resends with the same key gets
+    the same turn back and runs nothing twice.
+    """
+
+    async def main() -> TurnAccepted:
+        from keel.client.cli._sessions import agent_sessions, session_request, valid_key
+        from keel.client.errors import InvalidJobRequest
+
+        # Validate fully before connecting, as a job is: the key, the message, the options.
+        key = valid_key(session, "session")
+        mid = valid_key(message_id, "request_key") if message_id is not None else None
+        fields = dict(options)
+        budget = fields.pop("budget")
+        for name in ("ask_timeout_seconds", "notify_workflow"):
+            if fields.pop(name) is not None:  # The session sets both on each turn itself.
+                raise InvalidJobRequest(name, "cannot be set for a session's turn")
+        request = session_request(fields, turn_budget=budget, goal=goal)
+        return await (await agent_sessions()).send(request, key, goal, message_id=mid)
+
+    accepted = run(main)
+    if as_json:
+        emit_json(accepted.model_dump(mode="json"))
+    else:
+        typer.echo(accepted.job_id)
 
 
 def status(job_id: JobArg, as_json: JsonOpt = False) -> None:
@@ -350,6 +395,7 @@ def list_jobs(
 
 COMMANDS: list[tuple[str, Any]] = [
     ("submit", submit),
+    ("chat", chat),
     ("status", status),
     ("watch", watch),
     ("result", result),

@@ -81,7 +81,7 @@ async def follow_events(events: AsyncIterator[JobStreamEvent]) -> JobResult | No
     Returns:
         The job's result from the stream's ``end`` event; ``None`` if the stream ended first.
     """
-    view = _EventView()
+    view = EventView()
     console = stdout_console()
     with Live(console=console, auto_refresh=False) as live:
         async for event in events:
@@ -92,8 +92,8 @@ async def follow_events(events: AsyncIterator[JobStreamEvent]) -> JobResult | No
     return view.result
 
 
-class _EventView:
-    """What ``follow_events`` shows: the newest position, the last events, the live draft."""
+class EventView:
+    """What ``follow_events`` and ``keel chat`` show: position, last events, the live draft."""
 
     def __init__(self) -> None:
         self.progress: JobProgress | None = None
@@ -103,6 +103,7 @@ class _EventView:
         self.result: JobResult | None = None
 
     def add(self, event: JobStreamEvent) -> None:
+        """Take one event: a new position, more of the draft, or the job's result."""
         data = event.data
         if isinstance(data, JobProgress):
             self.progress = data
@@ -116,6 +117,7 @@ class _EventView:
             self.result = data
 
     def render(self) -> Group:
+        """The view now: the position line, the recent events, the draft being written."""
         p = self.progress
         parts: list[Any] = []
         if p is not None:

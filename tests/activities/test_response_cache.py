@@ -206,3 +206,25 @@ async def test_a_cache_outage_is_a_miss_and_the_call_still_succeeds(
         assert result.plan is not None and result.cached is False and result.usage.cost_usd > 0
     assert cache.stats.errors["response"] >= 2
     await down.aclose()
+
+
+async def test_two_jobs_whose_stored_outputs_match_share_a_reply(deps: Deps, sim_url: str) -> None:
+    """A stored output reaches the prompt by its text, never by its ref (which names the job),
+    so a repeat in another job of the same tenant hits, and the model never sees a job ID."""
+    from keel.activities.types import Observation
+
+    a = acts(deps)
+    text = f"page {unique()} " * 400
+    goal = f"Summarise the page {unique()}"
+    results = []
+    for job in ("agent-job-acme:one", "agent-job-acme:two"):
+        ref = await deps.store.put_blob("acme", f"{job}:0:s1", text)
+        obs = Observation(step_id="s1", name="http_get", ref=ref, size=len(text))
+        inp = AnswerInput(
+            tenant="acme", goal=goal, iteration=0, max_output_tokens=512, observations=[obs]
+        )
+        env = ActivityEnvironment()
+        env.info = env.info.__class__(**(env.info.__dict__ | {"workflow_id": job}))
+        results.append(await env.run(a.draft_answer, inp))
+    assert results[0].cached is False and results[1].cached is True
+    assert "agent-job-acme" not in results[0].answer

@@ -125,6 +125,8 @@ async def test_bad_input_is_a_4xx_with_the_field_never_a_500(
         ({"goal": "hi", "tenant": "globex"}, 422, "tenant"),  # the key decides the tenant
         ({"goal": "hi", "tools": ["rm_rf"]}, 400, "tools"),
         ({"goal": "hi", "budget": {"max_steps": 0}}, 422, "budget.max_steps"),
+        ({"goal": "hi", "tier": "premium"}, 422, "tier"),
+        ({"goal": "hi", "cache": 1}, 422, "cache"),  # a boolean, not a number
     ]
     for body, status, field in cases:
         refused = await api.post("/v1/jobs", json=body, headers=bearer(key))

@@ -87,6 +87,7 @@ async def test_keel_runs_inside_a_foreign_worker_beside_its_own_workflow(
     assert {w.__name__ for w in worker.config(active_config=True).get("workflows", [])} == {
         "TeamWorkflow",
         "AgentLoopWorkflow",
+        "SessionWorkflow",
     }
     assert plugin.deps is not None and plugin._running == 0
 

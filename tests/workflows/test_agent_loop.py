@@ -42,7 +42,8 @@ async def replay_own_history(client: Client, job_id: str, record_as: str | None 
     await replayer.replay_workflow(history)
     if record_as and (HISTORIES / f"{record_as}.json").exists() is False:
         HISTORIES.mkdir(exist_ok=True)
-        (HISTORIES / f"{record_as}.json").write_text(json.dumps(history.to_json_dict(), indent=1))
+        recorded = history.to_json_dict() | {"keel_workflow_id": job_id}
+        (HISTORIES / f"{record_as}.json").write_text(json.dumps(recorded, indent=1))
 
 
 async def test_happy_path_completes_with_usage_and_one_note(

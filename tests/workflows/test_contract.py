@@ -44,3 +44,19 @@ def test_the_contract_does_not_run() -> None:
         AgentLoop().get_status()
     with pytest.raises(TypeError, match="contract"):
         asyncio.run(AgentLoop().run(None))  # type: ignore[arg-type]
+
+
+def test_the_session_contract_matches_the_session_workflow() -> None:
+    from keel.workflows.contract import Session
+    from keel.workflows.session import SessionWorkflow
+
+    contract, impl = (
+        _Definition.must_from_class(Session),
+        _Definition.must_from_class(SessionWorkflow),
+    )
+    assert contract.name == impl.name == "SessionWorkflow"
+    assert hints(Session.run) == hints(SessionWorkflow.run)
+    assert set(contract.queries) == set(impl.queries) == {"get_session"}
+    assert set(contract.updates) == set(impl.updates) == {"send_message", "end"}
+    for name in ("get_session", "send_message", "end"):
+        assert hints(getattr(Session, name)) == hints(getattr(SessionWorkflow, name)), name

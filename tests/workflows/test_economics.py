@@ -18,6 +18,7 @@ from keel.activities.llm import LLMConfig
 from keel.client import AgentJobs, Budget, JobRequest, JobResult
 from keel.workflows import search_attributes as sa
 from tests.conftest import unique
+from tests.workflows.test_agent_loop import replay_own_history
 
 TIERS = LLMConfig(
     tier_models={"router": "sim-small", "fast": "sim-small", "deep": "sim-large"},
@@ -113,6 +114,7 @@ async def test_a_rejected_fast_draft_is_refined_on_the_deep_tier(
     assert attrs[sa.KEEL_TIER.name] == "deep"
     # Ground truth, not the verifier's word: the final draft is right.
     assert (await truth(sim_url, job_id))["correct"] is True
+    await replay_own_history(client, job_id, record_as="routed_escalated")
 
 
 async def test_escalation_is_reserved_like_any_call(client: Client, make_worker) -> None:
@@ -166,6 +168,8 @@ async def test_the_response_cache_serves_a_repeat_within_a_tenant_only(
         first = await job(goal, tenant)
         repeat = await job(near, tenant)
         elsewhere = await job(goal, other)
+        # A hit is recorded like a miss: the repeat replays without Redis or the simulator.
+        await replay_own_history(client, repeat.job_id, record_as="cache_hits")
 
     assert first.outcome == repeat.outcome == elsewhere.outcome == "completed"
     assert first.usage.cache_hits.get("response", 0) == 0 and first.usage.cost_usd > 0
@@ -234,3 +238,46 @@ async def test_an_attempt_that_timed_out_after_sending_is_charged_its_worst_case
     # Without the charge a job like this completes in a few hundred tokens.
     assert result.usage.completion_tokens >= 900, result.usage
     assert result.usage.by_tier["fast"].tokens >= 900
+
+
+async def test_older_observations_are_folded_into_a_bounded_summary(
+    client: Client, make_worker
+) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Pages(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = f"{self.path} ".encode() * 2_000
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Pages)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/page"
+    req = JobRequest(
+        goal=f"Fetch {url} with http_get [sim: replan, fail_verify=6]",
+        tools=["http_get"],
+        tier="fast",
+        tenant=unique("fold"),
+        budget=Budget(max_iterations=8, max_steps=200, max_tool_calls=100),
+    )
+    try:
+        async with make_worker(client, llm_config=TIERS) as w:
+            jobs = AgentJobs(client, task_queue=w.task_queue)
+            job_id = await jobs.start(req, request_key=unique("fold"))
+            result = await jobs.result(job_id, timeout=120)
+            status = await jobs.status(job_id)
+    finally:
+        server.shutdown()
+    assert result.outcome == "completed"
+    folds = [e for e in status.events if e.kind == "summarized"]
+    assert folds, [e.kind for e in status.events]
+    # The summarizer runs on the fast tier and is charged like any call.
+    assert result.usage.by_tier["fast"].cost_usd > 0
+    await replay_own_history(client, job_id, record_as="summarized")

@@ -45,7 +45,10 @@ RUNNERS: dict[str, WorkflowRunner] = {
 
 def load(name: str, data: dict[str, Any] | None = None) -> WorkflowHistory:
     path = HISTORY_DIR / f"{name}.json"
-    return WorkflowHistory.from_json(name, data or json.loads(path.read_text()))
+    data = dict(data or json.loads(path.read_text()))
+    # A session derives its turns' IDs from its own: replay it under the ID it ran with.
+    workflow_id = data.pop("keel_workflow_id", name)
+    return WorkflowHistory.from_json(workflow_id, data)
 
 
 def replayer(runner: WorkflowRunner | None = None, **overrides: Any) -> Replayer:

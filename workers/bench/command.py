@@ -1,8 +1,11 @@
-"""The ``keel bench`` command: its options, validated into a ``BenchConfig``, and nothing more.
+"""The ``keel bench`` commands: their options, validated into configs, and nothing more.
+
+``bench_app`` is a group: run on its own (``keel bench --only overhead``) its callback, ``bench``,
+runs the classic sections; ``keel bench cost`` runs the economics benchmark (issue 14).
 
 The ``keel`` command line imports this module to build its help, so it imports only typer and
-the standard library; the machinery (``workers.bench.run`` and what it imports) is imported
-when the command runs.
+the standard library; the machinery (``workers.bench.run``, ``workers.bench.cost_main`` and what
+they import) is imported when a command runs.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ def _fleet(value: str) -> list[int]:
 
 
 def bench(
+    ctx: typer.Context,
     server: Annotated[
         ServerMode, typer.Option(help="Temporal dev server persistence to run against.")
     ] = ServerMode.both,
@@ -142,7 +146,11 @@ def bench(
     Reproduce: keel bench --server memory --jobs 50 --concurrency 8 --iterations 30
     or, full size, one section: keel bench --only overhead --json bench.json
     Exit code: 0, or 1 on an error or a long-job FAIL, 130 when interrupted.
+
+    `keel bench cost` (its own options, see its --help) measures Keel's economics instead.
     """
+    if ctx.invoked_subcommand is not None:
+        return  # a subcommand (cost) runs instead of the sections
     from keel.workers.bench.config import BenchConfig
     from keel.workers.bench.run import run
 
@@ -165,3 +173,133 @@ def bench(
         json_path=json_path,
     )
     raise typer.Exit(run(config))
+
+
+def cost(
+    jobs: Annotated[int, typer.Option(min=1, max=100_000, help="Jobs in the workload.")] = 300,
+    tenants: Annotated[
+        int, typer.Option(min=1, max=100, help="Tenants taking turns submitting them.")
+    ] = 5,
+    seed: Annotated[int, typer.Option(help="Seeds the workload and the simulator.")] = 0,
+    sim_latency_ms: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Delay the simulator adds to every model and embeddings call (400 ms: a fast "
+            "hosted model's short reply; real ones take longer).",
+        ),
+    ] = 400.0,
+    concurrency: Annotated[int, typer.Option(min=1, max=1000, help="Jobs in flight at most.")] = 16,
+    ablations: Annotated[
+        bool,
+        typer.Option(
+            "--ablations/--no-ablations",
+            help="Also run Keel with each lever removed, and with the verifier on the job's tier.",
+        ),
+    ] = True,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write every figure and setting here.")
+    ] = None,
+) -> None:
+    """Measure what Keel's router, escalation, caches and compression save, honestly.
+
+    One seeded workload (--jobs over --tenants, goals drawn per tenant from a pool with
+    Zipf-distributed repetition, exact and near repeats, a mix of difficulties, calculator,
+    retrieval and long multi-iteration goals) runs against the LLM simulator with its quality
+    model, at --sim-latency-ms per call: first always-deep with no cache, no router and no
+    compression (the baseline), then on Keel's defaults, then (--ablations) once per lever
+    removed and once with the verifier on the deep tier. Every job is graded against the
+    simulator's ground truth.
+
+    Prints per run: cost and tokens per job, correct and verified rates, p50/p95 latency, cost
+    by tier, cache hits and misses; then PASS or MISS for each target: cost per job <= 0.3x
+    the baseline's, correct rate at most 1 point below it, zero cross-tenant cache hits, a
+    fully cached job >= 10x faster than its first run; then the saving credited to each lever.
+    It starts its own Temporal dev server (in memory), the simulator and Redis (unless
+    REDIS_URL is set) on 127.0.0.1 and stops them at the end.
+
+    Reproduce: keel bench cost --json cost.json
+
+    Exit code: 0 once every run ended (targets are reported, not enforced), 1 on an error,
+    130 when interrupted.
+    """
+    from keel.workers.bench.cost_main import CostConfig, run_cost
+
+    config = CostConfig(
+        jobs=jobs,
+        tenants=tenants,
+        seed=seed,
+        sim_latency_ms=sim_latency_ms,
+        concurrency=concurrency,
+        ablations=ablations,
+        json_path=json_path,
+    )
+    raise typer.Exit(run_cost(config))
+
+
+def sessions(
+    turns: Annotated[
+        int, typer.Option(min=5, max=90_000, help="Turns of the scripted conversation.")
+    ] = 500,
+    overhead_runs: Annotated[
+        int, typer.Option(min=1, max=10_000, help="Timed standalone jobs and session turns each.")
+    ] = 30,
+    overhead_latency_ms: Annotated[
+        float,
+        typer.Option(min=0, help="Delay of every model call in the overhead runs (ms)."),
+    ] = 100.0,
+    readers: Annotated[
+        int, typer.Option(min=1, max=100, help="Status readers of each kind while turns run.")
+    ] = 4,
+    read_seconds: Annotated[
+        float, typer.Option(min=1, max=3600, help="How long the status readers read.")
+    ] = 15.0,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write every figure and setting here.")
+    ] = None,
+) -> None:
+    """Measure what a session costs per turn, and that a long one keeps its context flat.
+
+    overhead: the same small job (plan, a calculator call, answer, verify) run
+    --overhead-runs times as standalone jobs and as turns of one session, alternating, one at
+    a time, every model call taking --overhead-latency-ms; submit-to-result p50 and p95 and
+    the ratio. context: a scripted conversation of --turns turns on a zero-latency simulator;
+    the prompt tokens each turn's job sent (read back from the simulator, counted with the
+    model's tokenizer) at turns 5, 50, 500 and the last; target: the last within 1.2x of turn
+    5, printed PASS or MISS. history: events and bytes of each run of the session's workflow
+    (it continues as new on Temporal's default suggestion). reads: while turns run,
+    --readers tasks call the get_session query and as many read a Redis snapshot of the same
+    status, for --read-seconds; p50 and p95 of each and which is faster.
+
+    It starts its own Temporal dev server (in memory), two simulators and Redis (unless
+    REDIS_URL is set) on 127.0.0.1 and stops them at the end.
+
+    Reproduce: keel bench sessions --json sessions.json
+
+    Exit code: 0 once every section ended (the target is reported, not enforced), 1 on an
+    error, 130 when interrupted.
+    """
+    from keel.workers.bench.sessions_main import SessionsConfig, run_sessions
+
+    config = SessionsConfig(
+        turns=turns,
+        overhead_runs=overhead_runs,
+        overhead_latency_ms=overhead_latency_ms,
+        readers=readers,
+        read_seconds=read_seconds,
+        json_path=json_path,
+    )
+    raise typer.Exit(run_sessions(config))
+
+
+bench_app = typer.Typer(
+    name="bench",
+    invoke_without_command=True,
+    no_args_is_help=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+"""``keel bench``: the classic sections when run alone, ``keel bench cost`` for economics."""
+bench_app.callback(invoke_without_command=True)(bench)
+bench_app.command("cost")(cost)
+bench_app.command("sessions")(sessions)

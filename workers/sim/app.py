@@ -116,6 +116,15 @@ def create_app(config: SimConfig) -> FastAPI:
             raise SimError(404, message, INVALID, "job_not_found")
         return JSONResponse(record.public())
 
+    @app.get("/sim/calls/{job_id:path}")
+    async def calls(job_id: str) -> Response:
+        """What a job's model calls received (the user message of each), oldest first."""
+        record = state.truth.get(job_id)
+        if record is None:
+            message = f"The simulator has not seen job `{job_id}`"
+            raise SimError(404, message, INVALID, "job_not_found")
+        return JSONResponse({"job_id": job_id, "calls": record.calls})
+
     @app.post("/sim/grade")
     async def grade(request: Request) -> Response:
         body = await _json_object(request)

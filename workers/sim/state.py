@@ -151,7 +151,12 @@ class SimState:
         reply = _reply(body, messages, self.config)
         self.requests[reply.kind] += 1
         if job_id and reply.kind != "chat":
-            self.truth.see(job_id, reply.raw_goal, quality.difficulty(reply.raw_goal, self.config))
+            seen = self.truth.see(
+                job_id, reply.raw_goal, quality.difficulty(reply.raw_goal, self.config)
+            )
+            users = [m for m in messages if m.get("role") == "user"]
+            prompt = wire.message_text((users or messages)[-1].get("content"))
+            seen.received(reply.kind, str(body.get("model")), prompt)
         await self.delay(reply.directives.slow_ms)
         fault = self.pick_fault(reply.kind, reply.raw_goal, reply.directives, stream=stream)
         content, call = reply.content, reply.call

@@ -10,13 +10,17 @@ is an LRU bounded by ``MAX_JOBS``. Pure memory, no I/O; touched only from the ap
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 MAX_JOBS = 100_000
 """Jobs remembered at most; the least recently seen is forgotten first."""
 JOB_HEADER = "x-keel-job-id"
 """The request header that names the job a chat request belongs to."""
+MAX_CALLS = 50
+"""Model calls remembered per job."""
+MAX_PROMPT_CHARS = 50_000
+"""Longest prompt remembered per call."""
 MAX_JOB_ID_CHARS = 1000
 """Longest job ID accepted (Temporal's default limit on a workflow ID's length)."""
 
@@ -37,10 +41,17 @@ class JobTruth:
     """Drafts served for the job (complete ``keel_answer`` replies)."""
     verifier_passed: bool | None = None
     """The last verdict served for the job; None before any."""
+    calls: list[dict[str, str]] = field(default_factory=list)
+    """What the job's last MAX_CALLS model calls received (``GET /sim/calls/{job_id}``)."""
 
     def public(self) -> dict[str, Any]:
         """The JSON body of ``GET /sim/truth/{job_id}``."""
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "calls"}
+
+    def received(self, kind: str, model: str, prompt: str) -> None:
+        """Record what one model call of the job received (the user message, bounded)."""
+        self.calls.append({"kind": kind, "model": model, "prompt": prompt[:MAX_PROMPT_CHARS]})
+        del self.calls[:-MAX_CALLS]
 
 
 class TruthLedger:

@@ -1,0 +1,40 @@
+"""Session housekeeping activities (issue 15): a session's stored outputs end with it.
+
+Not workflow code: it touches Redis. Idempotent, so Temporal may run it twice.
+"""
+
+from __future__ import annotations
+
+import structlog
+from pydantic import BaseModel
+from temporalio import activity
+
+from keel.activities.store import KeelStore
+
+__all__ = ["SessionActivities", "SessionOutputs"]
+
+log = structlog.get_logger(__name__)
+
+
+class SessionOutputs(BaseModel):
+    """Input of ``expire_session_outputs``: whose turns' outputs to expire."""
+
+    tenant: str
+    job_prefix: str
+    """The turns' job IDs start with it (``agent-job-{tenant}:{key}.t``)."""
+
+
+class SessionActivities:
+    """The session activities, bound to the store."""
+
+    def __init__(self, store: KeelStore) -> None:
+        self._store = store
+
+    @activity.defn(name="expire_session_outputs")
+    async def expire_session_outputs(self, inp: SessionOutputs) -> int:
+        """Delete the stored outputs of an ended session's turns; returns how many."""
+        info = activity.info()
+        with structlog.contextvars.bound_contextvars(job_id=info.workflow_id, tenant=inp.tenant):
+            expired = await self._store.expire_blobs(inp.tenant, inp.job_prefix)
+            log.info("session.outputs_expired", outputs=expired)
+        return expired
