@@ -8,16 +8,9 @@ and kept, with its path printed, after a failed one.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import os
 import platform
-import shutil
-import signal
-import sys
-import tempfile
-import time
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -38,8 +31,8 @@ from keel.workers.bench import cost_report
 from keel.workers.bench.config import Servers
 from keel.workers.bench.cost import EMBEDDING_MODEL, TIER_MODELS, CostConfig, measure_cost
 from keel.workers.bench.stack import start_redis, start_simulator, start_temporal, supervisor
+from keel.workers.bench.subcommand import run_subcommand
 from keel.workers.devstack import TRANSFER_RPS
-from keel.workers.logs import configure_logging
 
 __all__ = ["CostConfig", "run_cost"]
 
@@ -56,44 +49,20 @@ def run_cost(config: CostConfig) -> int:
     Returns:
         The exit code: 0 once the runs ended, 1 on an error, 130 when interrupted.
     """
-    # Seven runs side by side need more than the 80 columns rich assumes off a terminal.
-    out = Console() if sys.stdout.isatty() else Console(width=WIDE)
-    err = Console(stderr=True)
-    configure_logging("WARNING")
     # bm25s sets its own logger to DEBUG when imported and logs every index it builds; the
     # benchmark's stderr is for progress.
     logging.getLogger("bm25s").setLevel(logging.WARNING)
-    report: dict[str, Any] = {"settings": _settings(config), "complete": False}
-    state_dir = Path(tempfile.mkdtemp(prefix="keel-bench-cost-"))
-    code = 1
-    started = time.perf_counter()
-    try:
-        report |= asyncio.run(_main(config, state_dir, err))
-        report["complete"] = True
-        code = 0
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        err.print("[yellow]interrupted[/yellow]: everything the benchmark started is stopped")
-        code = 130
-    except Exception as error:  # noqa: BLE001 - reported with where the logs are
-        err.print(f"[red]error:[/red] {type(error).__name__}: {error}")
-    finally:
-        report["wall_s"] = time.perf_counter() - started
-        if report["complete"]:
-            _print(out, report, config)
-        if config.json_path is not None:
-            config.json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-            err.print(f"figures written to {config.json_path}")
-        if code == 0:
-            shutil.rmtree(state_dir, ignore_errors=True)
-        else:
-            err.print(f"logs and server files kept in {state_dir}")
-    return code
+    return run_subcommand(
+        "cost",
+        _settings(config),
+        lambda state_dir, err: _main(config, state_dir, err),
+        lambda out, report: _print(out, report, config),
+        config.json_path,
+        width=WIDE,  # seven runs side by side need more than rich's 80 columns
+    )
 
 
 async def _main(config: CostConfig, state_dir: Path, err: Console) -> dict[str, Any]:
-    main = asyncio.current_task()
-    if main is not None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     sim_args = ["--latency-ms", f"{config.sim_latency_ms:g}", "--seed", str(config.seed)]
     with supervisor(state_dir) as children:
         with err.status("starting Redis, the LLM simulator and the Temporal dev server…"):

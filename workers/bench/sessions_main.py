@@ -8,15 +8,9 @@ with its path printed, after a failed one.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import platform
-import shutil
-import signal
 import sys
-import tempfile
-import time
 from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -29,8 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from keel.workers.bench import sessions_report
 from keel.workers.bench.sessions import SessionsConfig, measure_sessions
 from keel.workers.bench.stack import start_redis, start_simulator, start_temporal, supervisor
+from keel.workers.bench.subcommand import run_subcommand
 from keel.workers.devstack import TRANSFER_RPS
-from keel.workers.logs import configure_logging
 from keel.workers.supervisor import Supervisor, free_port
 
 __all__ = ["SessionsConfig", "run_sessions"]
@@ -43,34 +37,13 @@ def run_sessions(config: SessionsConfig) -> int:
         The exit code: 0 once every section ended (the target is reported, not enforced), 1
         on an error, 130 when interrupted.
     """
-    out = Console() if sys.stdout.isatty() else Console(width=120)
-    err = Console(stderr=True)
-    configure_logging("WARNING")
-    report: dict[str, Any] = {"settings": _settings(config), "complete": False}
-    state_dir = Path(tempfile.mkdtemp(prefix="keel-bench-sessions-"))
-    code = 1
-    started = time.perf_counter()
-    try:
-        report |= asyncio.run(_main(config, state_dir, err))
-        report["complete"] = True
-        code = 0
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        err.print("[yellow]interrupted[/yellow]: everything the benchmark started is stopped")
-        code = 130
-    except Exception as error:  # noqa: BLE001 - reported with where the logs are
-        err.print(f"[red]error:[/red] {type(error).__name__}: {error}")
-    finally:
-        report["wall_s"] = time.perf_counter() - started
-        if report["complete"]:
-            print_tables(out, report, config)
-        if config.json_path is not None:
-            config.json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-            err.print(f"figures written to {config.json_path}")
-        if code == 0:
-            shutil.rmtree(state_dir, ignore_errors=True)
-        else:
-            err.print(f"logs and server files kept in {state_dir}")
-    return code
+    return run_subcommand(
+        "sessions",
+        _settings(config),
+        lambda state_dir, err: _main(config, state_dir, err),
+        lambda out, report: print_tables(out, report, config),
+        config.json_path,
+    )
 
 
 def print_tables(out: Console, report: dict[str, Any], config: SessionsConfig) -> None:
@@ -82,9 +55,6 @@ def print_tables(out: Console, report: dict[str, Any], config: SessionsConfig) -
 
 
 async def _main(config: SessionsConfig, state_dir: Path, err: Console) -> dict[str, Any]:
-    main = asyncio.current_task()
-    if main is not None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     with supervisor(state_dir) as children:
         with err.status("starting Redis, two LLM simulators and the Temporal dev server…"):
             redis_url = os.environ.get("REDIS_URL") or start_redis(children, state_dir)
