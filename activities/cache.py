@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ log = structlog.get_logger(__name__)
 
 KEY_PREFIX = "keel:cache:"
 """Prefix of every cache key."""
+OUTAGE_SECONDS = 5.0
+"""After a Redis error, lookups are misses without trying Redis for this long."""
 MAX_ENTRY_BYTES = 1_000_000
 """Entries larger than this are not stored: a cache must not become a payload store."""
 
@@ -134,6 +137,20 @@ class KeelCache:
         self.redis = redis
         self.settings = settings or CacheSettings()
         self.stats = CacheStats()
+        self._down_until = 0.0
+        """Monotonic time until which Redis is not tried after an error (``OUTAGE_SECONDS``)."""
+
+    def _down(self, kind: CacheKind) -> bool:
+        """Whether a recent error says Redis is out: then a lookup is a miss without trying.
+
+        Without it every model and tool call would wait for a connection to time out (and
+        redis-py's retries) twice, once to read and once to write, for as long as Redis is gone.
+        """
+        if time.monotonic() >= self._down_until:
+            return False
+        self.stats.count(self.stats.misses, kind)
+        _metric("keel_cache_requests", 1, kind, result="miss")
+        return True
 
     def enabled(self, kind: CacheKind) -> bool:
         """Whether ``kind`` is cached at all."""
@@ -157,7 +174,7 @@ class KeelCache:
 
     async def get(self, kind: CacheKind, key: str) -> dict[str, Any] | None:
         """The entry stored under ``key``, or None on a miss, an error or an unreadable entry."""
-        if not self.enabled(kind):
+        if not self.enabled(kind) or self._down(kind):
             return None
         assert self.redis is not None  # enabled() checked it
         try:
@@ -187,7 +204,7 @@ class KeelCache:
         Returns:
             True when stored; False when the cache is off, the entry too large, or Redis failed.
         """
-        if not self.enabled(kind):
+        if not self.enabled(kind) or time.monotonic() < self._down_until:
             return False
         assert self.redis is not None
         seconds = (
@@ -211,7 +228,7 @@ class KeelCache:
         Degrades as ``get`` does: a Redis error makes every entry a miss. The keys should be
         one tenant's (they then share a Redis Cluster hash slot, which MGET needs).
         """
-        if not keys or not self.enabled(kind):
+        if not keys or not self.enabled(kind) or self._down(kind):
             return [None] * len(keys)
         assert self.redis is not None
         try:
@@ -239,7 +256,7 @@ class KeelCache:
         Returns:
             How many were sent to Redis (too large ones are skipped); 0 when off or on error.
         """
-        if not entries or not self.enabled(kind):
+        if not entries or not self.enabled(kind) or time.monotonic() < self._down_until:
             return 0
         assert self.redis is not None
         ms = max(1, int(self.settings.ttl_seconds[kind] * 1000))
@@ -266,6 +283,7 @@ class KeelCache:
             _metric("keel_cache_saved_micro_usd", round(usd * 1_000_000), kind)
 
     def _error(self, kind: CacheKind, op: str, err: BaseException) -> None:
+        self._down_until = time.monotonic() + OUTAGE_SECONDS
         self.stats.count(self.stats.errors, kind)
         _metric("keel_cache_errors", 1, kind, op=op)
         log.warning("cache.unavailable", cache=kind.value, op=op, error=type(err).__name__)

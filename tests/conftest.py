@@ -260,6 +260,9 @@ def worker_process_env(
             "KEEL_MODEL_PLANNER": "sim-small",
             "KEEL_MODEL_VERIFIER": "sim-small",
             "KEEL_MODEL_ANSWERER": "sim-small",
+            # Caches off, as in make_worker: the fleet tests' identical slow jobs must reach
+            # the simulator (a cached reply would finish the "in flight" call at once).
+            "KEEL_CACHE": "false",
         }
         | extra
     )

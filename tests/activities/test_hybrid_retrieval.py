@@ -243,8 +243,10 @@ async def test_a_cache_outage_is_a_miss_and_the_search_still_works(
         result = await retriever.retrieve(str(crafted), QUERY, top_k=2, tenant="acme")
         assert not result.cached and result.degraded is None
         assert {h.path for h in result.hits} == {"rare.md", "paraphrase.md"}
-    assert cache.stats.errors[CacheKind.RETRIEVAL.value] >= 2
-    assert cache.stats.errors[CacheKind.EMBEDDING.value] >= 2
+    # Whichever lookup failed first, the others were misses without trying Redis again.
+    assert sum(cache.stats.errors.values()) >= 1
+    assert cache.stats.misses[CacheKind.RETRIEVAL.value] >= 1
+    assert cache.stats.misses[CacheKind.EMBEDDING.value] >= 1
     await dead.aclose()
 
 

@@ -367,7 +367,7 @@ async def test_cache_outage_degrades_to_misses(gateways: Gateways, tenant: str) 
         await down.aclose()
     assert results == [ToolResult(content="10", cached=False)] * 2  # misses
     assert len(gateways.runs) == 2
-    assert broken.stats.errors["tool"] >= 2  # the lookups failed and were counted, not raised
+    assert broken.stats.errors["tool"] >= 1  # a lookup failed and was counted, not raised
 
 
 async def test_job_that_opted_out_neither_reads_nor_writes(
