@@ -35,7 +35,7 @@ from keel.workflows.session_types import (
 from tests.conftest import WorkerFactory, start_dev_server, unique
 from tests.workflows.test_sessions import PINNED
 
-TURNS = 60
+TURNS = 40
 SUGGEST_AT = 200
 """Events at which this module's server suggests continuing as new (Temporal's default: 4,096)."""
 FULL_TURN = 20
