@@ -364,7 +364,9 @@ class SessionWorkflow:
         return SessionStatus(
             session_id=workflow.info().workflow_id,
             tenant=self._req.tenant,
-            phase=s.phase,
+            # Asked to end with a turn still in progress (its child may have just finished,
+            # not yet seen here): ``ending`` until the workflow has taken the turn's result.
+            phase="ending" if self._ending and s.phase != "ended" else s.phase,
             exhausted_budget=s.exhausted_budget,
             budget=self._req.budget,
             usage=s.usage,

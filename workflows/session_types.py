@@ -44,7 +44,7 @@ SESSION_BUSY = "SessionBusy"
 """The session already holds its most queued messages; sending later can succeed."""
 
 SessionBudgetName = Literal["max_turns", "max_tokens", "max_cost_usd"]
-SessionPhase = Literal["idle", "running", "exhausted", "ended"]
+SessionPhase = Literal["idle", "running", "exhausted", "ending", "ended"]
 
 
 def session_id_for(tenant: str, session_key: str) -> str:
