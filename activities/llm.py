@@ -294,14 +294,15 @@ class LLMActivities:
     async def summarize_observations(self, inp: SummaryInput) -> SummaryResult:
         """Fold observations into the job's rolling summary (context compression).
 
-        The summary is bounded (MAX_SUMMARY_CHARS). Output that is not the summary's JSON falls
-        back to the previous summary plus each observation's first words, so compression never
-        fails a job and never loses an observation without a trace.
+        The summary is bounded (``inp.max_chars``, at most MAX_SUMMARY_CHARS). Output that is
+        not the summary's JSON falls back to the previous summary plus each observation's first
+        words, so compression never fails a job and never loses an observation without a trace.
         """
         context = {
             "goal": inp.goal,
             "summary": inp.summary or "",
             "observations": await self._observations(inp.fold, inp.tenant),
+            "max_chars": inp.max_chars,
         }
         reply = await self._complete(inp, "summarizer", context, "keel_summary", _Summary)
         parsed, _ = _parse(_Summary, reply.text, reply.reason)
@@ -310,7 +311,9 @@ class LLMActivities:
         else:
             folded = "; ".join(f"{o.name}: {' '.join(o.content.split())[:120]}" for o in inp.fold)
             summary = f"{inp.summary or ''} {folded}".strip()
-        return SummaryResult(summary=summary[:MAX_SUMMARY_CHARS], **reply.fields())
+        return SummaryResult(
+            summary=summary[: min(inp.max_chars, MAX_SUMMARY_CHARS)], **reply.fields()
+        )
 
     async def _context(self, inp: LLMCallBase) -> dict[str, Any]:
         """The prompt's JSON context: goal, observations, summary, clarifications."""

@@ -59,7 +59,8 @@ Reply with JSON only: {"tier": "<a listed tier>", "complexity": "low"|"medium"|"
 
 _SUMMARY = """You keep the running summary of an agent job's earlier observations. Read the
 JSON context: the goal, the summary so far, and observations to fold into it. Keep every fact,
-number, name and source the goal may need; drop repetition and boilerplate. At most 150 words.
+number, name and source the goal may need; drop repetition and boilerplate. At most
+"max_chars" characters; when it is full, let the oldest detail go first.
 Reply with JSON only: {"summary": "..."}."""
 
 PROMPTS: dict[str, PromptTemplate] = {

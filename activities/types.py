@@ -342,6 +342,8 @@ class SummaryInput(LLMCallBase):
     """Input of ``summarize_observations``: fold ``fold`` into ``summary`` (may be None)."""
 
     fold: list[Observation] = Field(default_factory=list)
+    max_chars: int = Field(default=2_000, ge=100, le=2_000)
+    """Longest summary wanted; the summariser is told, and a longer one is cut."""
 
 
 class SummaryResult(LLMCallResult):

@@ -61,8 +61,13 @@ class Router:
     async def _ask_router(self) -> Routing:
         correction: str | None = None
         for _ in range(2):  # one retry on the same tier with the validation error
+            fields = self._calls.fields(correction=correction)
+            if "conversation" in fields:
+                # A session's turn: the recent exchanges say what "that" refers to; the
+                # summary of older turns does not change how hard the request is.
+                fields["conversation"] = fields["conversation"].model_copy(update={"summary": ""})
             inp = RouteInput(
-                **self._calls.fields(correction=correction),
+                **fields,
                 allowed_tools=self._req.tools,
                 retrieval_enabled=self._req.docs_dir is not None,
             )

@@ -15,7 +15,9 @@ continue-as-new, so a session of any length keeps a flat history per run and a f
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
+from typing import Literal
 
 from temporalio import workflow
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
@@ -66,6 +68,10 @@ with workflow.unsafe.imports_passed_through():
 MIN_TURN_TOKENS = 4_000
 """A turn needs at least this many of the session's tokens to be worth starting."""
 MIN_TURN_USD = 0.0001
+FOLD_SHARE = 0.1
+"""Share of the session's dollars left that a fold running beside a turn may spend."""
+FOLD_TOKENS = 2_000
+"""Session tokens a fold running beside a turn reserves (its prompt and its summary)."""
 
 
 @workflow.defn
@@ -128,7 +134,11 @@ class SessionWorkflow:
         record.state = "running"
         self._s.phase = "running"
         self._current = record
-        budget = self._turn_budget()
+        # The oldest exchange is folded into the summary while the turn runs (a summary call
+        # takes far less time than a turn), so the next turn never waits for it. The turn is
+        # given the conversation as it stands: the fold changes it only once the turn is over.
+        folding = self._start_fold() if workflow.patched("pipelined-fold") else None
+        budget = self._turn_budget(folding is not None)
         request = JobRequest(
             goal=message.text,
             tenant=self._req.tenant,
@@ -139,7 +149,7 @@ class SessionWorkflow:
             tier=self._req.tier,
             cache=self._req.cache,
             mode=self._req.mode,
-            conversation=self._s.conversation,
+            conversation=self._s.conversation.model_copy(deep=True),
             notify_workflow=workflow.info().workflow_id,
             notify_questions=True,
         )
@@ -182,48 +192,74 @@ class SessionWorkflow:
         self._current = None
         self._s.usage.turns += 1
         self._s.phase = "idle"
-        await self._remember(message.text, record.answer or "")
-
-    async def _remember(self, text: str, answer: str) -> None:
-        """Add the turn to the recent exchanges, folding the oldest into the summary."""
-        conversation = self._s.conversation
-        conversation.recent.append(
-            Exchange(user=text[:EXCHANGE_CHARS], assistant=answer[:EXCHANGE_CHARS])
+        exchange = Exchange(
+            user=message.text[:EXCHANGE_CHARS], assistant=(record.answer or "")[:EXCHANGE_CHARS]
         )
-        if len(conversation.recent) <= MAX_RECENT_EXCHANGES:
+        if folding is None and not workflow.patched("pipelined-fold"):
+            await self._remember(exchange)
             return
-        oldest = conversation.recent.pop(0)
+        if folding is not None:
+            await folding
+        self._s.conversation.recent.append(exchange)
+
+    def _start_fold(self) -> asyncio.Task[None] | None:
+        """Fold the oldest recent exchange into the summary, beside the turn about to run.
+
+        Only when the recent exchanges are full: after the turn, its exchange takes the folded
+        one's place, so each turn starts with at most ``MAX_RECENT_EXCHANGES`` verbatim.
+        """
+        if len(self._s.conversation.recent) < MAX_RECENT_EXCHANGES:
+            return None
+        return asyncio.create_task(self._fold(self._s.conversation.recent[0], FOLD_SHARE))
+
+    async def _remember(self, exchange: Exchange) -> None:
+        """Before ``pipelined-fold``: add the exchange, then fold the oldest, after the turn."""
+        self._s.conversation.recent.append(exchange)
+        if len(self._s.conversation.recent) > MAX_RECENT_EXCHANGES:
+            await self._fold(self._s.conversation.recent[0], 1.0)
+
+    async def _fold(self, oldest: Exchange, share: float) -> None:
+        """Fold ``oldest`` (the first recent exchange) into the summary, then drop it.
+
+        A fast-tier summariser call, charged to the session and given ``share`` of the dollars
+        it has left (the turn running beside it was given the rest). When that is too little,
+        or the call fails, the exchange's gist is appended to the summary instead.
+        """
+        conversation = self._s.conversation
+        limit = self._req.summary_chars
         folded = Observation(
             step_id=f"turn-{self._s.usage.turns}",
             name="earlier turn",
             content=f"User: {oldest.user}\nAssistant: {oldest.assistant}",
         )
-        left = self._req.budget.max_cost_usd - self._s.usage.cost_usd
-        if left <= MIN_TURN_USD:
-            conversation.summary = f"{conversation.summary} {folded.content}"[-2_000:].strip()
-            return
-        summary_input = SummaryInput(
-            tenant=self._req.tenant,
-            goal="Keep the running summary of this conversation.",
-            iteration=0,
-            summary=conversation.summary or None,
-            fold=[folded],
-            max_output_tokens=max(MIN_OUTPUT_TOKENS, 400),
-            max_cost_usd=left,
-            cache=self._req.cache,
-        )
-        config = policies.LLM_CALL.copy()
-        config["summary"] = "summarize conversation"
-        try:
-            result = await workflow.execute_activity_method(
-                LLMActivities.summarize_observations, summary_input, **config
+        gist = _clip(f"{conversation.summary} {folded.content}", limit, keep="end")
+        left = (self._req.budget.max_cost_usd - self._s.usage.cost_usd) * share
+        summary: str | None = None
+        if left > MIN_TURN_USD:
+            summary_input = SummaryInput(
+                tenant=self._req.tenant,
+                goal="Keep the running summary of this conversation.",
+                iteration=0,
+                summary=conversation.summary or None,
+                fold=[folded],
+                max_chars=limit,
+                max_output_tokens=max(MIN_OUTPUT_TOKENS, 400),
+                max_cost_usd=round(left, 8),
+                cache=self._req.cache,
             )
-        except ActivityError:
-            # No summary this time: keep the exchange's gist rather than fail the session.
-            conversation.summary = f"{conversation.summary} {folded.content}"[-2_000:].strip()
-            return
-        conversation.summary = result.summary[:2_000]
-        self._charge(result.usage.total_tokens, result.usage.cost_usd)
+            config = policies.LLM_CALL.copy()
+            config["summary"] = "summarize conversation"
+            try:
+                result = await workflow.execute_activity_method(
+                    LLMActivities.summarize_observations, summary_input, **config
+                )
+            except ActivityError:
+                pass  # no summary this time: keep the exchange's gist rather than fail
+            else:
+                summary = _clip(result.summary, limit, keep="start")
+                self._charge(result.usage.total_tokens, result.usage.cost_usd)
+        conversation.summary = gist if summary is None else summary
+        conversation.recent.remove(oldest)
 
     def _charge(self, tokens: int, cost_usd: float) -> None:
         usage = self._s.usage
@@ -240,16 +276,22 @@ class SessionWorkflow:
             return "max_cost_usd"
         return None
 
-    def _turn_budget(self) -> Budget:
-        """The turn's budget: its own, cut to what the session has left (a reservation)."""
+    def _turn_budget(self, folding: bool) -> Budget:
+        """The turn's budget: its own, cut to what the session has left (a reservation).
+
+        A fold running beside the turn has reserved its share of the session's dollars and
+        ``FOLD_TOKENS`` of its tokens first.
+        """
         budget, usage = self._req.budget, self._s.usage
         turn = self._req.turn_budget
+        usd_left = budget.max_cost_usd - usage.cost_usd
+        tokens_left = budget.max_tokens - usage.tokens
+        if folding:
+            usd_left, tokens_left = usd_left * (1 - FOLD_SHARE), tokens_left - FOLD_TOKENS
         return turn.model_copy(
             update={
-                "max_tokens": min(turn.max_tokens, budget.max_tokens - usage.tokens),
-                "max_cost_usd": min(
-                    turn.max_cost_usd, round(budget.max_cost_usd - usage.cost_usd, 8)
-                ),
+                "max_tokens": max(1, min(turn.max_tokens, tokens_left)),
+                "max_cost_usd": min(turn.max_cost_usd, round(usd_left, 8)),
             }
         )
 
@@ -376,6 +418,17 @@ class SessionWorkflow:
             queued=len(s.pending),
             runs=s.runs,
         )
+
+
+def _clip(text: str, limit: int, *, keep: Literal["start", "end"]) -> str:
+    """``text`` within ``limit`` characters, cut at a word boundary, its start or end kept."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    if keep == "start":
+        return text[:limit].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit]
+    tail = text[-limit:]
+    return tail.split(" ", 1)[1] if " " in tail else tail
 
 
 def _failed_result(err: ChildWorkflowError) -> JobResult | None:

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from keel.activities.types import Conversation, Exchange, TierName
+from keel.activities.types import CONVERSATION_SUMMARY_CHARS, Conversation, Exchange, TierName
 from keel.workflows.types import (
     MAX_GOAL_CHARS,
     Budget,
@@ -24,6 +24,11 @@ from keel.workflows.types import (
 
 SESSION_ID_PREFIX = "agent-session-"
 MAX_RECENT_EXCHANGES = 3
+SUMMARY_CHARS = 480
+"""Default longest conversation summary (about 80 words): with the recent exchanges verbatim,
+enough for the facts a later turn refers back to, and small enough that the context sent per
+turn is flat once the first turns have been folded (issue 15's target: turn 500 within 1.2x of
+turn 5)."""
 """Earlier turns passed verbatim to each turn; older ones live in the rolling summary."""
 MAX_TURN_RECORDS = 20
 """Turns kept in the session's state and status; older ones are in the Temporal UI."""
@@ -90,6 +95,8 @@ class SessionRequest(BaseModel):
     tier: Literal["auto", "fast", "deep"] = "auto"
     cache: bool = True
     mode: Literal["interactive", "batch"] = "interactive"
+    summary_chars: int = Field(default=SUMMARY_CHARS, ge=200, le=CONVERSATION_SUMMARY_CHARS)
+    """Longest summary of the turns older than the recent ones, in characters."""
 
 
 class SessionMessage(BaseModel):

@@ -368,3 +368,17 @@ async def test_the_cli_takes_the_new_knobs_and_processes_with_one_seed_agree(
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_the_simulated_summariser_keeps_within_the_length_it_is_asked_for() -> None:
+    from keel.workers.sim.replies import SUMMARY_MAX_CHARS, summary_reply
+
+    observations = [{"name": f"turn {n}", "content": "x " * 200} for n in range(12)]
+    previous = None
+    for _ in range(5):
+        previous = summary_reply(
+            {"summary": previous, "observations": observations, "max_chars": 300}
+        )["summary"]
+        assert 0 < len(previous) <= 300
+    unbounded = summary_reply({"observations": observations, "max_chars": 10**6})["summary"]
+    assert 300 < len(unbounded) <= SUMMARY_MAX_CHARS

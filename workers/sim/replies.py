@@ -301,7 +301,9 @@ def _fit(clauses: list[str], room: int) -> list[str]:
 
 
 def summary_reply(payload: dict[str, Any]) -> dict[str, Any]:
-    """The rolling summary for a ``keel_summary`` request, never over SUMMARY_MAX_CHARS.
+    """The rolling summary for a ``keel_summary`` request, within its ``max_chars``.
+
+    Never over SUMMARY_MAX_CHARS, whatever the request asks for.
 
     The previous summary's clauses and one short clause per new observation (``name: content``)
     are joined with ``"; "``. When they do not fit, the newest observations keep up to
@@ -309,11 +311,15 @@ def summary_reply(payload: dict[str, Any]) -> dict[str, Any]:
     fades and the summary stays bounded however long the job runs.
 
     Args:
-        payload: The user message's JSON document (``summary`` and ``observations``).
+        payload: The user message's JSON document (``summary``, ``observations`` and
+            ``max_chars``).
 
     Returns:
         ``{"summary": text}``.
     """
+    wanted = payload.get("max_chars")
+    most = min(wanted, SUMMARY_MAX_CHARS) if isinstance(wanted, int) and wanted > 0 else None
+    most = most or SUMMARY_MAX_CHARS
     previous = payload.get("summary")
     old = [
         _clip(c.strip(), SUMMARY_MAX_CHARS)
@@ -329,8 +335,8 @@ def summary_reply(payload: dict[str, Any]) -> dict[str, Any]:
         clause = " ".join(f"{obs.get('name', '?')}: {text}".split())
         # The clause separator inside a clause would split it in two on the next call.
         new.append(_clip(clause.replace("; ", ", "), _CLAUSE_CHARS))
-    fresh = _fit(new, _NEW_SUMMARY_CHARS)
-    room = SUMMARY_MAX_CHARS - len("; ".join(fresh)) - (2 if fresh else 0)
+    fresh = _fit(new, min(_NEW_SUMMARY_CHARS, most * 3 // 5))
+    room = most - len("; ".join(fresh)) - (2 if fresh else 0)
     clauses = _fit(old, room) + fresh
     return {"summary": "; ".join(clauses) or _NO_OBSERVATIONS}
 
