@@ -1,6 +1,6 @@
-"""Session housekeeping activities (issue 15): a session's stored outputs end with it.
+"""Session activities (issue 15): status snapshots, and a session's stored outputs end with it.
 
-Not workflow code: it touches Redis. Idempotent, so Temporal may run it twice.
+Not workflow code: they touch Redis. Idempotent, so Temporal may run each twice.
 """
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ import structlog
 from pydantic import BaseModel
 from temporalio import activity
 
+from keel.activities.snapshots import SessionSnapshots
 from keel.activities.store import KeelStore
 
-__all__ = ["SessionActivities", "SessionOutputs"]
+__all__ = ["SessionActivities", "SessionOutputs", "SessionSnapshot"]
 
 log = structlog.get_logger(__name__)
 
@@ -24,11 +25,21 @@ class SessionOutputs(BaseModel):
     """The turns' job IDs start with it (``agent-job-{tenant}:{key}.t``)."""
 
 
+class SessionSnapshot(BaseModel):
+    """Input of ``write_session_snapshot``: the session's status as its query would answer."""
+
+    tenant: str
+    session_id: str
+    status_json: str
+    ttl_seconds: int
+
+
 class SessionActivities:
     """The session activities, bound to the store."""
 
     def __init__(self, store: KeelStore) -> None:
         self._store = store
+        self._snapshots = SessionSnapshots(store.redis)
 
     @activity.defn(name="expire_session_outputs")
     async def expire_session_outputs(self, inp: SessionOutputs) -> int:
@@ -38,3 +49,8 @@ class SessionActivities:
             expired = await self._store.expire_blobs(inp.tenant, inp.job_prefix)
             log.info("session.outputs_expired", outputs=expired)
         return expired
+
+    @activity.defn(name="write_session_snapshot")
+    async def write_session_snapshot(self, inp: SessionSnapshot) -> None:
+        """Replace the session's status snapshot in Redis (readers fall back to the query)."""
+        await self._snapshots.put(inp.tenant, inp.session_id, inp.status_json, inp.ttl_seconds)

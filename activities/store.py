@@ -10,6 +10,8 @@ Every key starts with ``keel:`` and is scoped by tenant:
 - ``keel:note:{tenant}:{op_key}`` (hash) and ``keel:notes:{tenant}`` (list of op_keys in write
   order): the effect of ``write_note``, created atomically at most once per op_key.
 
+Session status snapshots (``keel:session:...``) are ``activities/snapshots.py``'s.
+
 Not workflow code: every method performs network I/O and is called only from activities.
 """
 
@@ -93,6 +95,11 @@ class KeelStore:
             socket_timeout=timeout_seconds,
         )
         return cls(client)
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The client, for modules keeping their own keys beside the store's (snapshots)."""
+        return self._redis
 
     async def aclose(self) -> None:
         """Close the underlying client and its connections."""

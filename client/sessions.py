@@ -16,7 +16,9 @@ from datetime import timedelta
 from typing import Any, Literal
 from uuid import uuid4
 
+import structlog
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
@@ -34,6 +36,7 @@ from temporalio.common import (
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from keel.activities.snapshots import SessionSnapshots
 from keel.client._error_mapping import failure_message, rpc_error
 from keel.client.errors import AgentJobError, InvalidJobRequest, JobNotFound, JobTimeout
 from keel.client.jobs import AgentJobs
@@ -55,6 +58,8 @@ from keel.workflows.session_types import (
 from keel.workflows.types import IDENT_RE, JobResult
 
 __all__ = ["AgentSessions", "SessionNotFound", "SessionRefused"]
+
+log = structlog.get_logger(__name__)
 
 
 class SessionNotFound(AgentJobError):
@@ -128,12 +133,21 @@ class AgentSessions:
         task_queue: Queue the session and its turns run on; by default the request's mode
             picks it, as for jobs.
         tenant: Scope every call to this tenant (another tenant's session is not found).
+        snapshots: Keel's Redis: ``status`` reads the snapshot each session writes there as it
+            changes, and asks the session's workflow only when there is none. Without it,
+            ``status`` always asks the workflow (a query, which its worker answers).
     """
 
     def __init__(
-        self, client: Client, *, task_queue: str | None = None, tenant: str | None = None
+        self,
+        client: Client,
+        *,
+        task_queue: str | None = None,
+        tenant: str | None = None,
+        snapshots: SessionSnapshots | None = None,
     ) -> None:
         self._client = client
+        self._snapshots = snapshots
         self._fixed_queue = task_queue
         self.tenant = tenant
         self.jobs = AgentJobs(client, task_queue=task_queue, tenant=tenant)
@@ -304,18 +318,36 @@ class AgentSessions:
         }
 
     async def status(self, session_id: str) -> SessionStatus:
-        """A snapshot of the session (a query: never waits for the turn in progress).
+        """A snapshot of the session; never waits for the turn in progress.
+
+        Read from Redis when this client has ``snapshots`` and the session has written one
+        (about 10x faster than the query under load: ``keel bench sessions``), else queried.
 
         Raises:
             SessionNotFound: No such session, or another tenant's.
         """
         self._own(session_id)
+        snapshot = await self._snapshot(session_id)
+        if snapshot is not None:
+            return snapshot
         try:
             return await self._handle(session_id).query(Session.get_session)
         except WorkflowQueryFailedError as err:
             raise AgentJobError(f"session {session_id}: {err}") from None
         except RPCError as err:
             raise self._rpc_error(err, session_id) from None
+
+    async def _snapshot(self, session_id: str) -> SessionStatus | None:
+        tenant = tenant_of_session(session_id)
+        if self._snapshots is None or tenant is None:
+            return None
+        try:
+            found = await self._snapshots.get(tenant, session_id)
+            return None if found is None else SessionStatus.model_validate_json(found)
+        except (RedisError, OSError, ValueError) as err:  # ValidationError is a ValueError
+            # Redis down or a snapshot this version cannot read: the query still answers.
+            log.warning("session.snapshot_unreadable", session_id=session_id, error=str(err))
+            return None
 
     async def turn_result(
         self, accepted: TurnAccepted, *, timeout: float | None = None

@@ -15,6 +15,13 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import settings
 
+SESSION_CACHE = 100
+"""Workflow cache of workers that run sessions. A session writes its status snapshot with a
+local activity; with no cache (``max_cached_workflows=0``), one scheduled as another activity
+resolves held its workflow task until the task timed out (10 s; temporalio 1.35). Workers run
+with a cache (the SDK's default, 1,000), as ``keel worker`` does; the session tests replay
+their histories (``replay_own_history``, ``test_replay.py``) for nondeterminism instead."""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -224,6 +231,8 @@ def make_worker(redis_url: str, sim_url: str) -> WorkerFactory:
             corpora=Corpora(corpora),
             webhook_hosts=WebhookHosts(webhook_hosts),
         )
+        # No workflow cache: every task replays, so nondeterminism fails here. Session tests
+        # pass ``SESSION_CACHE`` instead (see there).
         worker_kwargs.setdefault("max_cached_workflows", 0)
         # Unsandboxed, as `keel worker` runs; every task still replays (no cache), so
         # nondeterminism fails here as it would there. Temporal's sandbox importer can trip

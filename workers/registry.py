@@ -205,4 +205,5 @@ def build_activities(deps: Deps) -> list[Callable[..., Any]]:
         tools.execute_tool,
         retrieval.search_corpus,
         sessions.expire_session_outputs,
+        sessions.write_session_snapshot,
     ]

@@ -132,6 +132,19 @@ JOB_SLOT = workflow.LocalActivityConfig(
     ),
 )
 
+SESSION_SNAPSHOT = workflow.LocalActivityConfig(
+    # A session's status written to Redis as it changes (issue 15): one SET, a local activity
+    # so it is a marker in history, not three events and a trip through matching. Best effort:
+    # a reader that finds no snapshot asks the workflow instead, so a few quick attempts only.
+    start_to_close_timeout=timedelta(seconds=2),
+    schedule_to_close_timeout=timedelta(seconds=10),
+    retry_policy=RetryPolicy(
+        initial_interval=timedelta(milliseconds=200),
+        maximum_interval=timedelta(seconds=2),
+        maximum_attempts=3,
+    ),
+)
+
 JOB_SLOT_WAIT = ActivityConfig(
     # One attempt waits the whole time, asking twice a second and heartbeating, so waiting in
     # line spends no retries; a worker that dies is noticed by the heartbeat timeout, and the

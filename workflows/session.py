@@ -16,6 +16,7 @@ continue-as-new, so a session of any length keeps a flat history per run and a f
 from __future__ import annotations
 
 import asyncio
+import math
 from datetime import timedelta
 from typing import Literal
 
@@ -27,7 +28,7 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     from keel.activities.llm import LLMActivities
-    from keel.activities.sessions import SessionActivities, SessionOutputs
+    from keel.activities.sessions import SessionActivities, SessionOutputs, SessionSnapshot
     from keel.activities.types import (
         EXCHANGE_CHARS,
         MIN_OUTPUT_TOKENS,
@@ -68,6 +69,10 @@ with workflow.unsafe.imports_passed_through():
 MIN_TURN_TOKENS = 4_000
 """A turn needs at least this many of the session's tokens to be worth starting."""
 MIN_TURN_USD = 0.0001
+SNAPSHOT_KEEP_SECONDS = 7 * 86_400
+"""How long an ended session's last snapshot stays readable (as its turns' outputs would)."""
+SNAPSHOT_MARGIN_SECONDS = 3_600
+"""Kept this much longer than the session can stay alive without writing another."""
 FOLD_SHARE = 0.1
 """Share of the session's dollars left that a fold running beside a turn may spend."""
 FOLD_TOKENS = 2_000
@@ -85,20 +90,29 @@ class SessionWorkflow:
         self._s = inp.state or SessionState()
         self._current: TurnRecord | None = None
         self._ending = False
+        self._changes = 0
+        """Changes a reader of the status would see; the snapshot writer catches up with it."""
+        self._written = 0
+        self._writer: asyncio.Task[None] | None = None
 
     @workflow.run
     async def run(self, inp: SessionInput) -> SessionStatus:
         """Run turns as messages arrive, until the session ends or idles out."""
+        if workflow.patched("status-snapshot"):
+            self._changes = 1  # the first snapshot: the session as it starts (or continues)
+            self._writer = asyncio.create_task(self._write_snapshots())
         while True:
             idle = timedelta(seconds=self._req.budget.idle_timeout_seconds)
             try:
                 await workflow.wait_condition(self._work_waiting, timeout=idle)
             except TimeoutError:
                 self._s.phase = "ended"
+                self._changed()
                 await self._expire_outputs()
                 break
             if self._ending:
                 self._s.phase = "ended"
+                self._changed()
                 break
             message = self._s.pending.pop(0)
             exhausted = self._exhausted()
@@ -107,11 +121,49 @@ class SessionWorkflow:
                 continue
             await self._turn(message)
             if workflow.info().is_continue_as_new_suggested() and not self._s.pending:
-                await workflow.wait_condition(workflow.all_handlers_finished)
+                await workflow.wait_condition(self._settled)
                 self._s.runs += 1
                 workflow.continue_as_new(self._inp.model_copy(update={"state": self._s}))
-        await workflow.wait_condition(workflow.all_handlers_finished)
+        await workflow.wait_condition(self._settled)
         return self.get_session()
+
+    def _settled(self) -> bool:
+        """Every handler has finished and the snapshot shows the state as it is."""
+        return workflow.all_handlers_finished() and self._written == self._changes
+
+    def _changed(self) -> None:
+        """The state a reader sees has changed: the snapshot writer will write it."""
+        if self._written or self._changes:  # 0 and 0: no writer (before ``status-snapshot``)
+            self._changes += 1
+
+    async def _write_snapshots(self) -> None:
+        """Write the session's status to Redis whenever it has changed, latest first.
+
+        Changes made while a write is under way are coalesced into the next one. A failed
+        write is skipped: readers that find no snapshot, or an old one, may ask the query.
+        """
+        while True:
+            await workflow.wait_condition(lambda: self._written != self._changes)
+            seen = self._changes
+            status = self.get_session()
+            ended = status.phase == "ended"
+            idle = math.ceil(self._req.budget.idle_timeout_seconds)
+            ttl = SNAPSHOT_KEEP_SECONDS if ended else idle
+            snapshot = SessionSnapshot(
+                tenant=self._req.tenant,
+                session_id=status.session_id,
+                status_json=status.model_dump_json(),
+                ttl_seconds=ttl + SNAPSHOT_MARGIN_SECONDS,
+            )
+            try:
+                await workflow.execute_local_activity_method(
+                    SessionActivities.write_session_snapshot,
+                    snapshot,
+                    **policies.SESSION_SNAPSHOT,
+                )
+            except ActivityError:
+                pass
+            self._written = seen
 
     async def _expire_outputs(self) -> None:
         """An idle session has ended: its turns' stored outputs go with it."""
@@ -139,6 +191,7 @@ class SessionWorkflow:
         # given the conversation as it stands: the fold changes it only once the turn is over.
         folding = self._start_fold() if workflow.patched("pipelined-fold") else None
         budget = self._turn_budget(folding is not None)
+        self._changed()
         request = JobRequest(
             goal=message.text,
             tenant=self._req.tenant,
@@ -197,10 +250,12 @@ class SessionWorkflow:
         )
         if folding is None and not workflow.patched("pipelined-fold"):
             await self._remember(exchange)
+            self._changed()
             return
         if folding is not None:
             await folding
         self._s.conversation.recent.append(exchange)
+        self._changed()
 
     def _start_fold(self) -> asyncio.Task[None] | None:
         """Fold the oldest recent exchange into the summary, beside the turn about to run.
@@ -260,6 +315,7 @@ class SessionWorkflow:
                 self._charge(result.usage.total_tokens, result.usage.cost_usd)
         conversation.summary = gist if summary is None else summary
         conversation.recent.remove(oldest)
+        self._changed()
 
     def _charge(self, tokens: int, cost_usd: float) -> None:
         usage = self._s.usage
@@ -300,6 +356,7 @@ class SessionWorkflow:
         self._s.phase, self._s.exhausted_budget = "exhausted", budget
         record = self._record(message.message_id)
         record.state, record.answer = "done", f"not run: session budget {budget} is exhausted"
+        self._changed()
 
     def _record(self, message_id: str) -> TurnRecord:
         turn = self._s.seen[message_id]
@@ -329,6 +386,7 @@ class SessionWorkflow:
             # The turn in progress asked a question: this message is its answer.
             self._remember_id(message.message_id, current.turn)
             current.state = "running"
+            self._changed()
             child = workflow.get_external_workflow_handle(current.job_id)
             await child.signal(AgentLoopWorkflow.answer_signal, HumanInput(text=message.text))
             return TurnAccepted(
@@ -350,6 +408,7 @@ class SessionWorkflow:
             )
         )
         self._s.turns = self._s.turns[-MAX_TURN_RECORDS:]
+        self._changed()
         ahead = len(self._s.pending) - 1 + (1 if self._current is not None else 0)
         return TurnAccepted(
             session_id=session_id,
@@ -389,11 +448,13 @@ class SessionWorkflow:
         if self._current is not None:
             self._current.state = "waiting_for_input"
             self._current.answer = f"question: {question}"[:EXCHANGE_CHARS]
+            self._changed()
 
     @workflow.update
     def end(self) -> SessionStatus:
         """End the session after the turn in progress; queued messages are not run."""
         self._ending = True
+        self._changed()
         status = self.get_session()
         if self._current is None:
             status.phase = "ended"  # nothing left to run: it ends as this update returns

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from keel.activities.slots import slots_for
+from keel.activities.snapshots import SessionSnapshots
 from keel.activities.usage import UsageLedger
 from keel.client.api.limits import Admission
 from keel.client.api.models import (
@@ -114,7 +115,13 @@ def install_session_routes(app: FastAPI, caller_dependency: Any) -> None:  # noq
         # Async although it awaits nothing: a plain ``def`` dependency costs a thread hop.
         state = request.app.state
         scope = None if caller.role == "operator" else caller.tenant
-        return AgentSessions(state.client, task_queue=state.task_queue, tenant=scope)
+        # Status reads the snapshot each session keeps in Redis (the keys' Redis), when there
+        # is one: it answers without waiting for a worker to run the query.
+        keys = getattr(state, "keys", None)
+        snapshots = SessionSnapshots(keys.redis) if keys is not None else None
+        return AgentSessions(
+            state.client, task_queue=state.task_queue, tenant=scope, snapshots=snapshots
+        )
 
     sessions_dependency = Annotated[AgentSessions, Depends(scoped_sessions)]
 

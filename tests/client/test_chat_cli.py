@@ -26,7 +26,7 @@ from keel.activities.llm import LLMConfig
 from keel.client.sessions import AgentSessions
 from keel.workers.cli import app
 from keel.workflows.session_types import session_id_for
-from tests.conftest import unique
+from tests.conftest import SESSION_CACHE, unique
 
 
 async def keel(
@@ -95,7 +95,9 @@ async def test_chat_carries_the_conversation_and_shows_its_status(
         "/budget",
         "/quit",
     ]
-    async with make_worker(client, llm_config=RECORDED) as worker:
+    async with make_worker(
+        client, llm_config=RECORDED, max_cached_workflows=SESSION_CACHE
+    ) as worker:
         q = worker.task_queue
         code, out, err = await keel(
             env,
@@ -148,7 +150,7 @@ async def test_a_question_is_shown_and_the_next_line_answers_it(
 ) -> None:
     tenant, key = unique("ask"), unique("s")
     lines = ["Book the usual table [sim: ask]", "Tuesday at eight, by the window"]
-    async with make_worker(client) as worker:
+    async with make_worker(client, max_cached_workflows=SESSION_CACHE) as worker:
         code, out, err = await keel(
             env,
             *("chat", "--session", key, "--tenant", tenant, "--tool", "calculator"),
@@ -174,7 +176,7 @@ async def test_resuming_a_session_whose_turn_waits_shows_its_question_once(
     env: WorkflowEnvironment, client: Client, make_worker, redis_url: str
 ) -> None:
     tenant, key = unique("resume"), unique("s")
-    async with make_worker(client) as worker:
+    async with make_worker(client, max_cached_workflows=SESSION_CACHE) as worker:
         sessions = AgentSessions(client, task_queue=worker.task_queue)
         session_id = session_id_for(tenant, key)
         asked = await sessions.send({"tenant": tenant}, key, "Book the usual table [sim: ask]")
@@ -207,7 +209,9 @@ async def test_submit_to_a_session_prints_job_ids_that_result_reads(
 ) -> None:
     tenant, key = unique("script"), unique("s")
     base = ("submit", "--session", key, "--tenant", tenant, "--tool", "calculator")
-    async with make_worker(client, llm_config=RECORDED) as worker:
+    async with make_worker(
+        client, llm_config=RECORDED, max_cached_workflows=SESSION_CACHE
+    ) as worker:
         q = worker.task_queue
         code, out, err = await keel(
             env,
@@ -262,7 +266,7 @@ async def test_an_exhausted_session_refuses_with_one_line_naming_the_budget(
 ) -> None:
     tenant, key = unique("broke"), unique("s")
     lines = ["What is 40 + 2? use calculator", *(f"And {n} more?" for n in range(5))]
-    async with make_worker(client) as worker:
+    async with make_worker(client, max_cached_workflows=SESSION_CACHE) as worker:
         q = worker.task_queue
         code, out, err = await keel(
             env,
@@ -292,7 +296,7 @@ async def test_a_line_queued_behind_another_turn_waits_for_it_or_for_the_end(
 ) -> None:
     tenant, key = unique("queue"), unique("s")
     chat = ("chat", "--session", key, "--tenant", tenant)
-    async with make_worker(client) as worker:
+    async with make_worker(client, max_cached_workflows=SESSION_CACHE) as worker:
         q = worker.task_queue
         sessions = AgentSessions(client, task_queue=q)
         session_id = session_id_for(tenant, key)

@@ -32,7 +32,7 @@ from keel.workflows.session_types import (
     session_id_for,
     turn_job_id,
 )
-from tests.conftest import WorkerFactory, start_dev_server, unique
+from tests.conftest import SESSION_CACHE, WorkerFactory, start_dev_server, unique
 from tests.workflows.test_sessions import PINNED
 
 TURNS = 30
@@ -90,7 +90,7 @@ async def test_a_long_session_keeps_its_history_per_run_and_its_context_flat(
     budget = SessionBudget(max_turns=TURNS, max_tokens=10**9, max_cost_usd=1_000)
     req = SessionRequest(tenant=tenant, tools=["calculator"], budget=budget)
     session_id = session_id_for(tenant, "chat")
-    async with make_worker(client, llm_config=PINNED) as w:
+    async with make_worker(client, llm_config=PINNED, max_cached_workflows=SESSION_CACHE) as w:
         sessions = AgentSessions(client, task_queue=w.task_queue, tenant=tenant)
         summaries = []
         for n in range(1, TURNS + 1):

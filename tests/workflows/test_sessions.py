@@ -17,7 +17,7 @@ from temporalio.client import Client
 from keel.activities.llm import LLMConfig
 from keel.client.sessions import AgentSessions, SessionNotFound, SessionRefused
 from keel.workflows.session_types import SessionBudget, SessionRequest, session_id_for
-from tests.conftest import unique
+from tests.conftest import SESSION_CACHE, unique
 from tests.workflows.test_agent_loop import replay_own_history
 
 PINNED = LLMConfig(
@@ -41,7 +41,7 @@ async def test_later_turns_see_earlier_answers_and_nothing_of_another_session(
 ) -> None:
     tenant = unique("chat")
     req = SessionRequest(tenant=tenant, tools=["calculator"])
-    async with make_worker(client, llm_config=PINNED) as w:
+    async with make_worker(client, llm_config=PINNED, max_cached_workflows=SESSION_CACHE) as w:
         sessions = AgentSessions(client, task_queue=w.task_queue, tenant=tenant)
         key, other = unique("s"), unique("s")
         # Another session of the same tenant talks at the same time about something else.
@@ -70,7 +70,7 @@ async def test_later_turns_see_earlier_answers_and_nothing_of_another_session(
 async def test_messages_sent_at_once_run_in_order_each_once(client: Client, make_worker) -> None:
     tenant = unique("order")
     req = SessionRequest(tenant=tenant, tools=["calculator"])
-    async with make_worker(client, llm_config=PINNED) as w:
+    async with make_worker(client, llm_config=PINNED, max_cached_workflows=SESSION_CACHE) as w:
         sessions = AgentSessions(client, task_queue=w.task_queue, tenant=tenant)
         key = unique("s")
         first = await sessions.send(req, key, "What is 1 + 1?", message_id="m1")
@@ -102,7 +102,7 @@ async def test_a_question_inside_a_turn_is_answered_by_the_next_message(
 ) -> None:
     tenant = unique("ask")
     req = SessionRequest(tenant=tenant, tools=["calculator"])
-    async with make_worker(client, llm_config=PINNED) as w:
+    async with make_worker(client, llm_config=PINNED, max_cached_workflows=SESSION_CACHE) as w:
         sessions = AgentSessions(client, task_queue=w.task_queue, tenant=tenant)
         key = unique("s")
         asked = await sessions.send(req, key, "Book the usual table [sim: ask]")
@@ -128,7 +128,7 @@ async def test_an_exhausted_session_refuses_the_next_turn_and_stays_readable(
     req = SessionRequest(
         tenant=tenant, tools=["calculator"], budget=SessionBudget(max_cost_usd=0.0003)
     )
-    async with make_worker(client, llm_config=PINNED) as w:
+    async with make_worker(client, llm_config=PINNED, max_cached_workflows=SESSION_CACHE) as w:
         sessions = AgentSessions(client, task_queue=w.task_queue, tenant=tenant)
         key = unique("s")
         first = await sessions.send(req, key, "What is 40 + 2? use calculator")
@@ -144,7 +144,7 @@ async def test_an_exhausted_session_refuses_the_next_turn_and_stays_readable(
 
 async def test_another_tenants_session_is_not_found(client: Client, make_worker) -> None:
     tenant, other = unique("a"), unique("b")
-    async with make_worker(client, llm_config=PINNED) as w:
+    async with make_worker(client, llm_config=PINNED, max_cached_workflows=SESSION_CACHE) as w:
         mine = AgentSessions(client, task_queue=w.task_queue, tenant=tenant)
         accepted = await mine.send(SessionRequest(tenant=tenant), "s1", "What is 1 + 2?")
         theirs = AgentSessions(client, task_queue=w.task_queue, tenant=other)
@@ -169,7 +169,7 @@ async def test_an_idle_session_ends_and_its_stored_outputs_expire(
     req = SessionRequest(tenant=tenant, budget=SessionBudget(idle_timeout_seconds=2))
     store = KeelStore.from_url(redis_url)
     try:
-        async with make_worker(client, llm_config=PINNED) as w:
+        async with make_worker(client, llm_config=PINNED, max_cached_workflows=SESSION_CACHE) as w:
             sessions = AgentSessions(client, task_queue=w.task_queue, tenant=tenant)
             accepted = await sessions.send(req, unique("s"), "What is 2 + 9?")
             await sessions.turn_result(accepted, timeout=60)
@@ -191,7 +191,7 @@ async def test_an_ended_session_refuses_messages_and_is_never_reopened(
 ) -> None:
     tenant = unique("ended")
     req = SessionRequest(tenant=tenant)
-    async with make_worker(client, llm_config=PINNED) as w:
+    async with make_worker(client, llm_config=PINNED, max_cached_workflows=SESSION_CACHE) as w:
         sessions = AgentSessions(client, task_queue=w.task_queue, tenant=tenant)
         key = unique("s")
         first = await sessions.send(req, key, "What is 3 + 4?")
@@ -206,3 +206,77 @@ async def test_an_ended_session_refuses_messages_and_is_never_reopened(
         with pytest.raises(SessionRefused) as refused:
             await sessions.send(req, key, "What is 5 + 6?")
     assert refused.value.code == "ended"
+
+
+async def test_status_reads_the_snapshot_the_session_writes_as_it_changes(
+    client: Client, make_worker, redis_url: str
+) -> None:
+    from keel.activities.snapshots import SessionSnapshots, snapshot_key
+    from keel.workflows.contract import Session
+
+    tenant = unique("snap")
+    req = SessionRequest(tenant=tenant, tools=["calculator"])
+    raw = aioredis.Redis.from_url(redis_url)
+    snapshots = SessionSnapshots(raw)
+    try:
+        async with make_worker(client, llm_config=PINNED, max_cached_workflows=SESSION_CACHE) as w:
+            queried = AgentSessions(client, task_queue=w.task_queue, tenant=tenant)
+            fast = AgentSessions(
+                client, task_queue=w.task_queue, tenant=tenant, snapshots=snapshots
+            )
+            key = unique("s")
+            # Four turns: the fourth runs beside the fold of the first into the summary.
+            for n in range(4):
+                first = await fast.send(req, key, f"What is 6 + {n}?")
+                await fast.turn_result(first, timeout=60)
+            sid = first.session_id
+            # The session writes after it has taken the turn's result; wait for that write.
+            for _ in range(100):
+                status = await fast.status(sid)
+                if status.usage.turns == 4 and status.phase == "idle":
+                    break
+                await asyncio.sleep(0.05)
+            assert status.summary and len(status.recent) == 3
+            assert status == await queried.status(sid)  # the snapshot is the query's answer
+            assert all(t.outcome == "completed" for t in status.turns)
+
+            # Written by the workflow, not by the reader: a snapshot planted in Redis is what
+            # the snapshot reader returns (and a missing one falls back to the query).
+            planted = status.model_copy(update={"summary": "planted"})
+            key = snapshot_key(tenant, sid)
+            await raw.set(key, planted.model_dump_json())
+            assert (await fast.status(sid)).summary == "planted"
+            await raw.delete(key)
+            assert (await fast.status(sid)) == await queried.status(sid)
+            assert await raw.exists(key) == 0  # reading never writes
+
+            # Another tenant's client finds nothing, snapshot or not.
+            intruder = AgentSessions(client, tenant=unique("other"), snapshots=snapshots)
+            with pytest.raises(SessionNotFound):
+                await intruder.status(sid)
+
+            await fast.end(sid)
+            await client.get_workflow_handle_for(Session.run, sid).result()
+            await replay_own_history(client, sid, record_as="session_folded_snapshots")
+        final = await fast.status(sid)  # the ended session's last snapshot, worker gone
+        assert final.phase == "ended" and final.usage.turns == 4
+        assert 0 < await raw.ttl(key) <= 7 * 86_400 + 3_600
+    finally:
+        await raw.aclose()
+
+
+def test_a_snapshot_key_belongs_to_the_tenant_it_names() -> None:
+    from keel.activities.snapshots import snapshot_key
+
+    assert (
+        snapshot_key("acme", "agent-session-acme:chat")
+        == "keel:session:acme:agent-session-acme:chat"
+    )
+    for tenant, session in [
+        ("acme", "agent-session-evil:chat"),
+        ("ac:me", "agent-session-ac:me:chat"),
+        ("", "agent-session-:chat"),
+        ("acme", "agent-job-acme:chat"),
+    ]:
+        with pytest.raises(ValueError):
+            snapshot_key(tenant, session)

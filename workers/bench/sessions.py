@@ -16,9 +16,10 @@ on an in-process Keel worker of its own:
 - **history**: every run of that session's workflow, which continues as new on Temporal's
   suggestion, walked back from the last one: each run's events, bytes and turns.
 - **status reads**: while the conversation's turns run, ``readers`` tasks call the
-  ``get_session`` query every ``READ_INTERVAL_SECONDS`` and as many read a JSON snapshot of the
-  same status from Redis (GET, then parse into ``SessionStatus``), for ``read_seconds``. The
-  worker runs in this process, so what a read waits for includes the worker's own work.
+  ``get_session`` query every ``READ_INTERVAL_SECONDS`` and as many read the snapshot the
+  session writes to Redis as it changes (``AgentSessions.status`` with the store: GET, then
+  parse into ``SessionStatus``), for ``read_seconds``. The worker runs in this process, so what
+  a read waits for includes the worker's own work.
 
 Figures and tables are ``workers.bench.sessions_report``'s; nothing here judges a target.
 """
@@ -35,7 +36,6 @@ from typing import Any
 from uuid import uuid4
 
 import httpx
-import redis.asyncio as aioredis
 from rich.progress import Progress
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
@@ -43,8 +43,10 @@ from temporalio.client import Client
 from keel.activities.cache import CacheSettings
 from keel.activities.costing import count_tokens
 from keel.activities.llm import LLMConfig
+from keel.activities.snapshots import SessionSnapshots
+from keel.activities.store import KeelStore
 from keel.client.jobs import AgentJobs
-from keel.client.sessions import AgentSessions
+from keel.client.sessions import AgentSessions, tenant_of_session
 from keel.workers.bench import sessions_report
 from keel.workers.bench.config import SIM_MODEL
 from keel.workers.bench.history import history_stats
@@ -55,7 +57,6 @@ from keel.workers.settings import SIM_API_KEY, WorkerSettings
 from keel.workflows.session_types import (
     SessionBudget,
     SessionRequest,
-    SessionStatus,
     session_id_for,
     turn_job_id,
 )
@@ -87,8 +88,6 @@ READ_INTERVAL_SECONDS = 0.05
 """Each reader's pause between reads, as a client polling a status page pauses. Unpaced, the
 snapshot readers (sub-millisecond reads) would spin this process's event loop, which the
 in-process worker shares, and slow the turns and the queries they are compared with."""
-SNAPSHOT_REFRESH_SECONDS = 0.25
-"""How often the Redis snapshot is rewritten from the latest queried status while reading."""
 TURN_TIMEOUT_SECONDS = 300.0
 """A turn that takes longer than this fails the benchmark instead of hanging it."""
 FETCH_CONCURRENCY = 16
@@ -282,7 +281,7 @@ async def _conversation(
                         "runs": status.runs,
                     }
                 if n == min(READ_START_TURN, config.turns) and readers is None:
-                    readers = _Readers(sessions, session_id, redis_url, tag, config)
+                    readers = _Readers(client, queue, session_id, redis_url, config)
                     readers.start()
                 progress.advance(task)
         finally:
@@ -294,31 +293,34 @@ async def _conversation(
 
 
 class _Readers:
-    """Status readers: ``get_session`` queries and Redis snapshot GETs, side by side."""
+    """Status readers: ``get_session`` queries and reads of the session's Redis snapshot."""
 
     def __init__(
         self,
-        sessions: AgentSessions,
+        client: Client,
+        queue: str,
         session_id: str,
         redis_url: str,
-        tag: str,
         config: SessionsConfig,
     ) -> None:
-        self.sessions, self.session_id, self.config = sessions, session_id, config
-        self.redis = aioredis.Redis.from_url(redis_url)
-        self.key = f"keel:bench:session-status:{tag}"
+        self.session_id, self.config = session_id, config
+        tenant = tenant_of_session(session_id) or ""
+        self.sessions = AgentSessions(client, task_queue=queue, tenant=tenant)
+        self.store = KeelStore.from_url(redis_url)
+        # The same client, reading the snapshot the session's workflow writes as it changes.
+        self.snapshots = AgentSessions(
+            client, task_queue=queue, tenant=tenant, snapshots=SessionSnapshots(self.store.redis)
+        )
         self.query, self.snapshot = Reads(), Reads()
-        self.latest: SessionStatus | None = None
         self.size = 0
         self.tasks: list[asyncio.Task[None]] = []
         self.stopping = False
 
     def start(self) -> None:
         deadline = time.perf_counter() + self.config.read_seconds
-        self.tasks = [asyncio.create_task(self._write(deadline))]
         for _ in range(self.config.readers):
-            self.tasks.append(asyncio.create_task(self._query(deadline)))
-            self.tasks.append(asyncio.create_task(self._get(deadline)))
+            self.tasks.append(asyncio.create_task(self._read(deadline, self.query, False)))
+            self.tasks.append(asyncio.create_task(self._read(deadline, self.snapshot, True)))
 
     async def stop(self) -> tuple[Reads, Reads, int]:
         """Stop reading (when the conversation ended first) and return what was read."""
@@ -329,46 +331,27 @@ class _Readers:
         for t in stuck:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.redis.aclose()
+        tenant = tenant_of_session(self.session_id) or ""
+        latest = await SessionSnapshots(self.store.redis).get(tenant, self.session_id)
+        self.size = len((latest or "").encode())
+        await self.store.aclose()
         return self.query, self.snapshot, self.size
-
-    async def _write(self, deadline: float) -> None:
-        """Keep the snapshot as fresh as the latest query, as a writer on every change would."""
-        self.latest = await self.sessions.status(self.session_id)
-        while self.size == 0 or (not self.stopping and time.perf_counter() < deadline):
-            data = self.latest.model_dump_json()
-            await self.redis.set(self.key, data, ex=3600)
-            self.size = len(data.encode())  # after the SET: readers start once it is stored
-            await asyncio.sleep(SNAPSHOT_REFRESH_SECONDS)
 
     def _reading(self, deadline: float, reads: Reads) -> bool:
         if not reads.latencies and not reads.errors:
             return True  # the first read always happens
         return not self.stopping and time.perf_counter() < deadline
 
-    async def _query(self, deadline: float) -> None:
-        while self._reading(deadline, self.query):
+    async def _read(self, deadline: float, reads: Reads, snapshot: bool) -> None:
+        sessions = self.snapshots if snapshot else self.sessions
+        while self._reading(deadline, reads):
             started = time.perf_counter()
             try:
-                self.latest = await self.sessions.status(self.session_id)
+                await sessions.status(self.session_id)
             except Exception:  # noqa: BLE001 - counted: a failed read is a figure too
-                self.query.errors += 1
+                reads.errors += 1
             else:
-                self.query.latencies.append(time.perf_counter() - started)
-            await asyncio.sleep(READ_INTERVAL_SECONDS)
-
-    async def _get(self, deadline: float) -> None:
-        while self.size == 0:
-            await asyncio.sleep(0.01)  # the writer has not stored the first snapshot yet
-        while self.size and self._reading(deadline, self.snapshot):
-            started = time.perf_counter()
-            try:
-                raw = await self.redis.get(self.key)
-                SessionStatus.model_validate_json(raw or b"")
-            except Exception:  # noqa: BLE001 - counted: a failed read is a figure too
-                self.snapshot.errors += 1
-            else:
-                self.snapshot.latencies.append(time.perf_counter() - started)
+                reads.latencies.append(time.perf_counter() - started)
             await asyncio.sleep(READ_INTERVAL_SECONDS)
 
 

@@ -23,7 +23,7 @@ from keel.client.api import create_app
 from keel.client.api.keys import ApiKeys
 from keel.client.api.session_events import SessionCursor
 from keel.client.errors import InvalidJobRequest
-from tests.conftest import free_port, unique
+from tests.conftest import SESSION_CACHE, free_port, unique
 
 PINNED = LLMConfig(
     planner_model="sim-small",
@@ -51,7 +51,7 @@ async def keys(redis_url: str) -> AsyncIterator[ApiKeys]:
 @pytest.fixture
 async def http(client: Client, keys: ApiKeys, make_worker) -> AsyncIterator[httpx.AsyncClient]:  # type: ignore[no-untyped-def]
     """The API served by uvicorn on a free port (streams need a real server), with a worker."""
-    async with make_worker(client, llm_config=PINNED) as worker:
+    async with make_worker(client, llm_config=PINNED, max_cached_workflows=SESSION_CACHE) as worker:
         app = create_app(client, keys, task_queue=worker.task_queue)
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
