@@ -38,6 +38,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from keel.activities.snapshots import SessionSnapshots
 from keel.client._error_mapping import failure_message, rpc_error
+from keel.client._validation import validate_request
 from keel.client.errors import AgentJobError, InvalidJobRequest, JobNotFound, JobTimeout
 from keel.client.jobs import AgentJobs
 from keel.workflows import TASK_QUEUE, TASK_QUEUES
@@ -55,7 +56,7 @@ from keel.workflows.session_types import (
     TurnAccepted,
     session_id_for,
 )
-from keel.workflows.types import IDENT_RE, JobResult
+from keel.workflows.types import IDENT_RE, JobRequest, JobResult
 
 __all__ = ["AgentSessions", "SessionNotFound", "SessionRefused"]
 
@@ -165,12 +166,21 @@ class AgentSessions:
                 raise InvalidJobRequest("tenant", f"this client acts for {self.tenant} only")
             data["tenant"] = self.tenant
         try:
-            return SessionRequest.model_validate(data)
+            request = SessionRequest.model_validate(data)
         except ValidationError as err:
             first = err.errors()[0]
             raise InvalidJobRequest(
                 ".".join(str(p) for p in first["loc"]) or "request", first["msg"]
             ) from None
+        # Each turn is a job: checked as one (with a stand-in goal) now, so an unknown tool,
+        # corpus or folder is refused when the session opens, not when every turn fails.
+        turn = request.model_dump(include=set(JobRequest.model_fields) - {"budget"})
+        try:
+            job = validate_request({**turn, "budget": request.turn_budget, "goal": "(turn)"})
+        except InvalidJobRequest as err:
+            field = err.field.replace("budget", "turn_budget", 1)
+            raise InvalidJobRequest(field, err.reason) from None
+        return request.model_copy(update={"docs_dir": job.docs_dir})
 
     async def send(
         self,

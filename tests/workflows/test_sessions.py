@@ -280,3 +280,21 @@ def test_a_snapshot_key_belongs_to_the_tenant_it_names() -> None:
     ]:
         with pytest.raises(ValueError):
             snapshot_key(tenant, session)
+
+
+def test_a_session_request_is_checked_as_its_turns_will_be(tmp_path) -> None:
+    from keel.client.errors import InvalidJobRequest
+
+    sessions = AgentSessions.__new__(AgentSessions)
+    sessions.tenant = "acme"
+    with pytest.raises(InvalidJobRequest) as bad_tool:
+        sessions.request({"tools": ["calculator", "rm_rf"]})
+    assert bad_tool.value.field == "tools" and "rm_rf" in bad_tool.value.reason
+    with pytest.raises(InvalidJobRequest) as bad_dir:
+        sessions.request({"docs_dir": str(tmp_path / "missing")})
+    assert bad_dir.value.field == "docs_dir"
+    with pytest.raises(InvalidJobRequest) as bad_turn:
+        sessions.request({"turn_budget": {"max_steps": 0}})
+    assert bad_turn.value.field.startswith("turn_budget")
+    ok = sessions.request({"docs_dir": str(tmp_path)})
+    assert ok.tenant == "acme" and ok.docs_dir == str(tmp_path.resolve())
