@@ -1,4 +1,4 @@
-"""Jittered retry backoff for every activity: a worker interceptor.
+"""Jittered retry backoff for every activity, and classification of what no helper classified.
 
 Temporal's server computes an activity's next retry interval deterministically
 (``initial_interval * backoff_coefficient ** (attempt - 1)``, capped at ``maximum_interval``), so
@@ -10,24 +10,36 @@ backoff still grows), or just after the endpoint's ``Retry-After`` when the erro
 
 Not workflow code: it draws from ``random``. The attempt count, the timeouts and the retry
 policy's ``maximum_attempts`` are untouched; only when the next attempt starts changes.
+
+The same interceptor is where an exception that is neither an ``ApplicationError`` nor one of
+Temporal's own leaves the activity: ``errors.unclassified`` turns it into a typed error whose
+message holds no text of the exception's (bounded to a few attempts unless it is a connection
+failure or timeout), and the redacted traceback goes to the worker's log with the job's ID,
+never to history.
 """
 
 from __future__ import annotations
 
 import random
+import traceback
 from datetime import timedelta
 from typing import Any
 
+import structlog
 from temporalio import activity
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ApplicationError, ApplicationErrorCategory, FailureError
+from temporalio.exceptions import ApplicationError, FailureError
 from temporalio.worker import (
     ActivityInboundInterceptor,
     ExecuteActivityInput,
     Interceptor,
 )
 
+from keel.activities.errors import redact, unclassified
+
 __all__ = ["JitteredBackoff", "jittered_delay"]
+
+_log = structlog.get_logger(__name__)
 
 _SERVER_DEFAULT = RetryPolicy()
 """What the server assumes for a policy the call did not set (1 s, doubling, 100 s at most)."""
@@ -86,22 +98,38 @@ class _Inbound(ActivityInboundInterceptor):
         except ApplicationError as err:
             if err.non_retryable:
                 raise
-            raise _delayed(err, err.type, err.next_retry_delay) from err.__cause__
+            raise _delayed(err, err.next_retry_delay) from err.__cause__
         except FailureError:
             raise  # Temporal's own outcomes (a cancellation, say) pass untouched.
         except Exception as err:
-            # What the SDK would report anyway (the class name as the type), plus the delay.
-            raise _delayed(err, type(err).__name__, None) from err.__cause__
+            classified = _unclassified(err)
+            if classified.non_retryable:
+                raise classified from None
+            raise _delayed(classified, None) from None
 
 
-def _delayed(err: Exception, type_: str | None, asked: timedelta | None) -> ApplicationError:
+def _unclassified(err: Exception) -> ApplicationError:
+    """Classify ``err`` and log it in full (redacted): its text stays out of history."""
+    info = activity.info()
+    classified = unclassified(err, info.attempt)
+    # A warning while it is retried (a Redis blip logs one per attempt), an error once final.
+    (_log.error if classified.non_retryable else _log.warning)(
+        "activity.unclassified_error",
+        job_id=info.workflow_id,
+        activity=info.activity_type,
+        attempt=info.attempt,
+        error_type=classified.type,
+        error=classified.message,
+        retrying=not classified.non_retryable,
+        traceback=redact("".join(traceback.format_exception(err))),
+    )
+    return classified
+
+
+def _delayed(err: ApplicationError, asked: timedelta | None) -> ApplicationError:
     info = activity.info()
     delay = jittered_delay(info.attempt, info.retry_policy, asked)
-    if isinstance(err, ApplicationError):
-        message, details, category = err.message, err.details, err.category
-    else:
-        message, details, category = str(err), (), ApplicationErrorCategory.UNSPECIFIED
     replacement = ApplicationError(
-        message, *details, type=type_, next_retry_delay=delay, category=category
+        err.message, *err.details, type=err.type, next_retry_delay=delay, category=err.category
     )
     return replacement.with_traceback(err.__traceback__)

@@ -2,7 +2,10 @@
 
 Pydantic JSON, as in ``temporalio.contrib.pydantic``, except that model fields equal to their
 defaults are left out (``exclude_defaults``): they come back as the same defaults when the
-payload is read, and every job's history is smaller. Not workflow code; deterministic.
+payload is read, and every job's history is smaller. ``KeelCodec`` then compresses structured
+payloads and, when a key ring is configured (``activities.encryption``), encrypts every payload
+except operator text (``PlainText``: summaries and details the Temporal UI shows without a codec
+server). Not workflow code; the converter is deterministic, encryption is not (fresh nonces).
 
 Wire contract: because omitted fields are restored from the current defaults, never change the
 default of a field that running jobs may replay; add a new field instead.
@@ -10,8 +13,9 @@ default of a field that running jobs may replay; add a new field instead.
 
 from __future__ import annotations
 
+import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -20,10 +24,34 @@ from temporalio.contrib.pydantic import PydanticJSONPlainPayloadConverter
 from temporalio.converter import (
     CompositePayloadConverter,
     DataConverter,
+    DefaultFailureConverterWithEncodedAttributes,
     DefaultPayloadConverter,
     JSONPlainPayloadConverter,
     PayloadCodec,
 )
+from temporalio.exceptions import ApplicationError
+
+from keel.activities.encryption import (
+    PAYLOAD_TOO_LARGE,
+    KeyRing,
+    decrypt_payload,
+    encrypt_payload,
+    load_key_ring,
+)
+
+
+class PlainText(str):
+    """Text for operators that stays readable in history when payloads are encrypted.
+
+    Summaries and details the Temporal UI and CLI show are marked with this type; the codec
+    never encrypts them, so they read without a codec server. Wrap only text Keel builds from
+    structural facts (phase, iteration, tool name, budgets): never a goal, a message, a query
+    or anything a model wrote.
+    """
+
+
+_PLAIN_TEXT_KEY = "keel-text"
+"""Metadata entry marking a ``PlainText`` payload; its encoding stays ``json/plain``."""
 
 
 class CompactJSONConverter(PydanticJSONPlainPayloadConverter):
@@ -34,7 +62,10 @@ class CompactJSONConverter(PydanticJSONPlainPayloadConverter):
         if isinstance(value, BaseModel):
             data = value.model_dump_json(exclude_defaults=True).encode()
             return Payload(metadata={"encoding": self.encoding.encode()}, data=data)
-        return super().to_payload(value)
+        payload = super().to_payload(value)
+        if isinstance(value, PlainText) and payload is not None:
+            payload.metadata[_PLAIN_TEXT_KEY] = b"plain"
+        return payload
 
 
 _CONVERTERS = tuple(
@@ -149,24 +180,83 @@ every history written with it needs it to be read, so it never changes. A better
 gets a new encoding name (``binary/keel-z2``) beside this one."""
 
 
-class CompressionCodec(PayloadCodec):
-    """Compress structured JSON payloads with zlib and a preset dictionary.
+MAX_DECODED_BYTES = 4 * 1024 * 1024
+"""Default cap on what one compressed payload may inflate to: above Temporal's 2 MB payload
+limit, so every payload Keel writes fits, and far below what a crafted 100 KB payload inflates to
+(zlib reaches about 1000:1)."""
+MAX_DECODED_BYTES_ENV = "KEEL_PAYLOAD_MAX_BYTES"
+"""Overrides ``MAX_DECODED_BYTES`` for a process (bytes)."""
 
-    Only ``json/plain`` payloads holding a JSON object are compressed: activity and workflow
-    inputs and results. Strings stay as they are, so the summaries, details and current
-    details an operator reads in the Temporal UI and CLI need no codec server; search
-    attributes never pass through a codec. A payload is kept as it is when compression would
-    not make it smaller. Decoding passes every other encoding through, so histories written
-    before this codec, or by other SDKs, read as before.
+_WORKFLOW_METADATA = b"temporal.api.sdk.v1.WorkflowMetadata"
+"""The message type of the SDK's ``__temporal_workflow_metadata`` query result, which carries the
+current details the UI shows (``workflow.set_current_details``); a query result, never history."""
+
+
+class KeelCodec(PayloadCodec):
+    """Compress structured JSON payloads, then encrypt them when a key ring is configured.
+
+    Compression: only ``json/plain`` payloads holding a JSON object are compressed (activity and
+    workflow inputs and results), with zlib and a preset dictionary, and only when that makes
+    them smaller. Decoding inflates at most ``max_decoded_bytes`` per payload and refuses more.
+
+    Encryption (``keys`` given): every payload is then encrypted with AES-GCM under the ring's
+    current key, except operator text: ``PlainText`` summaries and details, and the current
+    details of the SDK's metadata query. Search attributes never pass through a codec, so they
+    stay readable too.
+
+    Decoding passes every encoding it does not own through, so histories written before
+    compression or encryption was turned on, or by other SDKs, read as before; an encrypted
+    payload needs its key in the ring.
     """
 
+    def __init__(
+        self, keys: KeyRing | None = None, *, max_decoded_bytes: int = MAX_DECODED_BYTES
+    ) -> None:
+        """Build the codec.
+
+        Args:
+            keys: The key ring; None leaves payloads unencrypted (and refuses encrypted ones).
+            max_decoded_bytes: The most one compressed payload may inflate to.
+        """
+        if max_decoded_bytes < 1:
+            raise ValueError("max_decoded_bytes must be positive")
+        self.keys = keys
+        self.max_decoded_bytes = max_decoded_bytes
+
     async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
-        """Compress what is worth compressing; see the class docstring."""
-        return [compress_payload(p) for p in payloads]
+        """Compress what is worth compressing, then encrypt; see the class docstring."""
+        return [self.encode_payload(p) for p in payloads]
 
     async def decode(self, payloads: Sequence[Payload]) -> list[Payload]:
-        """Restore ``binary/keel-z1`` payloads to ``json/plain``; pass the rest through."""
-        return [decompress_payload(p) for p in payloads]
+        """Decrypt and inflate Keel's encodings; pass the rest through.
+
+        Raises:
+            ApplicationError: ``PayloadKeyUnknown``, ``PayloadTampered`` or
+                ``PayloadTooLarge``, all non-retryable.
+            zlib.error: A compressed payload is corrupt or cut short.
+        """
+        return [self.decode_payload(p) for p in payloads]
+
+    def encode_payload(self, payload: Payload) -> Payload:
+        """One payload, compressed and (with keys) encrypted."""
+        payload = compress_payload(payload)
+        if self.keys is None or _operator_text(payload):
+            return payload
+        return encrypt_payload(payload, self.keys)
+
+    def decode_payload(self, payload: Payload) -> Payload:
+        """One payload, decrypted and inflated; see ``decode``."""
+        return decompress_payload(decrypt_payload(payload, self.keys), self.max_decoded_bytes)
+
+
+CompressionCodec = KeelCodec
+"""The codec's name before it could encrypt; ``KeelCodec()`` without keys only compresses."""
+
+
+def _operator_text(payload: Payload) -> bool:
+    """Whether ``payload`` is text the UI shows without a codec server (see ``PlainText``)."""
+    meta = payload.metadata
+    return meta.get(_PLAIN_TEXT_KEY) == b"plain" or meta.get("messageType") == _WORKFLOW_METADATA
 
 
 def compress_payload(payload: Payload) -> Payload:
@@ -181,16 +271,103 @@ def compress_payload(payload: Payload) -> Payload:
     return Payload(metadata={"encoding": _Z1}, data=data)
 
 
-def decompress_payload(payload: Payload) -> Payload:
-    """The ``json/plain`` payload a ``binary/keel-z1`` one was made from; others unchanged."""
+def decompress_payload(payload: Payload, max_bytes: int = MAX_DECODED_BYTES) -> Payload:
+    """The ``json/plain`` payload a ``binary/keel-z1`` one was made from; others unchanged.
+
+    Inflates in steps of at most ``max_bytes + 1`` bytes and stops there, so a crafted payload
+    (97 KB inflating to 100 MB) costs at most ``max_bytes`` of memory before it is refused.
+
+    Raises:
+        ApplicationError: ``PayloadTooLarge`` (non-retryable) past ``max_bytes``.
+        zlib.error: The data is not a complete ``binary/keel-z1`` stream.
+    """
     if payload.metadata.get("encoding") != _Z1:
         return payload
     unpacker = zlib.decompressobj(wbits=-15, zdict=_ZDICT_V1)
-    data = unpacker.decompress(payload.data) + unpacker.flush()
+    data = unpacker.decompress(payload.data, max_bytes + 1)
+    if len(data) <= max_bytes and not unpacker.unconsumed_tail:
+        # All input was consumed under the cap; what flush returns is the stream's last bytes.
+        data += unpacker.flush()
+    if len(data) > max_bytes or unpacker.unconsumed_tail:
+        raise ApplicationError(
+            f"a binary/keel-z1 payload of {len(payload.data)} bytes inflates past the "
+            f"{max_bytes}-byte limit ({MAX_DECODED_BYTES_ENV}); refused",
+            type=PAYLOAD_TOO_LARGE,
+            non_retryable=True,
+        )
+    if not unpacker.eof:
+        raise zlib.error("compressed data is cut short")
     return Payload(metadata={"encoding": _JSON}, data=data)
 
 
 DATA_CONVERTER = DataConverter(
-    payload_converter_class=KeelPayloadConverter, payload_codec=CompressionCodec()
+    payload_converter_class=KeelPayloadConverter, payload_codec=KeelCodec()
 )
-"""Pass as ``data_converter`` to ``Client.connect``, ``WorkflowEnvironment`` and ``Replayer``."""
+"""Keel's converter without encryption. Pass as ``data_converter`` to ``Client.connect``,
+``WorkflowEnvironment`` and ``Replayer``; ``converter_from_env`` adds the configured keys."""
+
+
+def keel_data_converter(
+    keys: KeyRing | None = None, *, max_decoded_bytes: int = MAX_DECODED_BYTES
+) -> DataConverter:
+    """Keel's converter with these keys and this inflation cap.
+
+    With keys, failure messages and stack traces are moved into an encoded (so encrypted)
+    attribute too (the SDK's ``DefaultFailureConverterWithEncodedAttributes``): error text can
+    quote a job's content. Error types and retryability stay readable.
+
+    Args:
+        keys: The key ring, or None for compression only.
+        max_decoded_bytes: The most one compressed payload may inflate to.
+
+    Returns:
+        ``DATA_CONVERTER`` when neither is set, else a new converter.
+    """
+    if keys is None and max_decoded_bytes == MAX_DECODED_BYTES:
+        return DATA_CONVERTER
+    failures = (
+        DefaultFailureConverterWithEncodedAttributes
+        if keys is not None
+        else DATA_CONVERTER.failure_converter_class
+    )
+    return DataConverter(
+        payload_converter_class=KeelPayloadConverter,
+        payload_codec=KeelCodec(keys, max_decoded_bytes=max_decoded_bytes),
+        failure_converter_class=failures,
+    )
+
+
+def codec_from_env(environ: Mapping[str, str] | None = None) -> KeelCodec:
+    """The codec the environment configures (keys, inflation cap); see ``converter_from_env``.
+
+    Raises:
+        ValueError: The keys or the cap are malformed (the message never holds a key).
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get(MAX_DECODED_BYTES_ENV, "").strip()
+    try:
+        cap = int(raw) if raw else MAX_DECODED_BYTES
+    except ValueError:
+        raise ValueError(f"{MAX_DECODED_BYTES_ENV} must be a number of bytes") from None
+    return KeelCodec(load_key_ring(env), max_decoded_bytes=cap)
+
+
+def converter_from_env(environ: Mapping[str, str] | None = None) -> DataConverter:
+    """Keel's converter as this process's environment configures it.
+
+    Reads ``KEEL_ENCRYPTION_KEYS`` or ``KEEL_ENCRYPTION_KEYS_FILE`` (encryption is off when
+    neither is set) and ``KEEL_PAYLOAD_MAX_BYTES``. Every Keel client and worker builds its
+    converter here (``keel.client.plugin.keel_converter``), so they agree.
+
+    Raises:
+        ValueError: The keys or the cap are malformed (the message never holds a key).
+    """
+    codec = codec_from_env(environ)
+    return keel_data_converter(codec.keys, max_decoded_bytes=codec.max_decoded_bytes)
+
+
+def is_keel_converter(converter: DataConverter) -> bool:
+    """Whether ``converter`` reads and writes Keel's payloads (any keys, any cap)."""
+    return converter.payload_converter_class is KeelPayloadConverter and isinstance(
+        converter.payload_codec, KeelCodec
+    )

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import errno
 import re
 import time
+import traceback
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
+from pathlib import PurePath
 from typing import TYPE_CHECKING
 
 from temporalio.exceptions import ApplicationError
@@ -60,14 +63,33 @@ REF_NOT_OWNED = "StoredOutputNotOwned"
 """A stored-output ref that is not one of the calling job's own blobs (issue 13): only a crafted
 input carries one, and no retry makes it the job's."""
 
+UNEXPECTED_ERROR = "UnexpectedError"
+"""An exception no helper classified (a bug, a library's surprise): retryable for the first
+UNEXPECTED_MAX_ATTEMPTS - 1 attempts, then non-retryable. History gets its class, where it was
+raised and its class's description, never its text; the worker's log has the traceback."""
+UNEXPECTED_MAX_ATTEMPTS = 3
+"""Attempts an unclassified exception may use: a bug fails the same way every time, so more
+attempts only delay the job, while a one-off surprise still gets a second and third chance."""
+DEPENDENCY_TRANSIENT = "DependencyTransient"
+"""A connection to Redis or another service failed or timed out outside the helpers that
+classify such errors (the store's writes, say): retryable as far as the activity's policy
+allows, since a short outage rides out on those retries (tests/workers/test_durability.py)."""
+
 LIMIT_WAIT_EXCEEDED = "LimitWaitExceeded"
 """A model's or tool's fleet-wide limit would hold the call past LIMIT_WAIT_SECONDS: retryable,
 with the wait the limiter named as the next retry delay."""
 JOB_SLOT_UNAVAILABLE = "JobSlotUnavailable"
 """No running-job slot of the tenant or user freed within JOB_SLOT_MAX_WAIT (non-retryable)."""
 
+CIRCUIT_OPEN = "CircuitOpen"
+"""Non-retryable: the call's circuit breaker is open (issue 16) and there is no fallback; the
+workflow moves the call to the next tier, or a tool's step to proceeding without it."""
 BUDGET_EXHAUSTED = "BudgetExhausted"
 """An LLM call could not be paid for from the dollars the job has left (non-retryable)."""
+
+# The payload codec's error types (PayloadTooLarge, PayloadKeyUnknown, PayloadTampered) are
+# defined in ``activities/encryption.py``: the codec runs on the client path, which must not
+# import this module (its helpers import ``openai``).
 
 # Raised by the workflow itself.
 BAD_MODEL_OUTPUT = "BadModelOutput"
@@ -83,6 +105,7 @@ _MIN_SECRET_CHARS = 8
 _KEY_SHAPED = re.compile(
     r"\b(?:sk|rk|pk)-[A-Za-z0-9_*-]{6,}"  # OpenAI-style keys, whole or masked as in a 401
     r"|\b[Bb]earer\s+[A-Za-z0-9._~+/=-]{6,}"  # an echoed Authorization header
+    r"|(?<=://)[^\s/@]+(?=@)"  # a URL's user and password (redis://:pass@host)
 )
 
 
@@ -236,3 +259,83 @@ def classifying_openai_errors(secrets: Iterable[str] = ()) -> Iterator[None]:
         yield
     except openai.OpenAIError as err:
         raise from_openai(err, secrets) from None
+
+
+def unclassified(err: Exception, attempt: int) -> ApplicationError:
+    """Classify an exception that reached the worker's edge without a classifying helper.
+
+    Connection failures and timeouts (Redis, HTTP, sockets) are ``DEPENDENCY_TRANSIENT`` and
+    retryable within the activity's policy; anything else is ``UNEXPECTED_ERROR``, retryable
+    until attempt UNEXPECTED_MAX_ATTEMPTS and non-retryable from then on. The message never
+    carries the exception's text, which may hold anything the failing code had in hand (a key
+    it looked up, a URL with a password); it names the class, where it was raised and what the
+    class's own docstring says it means, all of them code, not data.
+
+    Args:
+        err: What the activity raised; neither an ``ApplicationError`` nor Temporal's own.
+        attempt: The activity's attempt that raised it (1 for the first).
+
+    Returns:
+        The ApplicationError to raise in its place (with no cause: the cause's text would
+        reach history too).
+    """
+    if _is_dependency_failure(err):
+        return ApplicationError(describe(err), type=DEPENDENCY_TRANSIENT)
+    return ApplicationError(
+        describe(err),
+        type=UNEXPECTED_ERROR,
+        non_retryable=attempt >= UNEXPECTED_MAX_ATTEMPTS,
+    )
+
+
+def describe(err: BaseException) -> str:
+    """A secret-free one-line description of an exception, without its text.
+
+    Args:
+        err: The exception.
+
+    Returns:
+        For example ``KeyError raised at tools/notes.py:31 in __call__: Mapping key not found.``
+    """
+    cls = type(err)
+    name = cls.__qualname__
+    if cls.__module__ != "builtins":
+        name = f"{cls.__module__}.{name}"
+    if isinstance(err, OSError) and isinstance(err.errno, int) and err.errno in errno.errorcode:
+        name = f"{name} [{errno.errorcode[err.errno]}]"
+    text = f"{name} raised at {_raised_at(err)}"
+    # The nearest docstring of the class or a base more specific than Exception says what the
+    # class means ("Mapping key not found."); Exception's own says nothing about the failure.
+    generic = (Exception, BaseException, object)
+    doc = next((c.__doc__ for c in cls.__mro__ if c not in generic and c.__doc__), None)
+    if doc and doc.strip():
+        text = f"{text}: {doc.strip().splitlines()[0][:120]}"
+    return redact(text)[:300]
+
+
+def _raised_at(err: BaseException) -> str:
+    """``folder/file.py:line in function`` of the frame that raised ``err``, or ``unknown``."""
+    last = None
+    for frame, line in traceback.walk_tb(err.__traceback__):
+        last = (frame.f_code.co_filename, line, frame.f_code.co_name)
+    if last is None:
+        return "unknown"
+    path, line, function = last
+    # The last two parts of the path say which module it was without the install location.
+    return f"{'/'.join(PurePath(path).parts[-2:])}:{line} in {function}"
+
+
+def _is_dependency_failure(err: Exception) -> bool:
+    """True for a connection failure or timeout of Redis, HTTP or a socket."""
+    # Deferred like ``openai``: the client imports this module, and only workers classify.
+    import httpx
+    import redis.exceptions
+
+    transient = (
+        ConnectionError,
+        TimeoutError,
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+        httpx.TransportError,
+    )
+    return isinstance(err, transient)

@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import structlog
 from opentelemetry import trace
@@ -33,6 +35,7 @@ from temporalio.exceptions import ApplicationError
 from keel.activities import costing, errors
 from keel.activities._heartbeat import heartbeating
 from keel.activities.answer_tokens import AnswerTokens, DraftTokens
+from keel.activities.breakers import Admission, Breakers, BreakerSettings, CircuitOpen, outcome_of
 from keel.activities.cache import CacheKind, KeelCache, Normalization, normalize_text
 from keel.activities.catalog import json_schema
 from keel.activities.errors import BUDGET_EXHAUSTED, classifying_openai_errors
@@ -62,6 +65,7 @@ from keel.activities.types import (
     Verdict,
     VerifyInput,
     VerifyResult,
+    unique_step_ids,
 )
 from keel.activities.usage import UsageLedger
 
@@ -215,6 +219,8 @@ class LLMActivities:
         tokens: AnswerTokens | None = None,
         limits: GatewayLimits | None = None,
         cache: KeelCache | None = None,
+        breakers: Breakers | None = None,
+        fallback: Fallback | None = None,
     ) -> None:
         self._client = client
         self._config = config
@@ -227,6 +233,11 @@ class LLMActivities:
         """The model gateway's fleet-wide limits (issue 13); None: calls are not limited."""
         self._cache = cache
         """The response cache (issue 14); None: every call goes to the model."""
+        self._breakers = breakers or Breakers(None, BreakerSettings(enabled=False))
+        """The fleet's circuit breakers (issue 16); by default none trips."""
+        self._fallback = fallback
+        """Where a call goes when its model's breaker is open; None: it fails fast."""
+        self._endpoint = endpoint_name(str(client.base_url))
 
     @activity.defn(name="route_job")
     async def route_job(self, inp: RouteInput) -> RouteResult:
@@ -257,6 +268,9 @@ class LLMActivities:
         }
         reply = await self._complete(inp, "planner", context, "keel_plan", Plan)
         plan, reason = _parse(Plan, reply.text, reply.reason)
+        if plan is not None:
+            # A step's id is part of its write's op_key: steps sharing one would share a write.
+            plan.steps = unique_step_ids(plan.steps)
         return PlanResult(plan=plan, invalid_reason=reason, **reply.fields())
 
     @activity.defn(name="draft_answer")
@@ -420,22 +434,42 @@ class LLMActivities:
                 if draft is not None:
                     draft.feed(_answer_text(hit.text))
                 return hit.model_copy(update={"tier": tier})
+            # The model's breaker (issue 16): open, the call goes to the fallback or fails
+            # fast, non-retryable, without spending the job's retries on a dead endpoint.
+            route = await self._route(model, tier)
+            if route.degraded is not None:
+                model = route.model
+                body = body | {"model": model}
+                body["max_tokens"] = self._affordable(inp, model, prompt_tokens, charges.spent_usd)
+                key = None  # another model's reply is never stored as this one's
             with _tracer.start_as_current_span(f"chat {model}") as span:
                 # OpenTelemetry GenAI semantic conventions; a no-op without a tracer provider.
                 span.set_attributes(_genai_request(body))
                 # The fleet's limits for this model: in-flight calls, requests and tokens per
                 # minute (activities/limits.py); waiting for them heartbeats and never raises.
                 price = self._config.price(model)
-                async with self._limits.model(model, body) as gate:
-                    # From here the attempt may be billed in full even if it fails: its worst
-                    # case is recorded for the next attempt (``costing.AttemptCharges``).
-                    charges.sending(costing.worst_case(price, prompt_tokens, body["max_tokens"]))
-                    response = await (
-                        self._post(body, charges)
-                        if draft is None
-                        else self._stream(body, draft, charges)
+                outcome: BaseException | None = None
+                try:
+                    async with self._limits.model(model, body) as gate:
+                        # From here the attempt may be billed in full even if it fails: its
+                        # worst case is recorded for the next attempt (``AttemptCharges``).
+                        charges.sending(
+                            costing.worst_case(price, prompt_tokens, body["max_tokens"])
+                        )
+                        response = await (
+                            self._post(body, charges, route.client)
+                            if draft is None
+                            else self._stream(body, draft, charges, route.client)
+                        )
+                        gate.settle(response.usage)
+                except BaseException as failure:
+                    outcome = failure
+                    raise
+                finally:
+                    sent = outcome is None or isinstance(outcome, ApplicationError)
+                    await self._breakers.record(
+                        route.admission, outcome_of(outcome) if sent else "none"
                     )
-                    gate.settle(response.usage)
                 usage = _charged(price, response.usage, prompt_tokens, body["max_tokens"])
                 # Earlier attempts that sent their request and failed are charged here, at
                 # their worst case, so retries never spend past max_cost_usd unseen.
@@ -463,7 +497,33 @@ class LLMActivities:
             tier=tier,
             model=model,
             cached=False if key is not None else None,
+            degraded=route.degraded,
         )
+
+    async def _route(self, model: str, tier: str) -> _Route:
+        """Where the call goes: ``model`` at the endpoint, or its fallback if its breaker is open.
+
+        Raises:
+            ApplicationError: ``CIRCUIT_OPEN`` (non-retryable) when the model's breaker is open
+                and there is no fallback, or the fallback's is open too.
+        """
+        primary = f"llm:{self._endpoint}:{model}"
+        try:
+            return _Route(self._client, model, await self._breakers.admit(primary))
+        except CircuitOpen as open_:
+            fallback = self._fallback
+            if fallback is None:
+                raise _circuit_open(open_, tier) from None
+            substitute = fallback.models.get(model, model)
+            try:
+                admission = await self._breakers.admit(f"llm:{fallback.endpoint}:{substitute}")
+            except CircuitOpen:
+                raise _circuit_open(open_, tier) from None
+            reason = f"model {model} at {self._endpoint}: circuit open; served by {substitute}"
+            if fallback.endpoint != self._endpoint:
+                reason += f" at {fallback.endpoint}"
+            log.warning("llm.fallback", breaker=primary, fallback=substitute)
+            return _Route(fallback.client, substitute, admission, reason)
 
     def _cache_key(
         self,
@@ -529,7 +589,10 @@ class LLMActivities:
             await self._cache.put(CacheKind.RESPONSE, key, entry)
 
     async def _post(
-        self, body: dict[str, Any], charges: costing.AttemptCharges | None = None
+        self,
+        body: dict[str, Any],
+        charges: costing.AttemptCharges | None = None,
+        client: openai.AsyncOpenAI | None = None,
     ) -> _Completion:
         """Send one chat completion request and parse the reply, heartbeating while it runs.
 
@@ -537,15 +600,16 @@ class LLMActivities:
             ApplicationError: The vendor error, classified by ``errors.from_openai`` (retryable
                 or not), or a retryable ``LLM_TRANSIENT`` when the body is not a chat completion.
         """
+        client = client or self._client
         try:
             async with heartbeating():
-                with classifying_openai_errors(secrets=(self._client.api_key,)):
+                with classifying_openai_errors(secrets=(client.api_key,)):
                     # The client's own POST (same auth, base URL, timeout, vendor retries off
                     # and error types as ``chat.completions.create``) without the typed
                     # method's walk of every parameter against its TypedDicts, which is about a
                     # third of this activity's CPU; the body is plain JSON already.
                     with _unbilled_on_refusal(charges):
-                        raw = await self._client.post(
+                        raw = await client.post(
                             "/chat/completions",
                             body=body,
                             cast_to=str,
@@ -567,6 +631,7 @@ class LLMActivities:
         body: dict[str, Any],
         draft: DraftTokens,
         charges: costing.AttemptCharges | None = None,
+        client: openai.AsyncOpenAI | None = None,
     ) -> _Completion:
         """Stream one chat completion, feeding the answer's new text to ``draft`` as it comes.
 
@@ -581,6 +646,7 @@ class LLMActivities:
         """
         import openai  # Deferred: only the worker, which built the client, streams.
 
+        client = client or self._client
         body = body | {"stream": True, "stream_options": {"include_usage": True}}
         timeout = self._config.request_timeout_seconds
         try:
@@ -588,9 +654,9 @@ class LLMActivities:
             # endpoint that trickles tokens still ends in a classified timeout well before
             # LLM_CALL's start-to-close timeout kills the attempt.
             async with heartbeating(), asyncio.timeout(timeout):
-                with classifying_openai_errors(secrets=(self._client.api_key,)):
+                with classifying_openai_errors(secrets=(client.api_key,)):
                     with _unbilled_on_refusal(charges):
-                        stream = await self._client.post(
+                        stream = await client.post(
                             "/chat/completions",
                             body=body,
                             cast_to=object,
@@ -672,16 +738,57 @@ class _Reply(BaseModel):
     model: str | None = None
     cached: bool | None = None
     saved: Usage | None = None
+    degraded: str | None = None
 
     def fields(self) -> dict[str, Any]:
         """The ``LLMCallResult`` fields of an activity's result."""
-        return {
+        fields: dict[str, Any] = {
             "usage": self.usage,
             "tier": self.tier,
             "model": self.model,
             "cached": self.cached,
             "saved": self.saved,
         }
+        if self.degraded is not None:
+            fields["degraded"] = self.degraded
+        return fields
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """Where calls go while a model's breaker is open: another endpoint, or other models.
+
+    ``models`` maps a model to its stand-in (a model of the same tier); a model not in it is
+    asked for by the same name, which suits a second endpoint serving the same models.
+    """
+
+    client: openai.AsyncOpenAI
+    models: dict[str, str]
+    endpoint: str
+
+
+@dataclass(frozen=True)
+class _Route:
+    client: openai.AsyncOpenAI
+    model: str
+    admission: Admission
+    degraded: str | None = None
+
+
+def endpoint_name(base_url: str) -> str:
+    """An endpoint's name in breaker names and reasons: its host and port, no credentials."""
+    parts = urlsplit(base_url)
+    return parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else "?"
+
+
+def _circuit_open(open_: CircuitOpen, tier: str) -> ApplicationError:
+    """The call's failure: non-retryable, naming the breaker and the tier it was on.
+
+    The workflow moves the call to the tier above (``workflows/_calling.py``).
+    """
+    return ApplicationError(
+        str(open_), open_.name, tier, type=errors.CIRCUIT_OPEN, non_retryable=True
+    )
 
 
 class _Summary(BaseModel):

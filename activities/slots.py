@@ -68,8 +68,11 @@ POLL_SECONDS = 0.5
 
 Policy = Literal["wait", "refuse"]
 
-# KEYS: none (every key is built from ARGV[1], the tenant's prefix, so the script can reach the
-# user keys of the waiters it walks; they share the tenant's hash tag). ARGV: prefix, job ID,
+# KEYS[1]: the tenant's running set, declared so that a Redis Cluster client sends the script to
+# the node of the tenant's hash slot. The other keys are built from ARGV[1], the tenant's
+# prefix, because the script reaches the user keys of the waiters it walks; every one carries
+# the tenant's hash tag, so they are all in KEYS[1]'s slot, which Redis Cluster requires of
+# keys a script does not declare (issue 16). ARGV: prefix, job ID,
 # user, tenant limit, user limit (0: none), lease (ms), waiter TTL (ms), '1' to take a place in
 # line. Returns {1 granted | 0, the full limit ('tenant', 'user' or ''), jobs ahead}.
 _ACQUIRE_SLOT = """
@@ -147,7 +150,8 @@ hold()
 return {1, '', ahead}
 """
 
-# ARGV: prefix, job ID, user. Leaves every set of the tenant (idempotent).
+# KEYS[1]: the tenant's running set (for routing, as above). ARGV: prefix, job ID, user. Leaves
+# every set of the tenant (idempotent).
 _RELEASE_SLOT = """
 local P, job = ARGV[1], ARGV[2]
 redis.call('ZREM', P..':running', job)
@@ -210,6 +214,11 @@ def _prefix(tenant: str) -> str:
     return f"keel:slots:{{{tenant}}}"
 
 
+def _routing_keys(prefix: str) -> list[str]:
+    """The key the slot scripts declare: the tenant's running set (see ``_ACQUIRE_SLOT``)."""
+    return [f"{prefix}:running"]
+
+
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -269,7 +278,8 @@ class JobSlots:
             math.ceil(WAITER_TTL_SECONDS * 1000),
             "1" if enqueue else "0",
         ]
-        reply = await self._degrade.run(lambda: self._acquire(keys=[], args=args), None)
+        keys = _routing_keys(_prefix(tenant))
+        reply = await self._degrade.run(lambda: self._acquire(keys=keys, args=args), None)
         if reply is None:
             return SlotVerdict(granted=True, degraded=True)
         granted, blocked, ahead = int(reply[0]), _text(reply[1]), int(reply[2])
@@ -302,7 +312,8 @@ class JobSlots:
         """Give the job's slot back, or leave the line (idempotent; a no-op when Redis is down)."""
         if self.redis is not None:
             args: list[str | int] = [_prefix(tenant), job_id, user]
-            await self._degrade.run(lambda: self._release(keys=[], args=args), None)
+            keys = _routing_keys(_prefix(tenant))
+            await self._degrade.run(lambda: self._release(keys=keys, args=args), None)
 
     async def reserve_for_submit(self, job_id: str, tenant: str, user: str) -> SlotVerdict | None:
         """Under the ``refuse`` policy, reserve a slot for a job being submitted.

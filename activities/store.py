@@ -1,14 +1,25 @@
 """Keel's Redis store: blobs, idempotency records and notes. The one place Keel reaches Redis.
 
-Every key starts with ``keel:`` and is scoped by tenant:
+Every key starts with ``keel:`` and is scoped by tenant. Keys that one command or script uses
+together carry the tenant as a Redis Cluster hash tag, in braces, so they share a hash slot
+(issue 16); ``acme``'s blob is ``keel:blob:{acme}:...``:
 
 - ``keel:blob:{tenant}:{suffix}``: full outputs too large for workflow history (7-day TTL);
   workflows carry the key as a ``ref`` instead of the text. The gateway's suffix is the call's
-  op_key, ``{job ID}:{iteration}:{step id}``, and a blob is read only by the job it names.
-- ``keel:idem:{tenant}:{op_key}``: the recorded ``ToolResult`` of a side-effecting tool call
-  (30-day TTL), so a retried or rescheduled call replays the result instead of the effect.
+  op_key, ``{job ID}:{iteration}:{step id}``, and a blob is read only by the job it names. A
+  job's blobs are read together (MGET), hence the tag.
+- ``keel:idem:TENANT:{op_key}`` (no tag: every command on it is single-key, and keeping its
+  pre-issue-16 name means no record is lost across an upgrade): the recorded ``ToolResult`` of a
+  side-effecting tool call (30-day TTL), so a retried or rescheduled call replays the result
+  instead of the effect.
 - ``keel:note:{tenant}:{op_key}`` (hash) and ``keel:notes:{tenant}`` (list of op_keys in write
-  order): the effect of ``write_note``, created atomically at most once per op_key.
+  order): the effect of ``write_note``, created atomically (one script) at most once per op_key.
+
+Names from before the tags (``keel:blob:TENANT:...``, ``keel:note:TENANT:...``,
+``keel:notes:TENANT``) are still read: refs to old blobs travel in running jobs' state, and notes
+never expire, so an old note must still count as written and still be listed. Only a
+single-server Redis can hold them (their scripts would cross slots on a cluster), so on
+``RedisCluster`` the store does not look for them.
 
 Session status snapshots (``keel:session:...``) are ``activities/snapshots.py``'s.
 
@@ -20,13 +31,14 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from keel.activities.errors import REF_NOT_OWNED
 from keel.activities.types import BLOB_REF_PREFIX, ToolResult, ref_belongs_to
 
-__all__ = ["KEY_PREFIX", "KeelStore"]
+__all__ = ["KEY_PREFIX", "KeelStore", "blob_ref", "note_keys", "notes_list_key"]
 
 KEY_PREFIX = "keel:"
 """Prefix of every key Keel writes."""
@@ -36,10 +48,16 @@ _BLOB_TTL = 7 * 86400
 _RECORD_TTL = 30 * 86400
 
 # Creating the note and appending it to the tenant's list happen in one script, so a crash
-# between the two can never leave a note that list_notes misses, or list it twice.
+# between the two can never leave a note that list_notes misses, or list it twice. KEYS: the
+# note, the tenant's list, and on a single server the note's pre-issue-16 name, which counts as
+# written too (a retry after an upgrade must not write the note a second time). Returns 1 when
+# written, 0 when the note exists, 2 when it exists under its old name.
 _WRITE_NOTE_ONCE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
+end
+if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then
+  return 2
 end
 redis.call('HSET', KEYS[1], 'title', ARGV[1], 'body', ARGV[2], 'job_id', ARGV[3], 'op_key', ARGV[4])
 redis.call('RPUSH', KEYS[2], ARGV[4])
@@ -59,10 +77,47 @@ def _calling_job() -> str | None:
 
 def _check_tenant(tenant: str) -> str:
     # Tenants are identifiers (workflows/types.py); a ':' would let one tenant's keys collide
-    # with another's, so refuse it here rather than trust every caller.
-    if not tenant or ":" in tenant:
+    # with another's, and a brace would move its hash tag, so refuse them here rather than
+    # trust every caller.
+    if not tenant or any(c in tenant for c in ":{}"):
         raise ValueError(f"invalid tenant {tenant!r}")
     return tenant
+
+
+def blob_ref(tenant: str, key_suffix: str) -> str:
+    """The ref (Redis key) of ``tenant``'s blob ``key_suffix``: ``keel:blob:{tenant}:...``.
+
+    Raises:
+        ValueError: If ``tenant`` is not an identifier.
+    """
+    return f"{_BLOB_PREFIX}{{{_check_tenant(tenant)}}}:{key_suffix}"
+
+
+def notes_list_key(tenant: str) -> str:
+    """The list of ``tenant``'s notes' op_keys in write order: ``keel:notes:{tenant}``.
+
+    Raises:
+        ValueError: If ``tenant`` is not an identifier.
+    """
+    return f"{KEY_PREFIX}notes:{{{_check_tenant(tenant)}}}"
+
+
+def note_keys(tenant: str, op_key: str) -> tuple[str, str]:
+    """The note written for ``op_key`` and the tenant's list of notes (one hash slot).
+
+    Raises:
+        ValueError: If ``tenant`` is not an identifier.
+    """
+    return f"{KEY_PREFIX}note:{{{_check_tenant(tenant)}}}:{op_key}", notes_list_key(tenant)
+
+
+def _legacy_note_keys(tenant: str, op_key: str) -> tuple[str, str]:
+    """The names ``note_keys`` had before hash tags (issue 16), still read on a single server."""
+    return f"{KEY_PREFIX}note:{tenant}:{op_key}", f"{KEY_PREFIX}notes:{tenant}"
+
+
+def _one_slot(keys: list[str]) -> bool:
+    return len({key_slot(key.encode("utf-8")) for key in keys}) <= 1
 
 
 class KeelStore:
@@ -74,6 +129,9 @@ class KeelStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
         self._write_note_once = client.register_script(_WRITE_NOTE_ONCE)
+        # A cluster cannot hold names from before the hash tags (see the module docstring);
+        # elsewhere the store reads them beside the current ones.
+        self._legacy_names = not isinstance(client, aioredis.RedisCluster)
 
     @classmethod
     def from_url(cls, url: str, *, timeout_seconds: float = 5.0) -> KeelStore:
@@ -127,9 +185,9 @@ class KeelStore:
             ttl_seconds: How long Redis keeps the blob.
 
         Returns:
-            The ref: the full Redis key, ``keel:blob:{tenant}:{key_suffix}``.
+            The ref: the full Redis key, ``blob_ref(tenant, key_suffix)``.
         """
-        ref = f"{_BLOB_PREFIX}{_check_tenant(tenant)}:{key_suffix}"
+        ref = blob_ref(tenant, key_suffix)
         await self._redis.set(ref, data, ex=ttl_seconds)
         return ref
 
@@ -170,13 +228,16 @@ class KeelStore:
         globbing = any(c in job_prefix for c in "*?[]\\")
         if not job_prefix.startswith(f"agent-job-{tenant}:") or globbing:
             raise ValueError(f"not a job prefix of tenant {tenant}: {job_prefix!r}")
-        pattern = f"{_BLOB_PREFIX}{tenant}:{job_prefix}*"
+        patterns = [blob_ref(tenant, f"{job_prefix}*")]
+        if self._legacy_names:
+            patterns.append(f"{_BLOB_PREFIX}{tenant}:{job_prefix}*")
         expired = 0
-        async for key in self._redis.scan_iter(match=pattern, count=500):
-            if ttl_seconds > 0:
-                expired += int(await self._redis.expire(key, ttl_seconds))
-            else:
-                expired += int(await self._redis.delete(key))
+        for pattern in patterns:
+            async for key in self._redis.scan_iter(match=pattern, count=500):
+                if ttl_seconds > 0:
+                    expired += int(await self._redis.expire(key, ttl_seconds))
+                else:
+                    expired += int(await self._redis.delete(key))
         return expired
 
     async def get_blobs(
@@ -210,7 +271,15 @@ class KeelStore:
                 )
         if not refs:
             return []
-        values = await self._redis.mget(refs)
+        if _one_slot(refs):
+            values = await self._redis.mget(refs)
+        else:
+            # Refs written before hash tags (issue 16) may still travel in a running job's
+            # state; each hashes to its own slot, so they are read one GET each, pipelined.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for ref in refs:
+                    pipe.get(ref)
+                values = await pipe.execute()
         return [None if value is None else _text(value) for value in values]
 
     async def get_record(self, tenant: str, op_key: str) -> ToolResult | None:
@@ -256,14 +325,16 @@ class KeelStore:
             job_id: Job that wrote the note.
 
         Returns:
-            ``(note_key, created)``; ``created`` is False when the note already existed.
+            ``(note_key, created)``; ``created`` is False when the note already existed (then
+            ``note_key`` is the key it exists under, its pre-issue-16 one for an older note).
         """
-        note_key = f"{KEY_PREFIX}note:{_check_tenant(tenant)}:{op_key}"
-        list_key = f"{KEY_PREFIX}notes:{tenant}"
-        created = await self._write_note_once(
-            keys=[note_key, list_key], args=[title, body, job_id, op_key]
-        )
-        return note_key, bool(int(created))
+        note_key, list_key = note_keys(tenant, op_key)
+        keys = [note_key, list_key]
+        if self._legacy_names:
+            legacy_note, _ = _legacy_note_keys(tenant, op_key)
+            keys.append(legacy_note)
+        created = int(await self._write_note_once(keys=keys, args=[title, body, job_id, op_key]))
+        return (keys[2] if created == 2 else note_key), created == 1
 
     async def list_notes(self, tenant: str) -> list[dict[str, str]]:
         """The tenant's notes in write order.
@@ -272,15 +343,20 @@ class KeelStore:
             tenant: Owner of the notes.
 
         Returns:
-            One dict per note with ``key``, ``title``, ``body``, ``job_id`` and ``op_key``.
+            One dict per note with ``key``, ``title``, ``body``, ``job_id`` and ``op_key``;
+            notes written before hash tags (issue 16) first, under their old keys.
         """
-        op_keys = [
-            _text(k)
-            for k in await self._redis.lrange(f"{KEY_PREFIX}notes:{_check_tenant(tenant)}", 0, -1)
-        ]
-        if not op_keys:
+        _check_tenant(tenant)
+        naming = [note_keys]
+        if self._legacy_names:
+            naming.insert(0, _legacy_note_keys)
+        keys: list[str] = []
+        for name in naming:
+            list_key = name(tenant, "")[1]
+            for op_key in await self._redis.lrange(list_key, 0, -1):
+                keys.append(name(tenant, _text(op_key))[0])
+        if not keys:
             return []
-        keys = [f"{KEY_PREFIX}note:{tenant}:{op_key}" for op_key in op_keys]
         async with self._redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.hgetall(key)

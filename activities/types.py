@@ -46,7 +46,8 @@ NO_HITS = "no matching documents"
 
 BLOB_REF_PREFIX = "keel:blob:"
 """Start of every stored-output ref. The tool gateway stores a job's large outputs under
-``keel:blob:{tenant}:{job ID}:{iteration}:{step id}`` (``activities/store.py``)."""
+``keel:blob:{tenant}:{job ID}:{iteration}:{step id}``, the tenant in braces (a Redis Cluster
+hash tag, issue 16); refs written before the tags have it bare (``activities/store.py``)."""
 
 _STEP_IN_JOB = re.compile(r"[0-9]+:.+", re.DOTALL)
 """What follows the job ID in a ref the gateway wrote: ``{iteration}:{step id}``."""
@@ -65,12 +66,19 @@ def ref_belongs_to(ref: str, job_id: str, tenant: str | None = None) -> bool:
         tenant: The job's tenant, when the caller knows it; None checks the job only.
 
     Returns:
-        True when ``ref`` is ``keel:blob:{tenant}:{job_id}:{iteration}:{step id}``.
+        True when ``ref`` is ``keel:blob:{tenant}:{job_id}:{iteration}:{step id}``, with the
+        tenant in braces or, as refs written before issue 16 have it, bare.
     """
     if not job_id or not ref.startswith(BLOB_REF_PREFIX):
         return False
-    ref_tenant, sep, rest = ref[len(BLOB_REF_PREFIX) :].partition(":")
-    if not sep or not ref_tenant or (tenant is not None and ref_tenant != tenant):
+    named = ref[len(BLOB_REF_PREFIX) :]
+    if named.startswith("{"):
+        ref_tenant, brace, rest = named[1:].partition("}")
+        sep = brace and rest[:1]
+        rest = rest[1:]
+    else:
+        ref_tenant, sep, rest = named.partition(":")
+    if sep != ":" or not ref_tenant or (tenant is not None and ref_tenant != tenant):
         return False
     prefix = f"{job_id}:"
     return rest.startswith(prefix) and _STEP_IN_JOB.fullmatch(rest[len(prefix) :]) is not None
@@ -164,12 +172,18 @@ class Clarification(BaseModel):
     """True when nobody answered in time and the planner's default assumption was used."""
 
 
+STEP_ID_MAX_CHARS = 64
+"""Longest step id a plan may use."""
+STEP_ID_COPY = "~"
+"""Joins a repeated step id and its copy number (``s1``, ``s1~2``): see ``unique_step_ids``."""
+
+
 class PlanStep(BaseModel):
     """One action in a plan: a tool call or a retrieval over the job's documents."""
 
     model_config = ConfigDict(extra="ignore")
 
-    id: str = Field(min_length=1, max_length=64)
+    id: str = Field(min_length=1, max_length=STEP_ID_MAX_CHARS)
     kind: Literal["tool", "retrieve"]
     tool: str | None = None
     """Tool name when ``kind == "tool"``."""
@@ -209,6 +223,58 @@ class Plan(BaseModel):
             if step.kind == "retrieve" and not step.query:
                 raise ValueError(f"step {step.id!r} is a retrieve step without a query")
         return self
+
+
+def unique_step_ids(steps: Sequence[PlanStep]) -> list[PlanStep]:
+    """``steps`` with every repeated id renumbered, so each step has an id of its own.
+
+    A step's id is part of its write's op_key (``iteration:id``), so two steps sharing one id
+    would share one key: the second write would be reported "already written" and the second
+    stored output would overwrite the first. The first step of an id keeps it; later ones get
+    ``id~2``, ``id~3`` ... (cut to fit the 64-character limit, skipping ids the plan already
+    uses). A dependency on a repeated id waits for every step that had it, except the step
+    itself. Pure and deterministic: the workflow applies it too, to plans already in history.
+
+    Args:
+        steps: A plan's steps, in order.
+
+    Returns:
+        The steps, copied where an id or a dependency changed; ``steps`` itself is unchanged.
+    """
+    taken = {step.id for step in steps}
+    seen: set[str] = set()
+    ids: list[str] = []
+    copies: dict[str, list[str]] = {}
+    for step in steps:
+        new_id = step.id
+        if step.id in seen:
+            number = 2
+            while (new_id := _numbered(step.id, number)) in taken:
+                number += 1
+            taken.add(new_id)
+        seen.add(step.id)
+        ids.append(new_id)
+        copies.setdefault(step.id, []).append(new_id)
+    repeated = {old: new for old, new in copies.items() if len(new) > 1}
+    if not repeated:
+        return list(steps)
+    result: list[PlanStep] = []
+    for step, new_id in zip(steps, ids, strict=True):
+        depends_on: list[str] = []
+        for dep in step.depends_on:
+            for target in repeated.get(dep, [dep]):
+                if target != new_id and target not in depends_on:
+                    depends_on.append(target)
+        if new_id == step.id and depends_on == step.depends_on:
+            result.append(step)
+        else:
+            result.append(step.model_copy(update={"id": new_id, "depends_on": depends_on}))
+    return result
+
+
+def _numbered(step_id: str, number: int) -> str:
+    suffix = f"{STEP_ID_COPY}{number}"
+    return step_id[: STEP_ID_MAX_CHARS - len(suffix)] + suffix
 
 
 class Verdict(BaseModel):
@@ -267,6 +333,8 @@ class LLMCallResult(BaseModel):
     None: the cache was not consulted (off, or the job opted out)."""
     saved: Usage | None = None
     """On a hit: what the call cost when it was first made, at today's price."""
+    degraded: str | None = None
+    """Why the call was served by a fallback (its model's circuit breaker was open, issue 16)."""
 
 
 class PlanInput(LLMCallBase):

@@ -64,6 +64,10 @@ class QuotaExceeded(Exception):
 
 
 def _keys(tenant: str, day: date) -> tuple[str, str, str]:
+    # The tenant is the keys' hash tag (one slot per tenant, which each script needs); a ':' or
+    # a brace in it could make one tenant's keys another's, so it is refused.
+    if not tenant or any(c in tenant for c in ":{}"):
+        raise ValueError(f"invalid tenant {tenant!r}")
     base = f"keel:usage:{{{tenant}}}:{day.isoformat()}"
     return base, base + ":calls", base + ":jobs"
 
@@ -111,12 +115,18 @@ class UsageLedger:
             raise QuotaExceeded("usd_per_day", usd_per_day)
 
     async def days(self, tenant: str, count: int = 7) -> list[DayUsage]:
-        """The tenant's last ``count`` UTC days, today first."""
+        """The tenant's last ``count`` UTC days, today first (none used for a non-tenant)."""
         first = today()
         found = []
         for back in range(count):
             day = first - timedelta(days=back)
-            raw = await self._redis.hgetall(_keys(tenant, day)[0])
+            try:
+                key = _keys(tenant, day)[0]
+            except ValueError:
+                # Not a tenant (an operator's typo): nothing can have been charged to it.
+                found.append(DayUsage(day=day))
+                continue
+            raw = await self._redis.hgetall(key)
             fields = {
                 (k.decode() if isinstance(k, bytes) else k): (
                     v.decode() if isinstance(v, bytes) else v

@@ -1,26 +1,22 @@
 """A job's execution as the Temporal server alone describes it: running, or closed and how.
 
 Owns the ``describe`` calls the façade makes when a worker cannot answer (a closed run no longer
-serves queries) or must not be waited on (``result`` with a timeout), and reading a closed
-execution's status and ``KeelOutcome`` back into a final ``JobState``.
+serves queries), and reading a closed execution's status and ``KeelOutcome`` back into a final
+``JobState``. Waiting for a job to close is not here: it is the server's history long poll
+(``client._long_poll``), which costs the server far less than a ``describe`` loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 
 from keel.client._listing import job_state
-from keel.client.errors import JobTimeout
 from keel.workflows.search_attributes import KEEL_OUTCOME
 from keel.workflows.types import TERMINAL_STATES, JobState
 
-__all__ = ["RESULT_POLL_SECONDS", "closed_state", "describe_closed_state", "wait_closed"]
-
-RESULT_POLL_SECONDS = 0.5
-"""How often ``wait_closed`` checks whether the job has closed."""
+__all__ = ["closed_state", "describe_closed_state"]
 
 _EXECUTION_STATE: dict[WorkflowExecutionStatus, JobState] = {
     WorkflowExecutionStatus.FAILED: "failed",
@@ -65,32 +61,3 @@ async def describe_closed_state(handle: WorkflowHandle[Any, Any]) -> JobState | 
     """
     desc = await handle.describe()
     return closed_state(desc.status, desc.typed_search_attributes.get(KEEL_OUTCOME))
-
-
-async def wait_closed(handle: WorkflowHandle[Any, Any], job_id: str, timeout: float) -> None:
-    """Poll ``describe`` until the execution closes or ``timeout`` passes.
-
-    ``asyncio.wait_for(handle.result(), timeout)`` would cancel the SDK's in-flight history
-    long poll, which can leave the process hanging at exit (seen with temporalio 1.35), and
-    ``rpc_timeout`` does not bound that long poll on recent servers
-    (temporalio/temporal#8970). Short describe calls plus a sleep have neither problem.
-
-    Args:
-        handle: The job's workflow handle.
-        job_id: The job, for the error.
-        timeout: Seconds to wait at most.
-
-    Raises:
-        JobTimeout: If the execution is still running after ``timeout`` seconds.
-        RPCError: If the server refused a describe (the façade maps it).
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        desc = await handle.describe()
-        if desc.status is not None and desc.status != WorkflowExecutionStatus.RUNNING:
-            return
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            raise JobTimeout(job_id, timeout)
-        await asyncio.sleep(min(RESULT_POLL_SECONDS, remaining))

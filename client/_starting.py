@@ -20,6 +20,7 @@ from temporalio.common import (
     WorkflowIDReusePolicy,
 )
 
+from keel.activities.converter import PlainText
 from keel.workflows.budget_text import budget_text
 from keel.workflows.policies import JOB_SLOT_MAX_WAIT
 from keel.workflows.search_attributes import KEEL_MODE, KEEL_STATE, KEEL_TENANT, KEEL_USER
@@ -90,7 +91,9 @@ def start_options(req: JobRequest, fairness_weight: float | None = None) -> Star
             ]
         ),
         static_summary=static_summary(req.goal),
-        static_details=static_details(req),
+        # Tenant, tools and limits stay readable when payloads are encrypted; the summary is
+        # the goal, so it is encrypted with the rest (issue 16).
+        static_details=PlainText(static_details(req)),
         priority=Priority(
             priority_key=PRIORITY_KEYS[req.mode],
             fairness_key=req.tenant,

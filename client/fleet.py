@@ -7,7 +7,9 @@ worker exports them as Prometheus gauges.
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel
 from temporalio.api.enums.v1 import DescribeTaskQueueMode, TaskQueueKind, TaskQueueType
@@ -112,3 +114,23 @@ async def _pollers(client: Client, name: str) -> dict[int, dict[str, Poller]]:
 def _poller(info: PollerInfo) -> Poller:
     seen = info.last_access_time.ToDatetime() if info.HasField("last_access_time") else None
     return Poller(identity=info.identity, last_access=seen)
+
+
+async def breaker_states() -> dict[str, dict[str, Any]] | None:
+    """The circuit breakers the fleet shares in Redis (``REDIS_URL``), by name (issue 16).
+
+    Returns:
+        Each breaker that has tripped: ``state`` (closed, open, half_open) and ``open_until``
+        (epoch seconds, None when closed); None when Redis cannot be reached.
+    """
+    from redis.exceptions import RedisError
+
+    from keel.activities.breakers import Breakers
+
+    breakers = Breakers.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    try:
+        return await breakers.states()
+    except (RedisError, OSError):
+        return None
+    finally:
+        await breakers.aclose()

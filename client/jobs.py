@@ -10,7 +10,8 @@ field that is wrong.
 Every Temporal exception is mapped onto ``client.errors`` (``client._error_mapping``); callers
 never catch SDK types. The start options live in ``client._starting``; listing reads visibility
 (``client._listing``) and a closed job's final state comes from ``describe``
-(``client._execution_state``), so neither needs a worker.
+(``client._execution_state``), so neither needs a worker. Waiting for a job to end is the
+server's history long poll (``client._long_poll``), never a ``describe`` loop.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from keel.client._error_mapping import (
     no_worker,
     rpc_error,
 )
-from keel.client._execution_state import describe_closed_state, wait_closed
+from keel.client._execution_state import describe_closed_state
 from keel.client._listing import JobSummary, list_page, list_summaries
+from keel.client._long_poll import wait_closed
 from keel.client._starting import start_options
 from keel.client._validation import human_input, validate_request, validate_request_key
 from keel.client.errors import (
@@ -277,7 +279,12 @@ class AgentJobs:
         handle = self._handle(job_id)
         try:
             if timeout is not None:
-                await wait_closed(handle, job_id, timeout)
+                # The server's history long poll, bounded by the deadline and never cancelled
+                # (``client._long_poll``); then the closed run's result, read at once.
+                run_id = await wait_closed(self._client, job_id, timeout)
+                handle = self._client.get_workflow_handle_for(
+                    AgentLoop.run, job_id, run_id=run_id or None
+                )
             return await handle.result()
         except WorkflowFailureError as err:
             cause = err.cause

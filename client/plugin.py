@@ -1,11 +1,11 @@
 """``KeelClientPlugin``: what any client that talks to Keel jobs needs, as one Temporal plugin.
 
 A client that starts, queries or reads Keel jobs must use Keel's data converter (pydantic models
-as compact JSON, compressed by ``CompressionCodec``): with the SDK's default converter the
-workflow's payloads come back as plain dicts, or as compressed bytes. When OpenTelemetry is
-configured (the standard ``OTEL_*`` variables, see ``tracing_configured``), the plugin also adds
-Temporal's tracing interceptor, so the trace a job's submit starts is the one its workflow and
-every activity continue.
+as compact JSON, compressed by ``KeelCodec``, encrypted when keys are configured): with the
+SDK's default converter the workflow's payloads come back as plain dicts, or as opaque bytes. When
+OpenTelemetry is configured (the standard ``OTEL_*`` variables, see ``tracing_configured``), the
+plugin also adds Temporal's tracing interceptor, so the trace a job's submit starts is the one
+its workflow and every activity continue.
 
 ``keel.workers.KeelPlugin`` extends this plugin with the worker half (workflows, activities,
 worker interceptors); ``keel.client.connect`` uses this one.
@@ -20,20 +20,31 @@ from temporalio.client import ClientConfig, Plugin
 from temporalio.converter import DataConverter
 from temporalio.service import ConnectConfig, ServiceClient
 
-from keel.activities.converter import DATA_CONVERTER
+from keel.activities.converter import DATA_CONVERTER, converter_from_env, is_keel_converter
 from keel.client.telemetry import tracing_configured
 
 __all__ = ["KeelClientPlugin", "keel_converter", "tracing_interceptors", "unique_by_type"]
 
 
 def keel_converter(existing: DataConverter | None) -> DataConverter:
-    """Keel's converter in place of the SDK default; a different custom converter is an error."""
-    if existing is None or existing is DataConverter.default or existing is DATA_CONVERTER:
-        return DATA_CONVERTER
+    """Keel's converter in place of the SDK default; a different custom converter is an error.
+
+    In place of the default, the converter this process's environment configures
+    (``converter_from_env``: the encryption key ring and the inflation cap), so every client
+    and worker started with the same environment reads and writes the same payloads. A Keel
+    converter passed in (``keel_data_converter(keys)``) is kept as it is.
+
+    Raises:
+        ValueError: ``existing`` is another converter, or the environment's keys are malformed.
+    """
+    if existing is None or existing is DataConverter.default:
+        return converter_from_env()
+    if existing is DATA_CONVERTER or is_keel_converter(existing):
+        return existing
     raise ValueError(
         "Keel's payloads need keel.activities.converter.DATA_CONVERTER; this client was given "
-        "another data converter. Drop it, or build yours from DATA_CONVERTER with "
-        "dataclasses.replace(DATA_CONVERTER, payload_codec=...) and pass that instead"
+        "another data converter. Drop it, or pass one built by "
+        "keel.activities.converter.keel_data_converter"
     )
 
 

@@ -10,7 +10,6 @@ like any other. Another tenant's session is not found, never forbidden.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Literal
@@ -38,6 +37,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from keel.activities.snapshots import SessionSnapshots
 from keel.client._error_mapping import failure_message, rpc_error
+from keel.client._long_poll import Deadline, SessionWatch
 from keel.client._validation import validate_request
 from keel.client.errors import AgentJobError, InvalidJobRequest, JobNotFound, JobTimeout
 from keel.client.jobs import AgentJobs
@@ -364,25 +364,43 @@ class AgentSessions:
     ) -> JobResult:
         """Wait for a turn's job to end and return its result.
 
-        A queued turn's job does not exist until the turns before it have run: until it does,
-        this waits (polling, at most every half second).
+        A queued turn's job does not exist until the turns before it have run. Until it does,
+        this long-polls the session's history, which answers when the session records
+        anything new (such as starting a turn's job), and looks for the job after each answer:
+        one poll per session step, never a timed loop. Once the job exists, this is the job's
+        own long poll (``AgentJobs.result``).
 
         Raises:
             JobTimeout: ``timeout`` passed first.
             JobFailed: The turn's job failed.
+            JobNotFound: The session ended before it started the turn's job (queued turns
+                do not run after ``end``).
+            SessionNotFound: No such session, or another tenant's.
         """
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        pause = 0.05
+        self._own(accepted.session_id)
+        deadline = Deadline(timeout)
+        watch: SessionWatch | None = None
         while True:
-            left = None if deadline is None else max(0.0, deadline - loop.time())
+            left = deadline.left()
             try:
-                return await self.jobs.final_result(accepted.job_id, timeout=left)
+                return await self.jobs.final_result(
+                    accepted.job_id, timeout=None if left is None else max(left, 0.0)
+                )
             except JobNotFound:
-                if deadline is not None and loop.time() >= deadline:
-                    raise JobTimeout(accepted.job_id, timeout or 0.0) from None
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.5)
+                pass
+            except JobTimeout:
+                raise JobTimeout(accepted.job_id, timeout or 0.0) from None
+            try:
+                if watch is None:
+                    # Opened after the first miss and followed by one more look: a job the
+                    # session starts before the watch has its position is found by that look,
+                    # and one it starts later wakes the watch.
+                    watch = SessionWatch(self._client, accepted.session_id, accepted.job_id)
+                    await watch.open(deadline)
+                else:
+                    await watch.moved(deadline)
+            except RPCError as err:
+                raise self._rpc_error(err, accepted.session_id) from None
 
     async def end(self, session_id: str) -> SessionStatus:
         """End the session after the turn in progress; messages still queued do not run.

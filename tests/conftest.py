@@ -91,6 +91,7 @@ from temporalio.client import Client  # noqa: E402
 from temporalio.testing import WorkflowEnvironment  # noqa: E402
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker  # noqa: E402
 
+from keel.activities.breakers import BreakerSettings  # noqa: E402
 from keel.activities.cache import CacheSettings  # noqa: E402
 from keel.activities.converter import DATA_CONVERTER  # noqa: E402
 from keel.activities.corpora import Corpora  # noqa: E402
@@ -213,6 +214,9 @@ def make_worker(redis_url: str, sim_url: str) -> WorkerFactory:
         llm_config: LLMConfig | None = None,
         cache: CacheSettings | None = None,
         embedding_model: str = "",
+        breakers: BreakerSettings | None = None,
+        fallback_base_url: str | None = None,
+        fallback_models: dict[str, str] | None = None,
         **worker_kwargs: Any,
     ) -> AsyncGenerator[Worker, None]:
         deps = build_deps(
@@ -226,6 +230,11 @@ def make_worker(redis_url: str, sim_url: str) -> WorkerFactory:
             # cached by one test must not change what another test's job sends the simulator.
             cache_settings=cache or CacheSettings(enabled=False),
             embedding_model=embedding_model,
+            # Breakers off unless a test turns them on: the suite shares one Redis and one
+            # simulator, and faults one test injects must not trip another test's calls.
+            breaker_settings=breakers or BreakerSettings(enabled=False),
+            fallback_base_url=fallback_base_url,
+            fallback_models=fallback_models,
             # Any port on loopback, written out: the tests' HTTP servers listen on free ports.
             http_allowed_hosts=http_allowed_hosts or ["127.0.0.1:*"],
             corpora=Corpora(corpora),

@@ -165,16 +165,34 @@ def codec_server(
         list[str] | None,
         typer.Option(help="Origin of a Temporal Web UI that may call it (repeat)."),
     ] = None,
+    max_body_bytes: Annotated[
+        int, typer.Option(min=1, help="Largest request body read (bytes).")
+    ] = 8 * 1024 * 1024,
 ) -> None:
-    """Serve Keel's payload codec for the Temporal Web UI and ``temporal --codec-endpoint``."""
-    from keel.client.codec_server import UI_ORIGINS, create_app
+    """Serve Keel's payload codec for the Temporal Web UI and ``temporal --codec-endpoint``.
+
+    Keys come from KEEL_ENCRYPTION_KEYS or KEEL_ENCRYPTION_KEYS_FILE, as for the workers; with
+    keys, callers must send ``Authorization: Bearer $KEEL_CODEC_TOKEN``.
+    """
+    from keel.activities.converter import codec_from_env
+    from keel.client.codec_server import TOKEN_ENV, UI_ORIGINS, create_app
     from keel.workers.logs import configure_logging
     from keel.workers.serving import serve_app
 
     configure_logging()
     origins = cors_origin or list(UI_ORIGINS)
+    try:
+        app = create_app(
+            origins,
+            codec=codec_from_env(),
+            token=os.environ.get(TOKEN_ENV) or None,
+            max_body_bytes=max_body_bytes,
+        )
+    except ValueError as err:
+        _console().print(f"[red]keel codec-server: {err}[/red]")
+        raise typer.Exit(2) from None
     _console().print(f"Codec server on http://{host}:{port} for {', '.join(origins)}")
-    serve_app(create_app(origins), host, port)
+    serve_app(app, host, port)
 
 
 API_QUEUE_ENV = "KEEL_API_TASK_QUEUE"

@@ -17,12 +17,13 @@ from temporalio.worker import Interceptor
 
 from keel.activities._backoff import JitteredBackoff
 from keel.activities.answer_tokens import AnswerTokens
+from keel.activities.breakers import Breakers, BreakerSettings
 from keel.activities.cache import CacheSettings, KeelCache
 from keel.activities.corpora import Corpora
 from keel.activities.costing import CarryAttemptCharges, preload
 from keel.activities.embeddings import Embedder
 from keel.activities.gateway_limits import GatewayLimits
-from keel.activities.llm import LLMActivities, LLMConfig
+from keel.activities.llm import Fallback, LLMActivities, LLMConfig, endpoint_name
 from keel.activities.retrieval import RetrievalActivities, Retriever
 from keel.activities.sessions import SessionActivities
 from keel.activities.slots import JobSlotActivities, JobSlots
@@ -63,6 +64,10 @@ class Deps:
     """Where ``draft_answer`` streams answer tokens (a Redis stream per job); None: no streaming."""
     cache: KeelCache | None = None
     """Response, tool-result, embedding and retrieval caches (``activities/cache.py``)."""
+    breakers: Breakers | None = None
+    """Circuit breakers per model endpoint and model and per tool, fleet-wide (issue 16)."""
+    fallback: Fallback | None = None
+    """Where model calls go while their breaker is open; None: they fail fast."""
 
     async def aclose(self) -> None:
         """Close the network clients."""
@@ -71,6 +76,10 @@ class Deps:
             await limit_store.aclose()
         await self.tools.aclose()
         await self.llm.close()
+        if self.fallback is not None:
+            await self.fallback.client.close()
+        if self.breakers is not None:
+            await self.breakers.aclose()
         await self.store.aclose()
         if self.webhook_http is not None:
             await self.webhook_http.aclose()
@@ -95,6 +104,10 @@ def build_deps(
     webhook_hosts: WebhookHosts | None = None,
     cache_settings: CacheSettings | None = None,
     embedding_model: str = "",
+    breaker_settings: BreakerSettings | None = None,
+    fallback_base_url: str | None = None,
+    fallback_api_key: str | None = None,
+    fallback_models: dict[str, str] | None = None,
 ) -> Deps:
     """Build the real dependencies: Redis, the OpenAI client (vendor retries off), the tools.
 
@@ -131,6 +144,22 @@ def build_deps(
         http_max_bytes=http_max_bytes,
         http_allowed_by_tenant=http_allowed_hosts_by_tenant,
     )
+    # Breakers keep their state in Redis for the whole fleet, through a client of their own
+    # with short timeouts: a slow breaker store never holds a call (it falls back to local).
+    breakers = Breakers.from_url(redis_url, breaker_settings)
+    fallback = None
+    if fallback_base_url or fallback_models:
+        fallback_client = openai.AsyncOpenAI(
+            base_url=fallback_base_url or openai_base_url,
+            api_key=fallback_api_key or openai_api_key,
+            max_retries=0,
+            http_client=openai.DefaultAioHttpClient(),
+        )
+        fallback = Fallback(
+            client=fallback_client,
+            models=dict(fallback_models or {}),
+            endpoint=endpoint_name(fallback_base_url or openai_base_url),
+        )
     # Webhooks go only where the allow-list says: no environment proxy, no redirects.
     webhook_http = httpx.AsyncClient(trust_env=False, follow_redirects=False)
     webhooks = WebhookActivities(redis, webhook_http, webhook_hosts or WebhookHosts())
@@ -147,6 +176,8 @@ def build_deps(
         gateway=GatewayLimits(limits),
         slots=JobSlots(limits),
         cache=cache,
+        breakers=breakers,
+        fallback=fallback,
     )
 
 
@@ -173,6 +204,12 @@ def deps_from_settings(
         webhook_hosts=WebhookHosts.from_env(),
         cache_settings=settings.cache_settings(),
         embedding_model=settings.embedding_model,
+        breaker_settings=settings.breaker_settings(),
+        fallback_base_url=settings.fallback_openai_base_url,
+        fallback_api_key=settings.fallback_openai_api_key.get_secret_value()
+        if settings.fallback_openai_api_key
+        else None,
+        fallback_models=settings.fallback_models,
     )
 
 
@@ -187,8 +224,10 @@ def build_activities(deps: Deps) -> list[Callable[..., Any]]:
         deps.answer_tokens,
         limits=deps.gateway,
         cache=deps.cache,
+        breakers=deps.breakers,
+        fallback=deps.fallback,
     )
-    tools = ToolActivities(deps.tools, deps.store, deps.gateway, deps.cache)
+    tools = ToolActivities(deps.tools, deps.store, deps.gateway, deps.cache, deps.breakers)
     slots = JobSlotActivities(deps.slots)
     retrieval = RetrievalActivities(deps.retriever)
     sessions = SessionActivities(deps.store)

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from keel.activities.breakers import BreakerSettings
 from keel.activities.cache import CacheKind, CacheSettings
 from keel.activities.llm import DEFAULT_PRICES, LLMConfig, RoleTier
 from keel.activities.tools.http_get import parse_allow_list
@@ -71,6 +72,22 @@ class WorkerSettings(BaseSettings):
         default=SecretStr(SIM_API_KEY),
         validation_alias=AliasChoices("OPENAI_API_KEY", "KEEL_OPENAI_API_KEY"),
     )
+    fallback_openai_base_url: str | None = None
+    """A second OpenAI-compatible endpoint calls go to while a model's breaker is open."""
+    fallback_openai_api_key: SecretStr | None = None
+    """Its API key; by default the main endpoint's."""
+    fallback_models: dict[str, str] = Field(default_factory=dict)
+    """Stand-in per model while its breaker is open (a model of the same tier), e.g.
+    ``{"gpt-4.1-mini": "gpt-4.1-nano"}``; a model not named is asked for by its own name at
+    the fallback endpoint. Neither set: an open breaker fails the call, and the job's next
+    tier serves it."""
+    breaker: bool = True
+    """Circuit breakers per model endpoint and model, and per tool, shared in Redis (issue 16)."""
+    breaker_window_seconds: float = Field(default=30.0, gt=0)
+    breaker_min_calls: int = Field(default=5, ge=1)
+    breaker_failure_rate: float = Field(default=0.5, gt=0, le=1)
+    breaker_open_seconds: float = Field(default=10.0, gt=0)
+    breaker_trial_calls: int = Field(default=3, ge=1)
     model_router: str = "gpt-4.1-nano"
     """The router's model: one cheap call per job picks the tier it starts on."""
     model_fast: str = "gpt-4.1-mini"
@@ -166,6 +183,17 @@ class WorkerSettings(BaseSettings):
             prices=prices,
             job_header=self.llm_job_header,
             decoding=self.llm_decoding,
+        )
+
+    def breaker_settings(self) -> BreakerSettings:
+        """The circuit breakers' thresholds and timings."""
+        return BreakerSettings(
+            enabled=self.breaker,
+            window_seconds=self.breaker_window_seconds,
+            min_calls=self.breaker_min_calls,
+            failure_rate=self.breaker_failure_rate,
+            open_seconds=self.breaker_open_seconds,
+            trial_calls=self.breaker_trial_calls,
         )
 
     def cache_settings(self) -> CacheSettings:

@@ -15,12 +15,21 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, RetryState, TimeoutError
 
 with workflow.unsafe.imports_passed_through():
+    from keel.activities import errors
+    from keel.activities.converter import PlainText
     from keel.activities.retrieval import RetrievalActivities
     from keel.activities.tools import ToolActivities
-    from keel.activities.types import Observation, PlanStep, RetrievalQuery, ToolCall, format_hits
+    from keel.activities.types import (
+        Observation,
+        PlanStep,
+        RetrievalQuery,
+        ToolCall,
+        format_hits,
+        unique_step_ids,
+    )
     from keel.workflows import policies
     from keel.workflows._budget import BudgetExhausted, Ledger
-    from keel.workflows._state import raise_if_cancelled
+    from keel.workflows._state import note_degraded, raise_if_cancelled
     from keel.workflows.types import BudgetName, JobRequest, LoopState
 
 MAX_PARALLEL = 4
@@ -54,13 +63,19 @@ class StepRunner:
 
     async def run(self, steps: list[PlanStep]) -> list[Observation]:
         """Run every step the budget allows; raise BudgetExhausted after the last one that fit."""
+        if len({s.id for s in steps}) < len(steps) and workflow.patched("unique-step-ids"):
+            # A plan recorded before the planner's ids were made unique (activities/llm.py):
+            # steps sharing an id would share their writes' op_key.
+            steps = unique_step_ids(steps)
         observations: list[Observation] = []
         for wave in waves(steps):
             granted, stopped_by = self._ledger.reserve_tools(len(wave), workflow.now())
             for start in range(0, granted, MAX_PARALLEL):
                 chunk = wave[start : min(granted, start + MAX_PARALLEL)]
+                attempts = self._attempts(chunk)
                 outcomes = await asyncio.gather(
-                    *(self._run_step(step) for step in chunk), return_exceptions=True
+                    *(self._run_step(step, n) for step, n in zip(chunk, attempts, strict=True)),
+                    return_exceptions=True,
                 )
                 exhausted: BudgetExhausted | None = None
                 for outcome in outcomes:
@@ -78,11 +93,33 @@ class StepRunner:
                 raise BudgetExhausted(stopped_by)
         return observations
 
-    async def _run_step(self, step: PlanStep) -> Observation:
+    def _attempts(self, chunk: list[PlanStep]) -> list[int]:
+        """Activity attempts each step of a chunk (steps that run at once) may use.
+
+        The calls of one tool share what is left of its retry budget: each gets one attempt
+        and the retries left are split between them, so a chunk of four calls cannot spend
+        four times ``max_retries_per_tool``. A retrieval step has its own policy (1 here).
+        """
+        tools = [(step.tool or "") if step.kind != "retrieve" else None for step in chunk]
+        calls = {tool: tools.count(tool) for tool in tools if tool is not None}
+        if all(n == 1 for n in calls.values()) or not workflow.patched("wave-retries"):
+            # A lone call of a tool gets all that is left, as every call did before the patch;
+            # jobs recorded before it replay with the allowances they were given.
+            return [
+                1 if tool is None else self._ledger.attempts_for(tool, policies.TOOL_ATTEMPTS)
+                for tool in tools
+            ]
+        shares = {
+            tool: self._ledger.split_attempts(tool, n, policies.TOOL_ATTEMPTS)
+            for tool, n in calls.items()
+        }
+        return [1 if tool is None else shares[tool].pop(0) for tool in tools]
+
+    async def _run_step(self, step: PlanStep, attempts: int) -> Observation:
         if step.kind == "retrieve":
             obs = await self._retrieve(step)
         else:
-            obs = await self._tool(step)
+            obs = await self._tool(step, attempts)
         self._event("step", f"{obs.name} {step.id[:40]}: {'ok' if obs.ok else obs.error_type}")
         return obs
 
@@ -115,7 +152,7 @@ class StepRunner:
         self._count_cache("retrieval", result.cached)
         return base.model_copy(update={"ok": True, "content": format_hits(result.hits)})
 
-    async def _tool(self, step: PlanStep) -> Observation:
+    async def _tool(self, step: PlanStep, attempts: int) -> Observation:
         tool = step.tool or ""
         base = Observation(step_id=step.id, kind="tool", name=tool or "?", ok=False)
         call = ToolCall(
@@ -129,7 +166,6 @@ class StepRunner:
             call.cache = False
         if self._req.docs_dir:
             call.docs_dir = self._req.docs_dir
-        attempts = self._ledger.attempts_for(tool, policies.TOOL_ATTEMPTS)
         try:
             result = await workflow.execute_activity_method(
                 ToolActivities.execute_tool,
@@ -138,7 +174,9 @@ class StepRunner:
                     policies.TOOL_CALL,
                     self._ledger.remaining(workflow.now()),
                     attempts,
-                    summary=f"tool {tool}",
+                    # A tool's name is structural: readable when payloads are encrypted (the
+                    # retrieval summary above quotes a query, so it is encrypted; issue 16).
+                    summary=PlainText(f"tool {tool}"),
                 ),
             )
         except ActivityError as err:
@@ -164,6 +202,9 @@ class StepRunner:
         """Turn a failed call into an observation, or end the job when a budget ran out."""
         cause = err.cause
         if isinstance(cause, ApplicationError) and cause.non_retryable:
+            if cause.type == errors.CIRCUIT_OPEN:
+                # The tool's breaker is open: the step fails fast, the plan goes on without it.
+                note_degraded(self._s, f"tool {base.name}: circuit open; proceeded without it")
             self._event("step_failed", f"{base.name}: {cause.type}")
             return base.model_copy(update={"content": cause.message, "error_type": cause.type})
         if workflow.now() >= self._ledger.deadline():

@@ -139,6 +139,19 @@ class Ledger:
         used = self.counters.retries_by_tool.get(tool, 0)
         return max(1, min(ceiling, self.budget.max_retries_per_tool - used + 1))
 
+    def split_attempts(self, tool: str, calls: int, ceiling: int) -> list[int]:
+        """Attempts for ``calls`` concurrent calls to ``tool`` that share its unused retries.
+
+        Each call gets one attempt and the retries left are dealt out in turn, so together
+        the calls can retry at most what the tool has left (each at most ``ceiling`` attempts).
+
+        Returns:
+            One count per call, largest first; each at least 1.
+        """
+        left = max(0, self.budget.max_retries_per_tool - self.counters.retries_by_tool.get(tool, 0))
+        share, extra = divmod(left, calls)
+        return [max(1, min(ceiling, 1 + share + (i < extra))) for i in range(calls)]
+
     def charge_retries(self, tool: str, retries: int) -> bool:
         """Record retries a tool used; returns True when its retry budget is now spent."""
         if retries > 0:

@@ -18,10 +18,11 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
     from keel.activities import errors
-    from keel.activities.types import LLMCallResult, Usage
+    from keel.activities.converter import PlainText
+    from keel.activities.types import LLMCallResult, Usage, next_tier
     from keel.workflows import policies
     from keel.workflows._budget import BudgetExhausted, Ledger, estimate_prompt_tokens
-    from keel.workflows._state import JobFailure, raise_if_cancelled
+    from keel.workflows._state import JobFailure, add_event, note_degraded, raise_if_cancelled
     from keel.workflows.types import JobRequest, LoopState
 
 R = TypeVar("R", bound=BaseModel)
@@ -89,7 +90,8 @@ class ModelCaller:
         config = policies.capped(
             policies.LLM_CALL,
             ledger.remaining(workflow.now()),
-            summary=f"{phase} · iteration {self._s.iteration + 1}",
+            # Structural text only: it stays readable when payloads are encrypted (issue 16).
+            summary=PlainText(f"{phase} · iteration {self._s.iteration + 1}"),
         )
         try:
             result = await workflow.execute_activity_method(method, inp, **config)
@@ -101,6 +103,13 @@ class ModelCaller:
             kind = cause.type if isinstance(cause, ApplicationError) and cause.type else None
             if kind == errors.BUDGET_EXHAUSTED:
                 raise BudgetExhausted("max_cost_usd") from None
+            tier = _open_circuit_tier(cause)
+            above = next_tier(tier) if tier in ("fast", "deep") else None  # type: ignore[arg-type]
+            if above is not None and workflow.patched("circuit-fallback"):
+                # The tier's model is behind an open breaker and has no fallback: the tier
+                # above serves the call (reserved again at its price), and the job says so.
+                self._degraded(f"{tier} tier: {cause}; served by the {above} tier")
+                return await self.call(method, inp.model_copy(update={"tier": above}), phase)
             raise JobFailure(
                 kind or errors.LLM_TRANSIENT, f"{phase} call failed: {cause}"
             ) from None
@@ -122,3 +131,17 @@ class ModelCaller:
             table["response"] = table.get("response", 0) + 1
         if result.saved is not None:
             counters.saved = counters.saved + result.saved
+        if result.degraded:
+            self._degraded(result.degraded)
+
+    def _degraded(self, reason: str) -> None:
+        if note_degraded(self._s, reason):
+            add_event(self._s, workflow.now(), "degraded", reason[:200])
+
+
+def _open_circuit_tier(cause: BaseException | None) -> str | None:
+    """The tier of a call refused because its breaker is open (``CIRCUIT_OPEN``), else None."""
+    if not isinstance(cause, ApplicationError) or cause.type != errors.CIRCUIT_OPEN:
+        return None
+    details = cause.details
+    return str(details[1]) if len(details) > 1 else None

@@ -15,6 +15,7 @@ from temporalio.exceptions import ActivityError, CancelledError
 from keel.activities.types import ref_belongs_to
 from keel.workflows.budget_text import budget_text
 from keel.workflows.types import (
+    MAX_DEGRADED,
     JobEvent,
     JobRequest,
     JobStatus,
@@ -122,6 +123,14 @@ def add_event(state: LoopState, at: datetime, kind: str, detail: str = "") -> No
     state.events = [*state.events, JobEvent(at=at, kind=kind, detail=detail)][-MAX_EVENTS:]
 
 
+def note_degraded(state: LoopState, reason: str) -> bool:
+    """Record why the job runs degraded; False when the reason was known (or too many were)."""
+    if reason in state.degraded or len(state.degraded) >= MAX_DEGRADED:
+        return False
+    state.degraded = [*state.degraded, reason[:300]]
+    return True
+
+
 def status_of(job_id: str, req: JobRequest, state: LoopState) -> JobStatus:
     """The snapshot the ``get_status`` query returns."""
     return JobStatus(
@@ -136,6 +145,7 @@ def status_of(job_id: str, req: JobRequest, state: LoopState) -> JobStatus:
         events=list(state.events),
         runs=state.runs,
         routing=state.routing,
+        degraded=list(state.degraded),
     )
 
 

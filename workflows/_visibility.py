@@ -51,6 +51,9 @@ class Visibility:
         updates: list[SearchAttributeUpdate[Any]] = [sa.KEEL_STATE.value_set(state)]
         if final:
             updates.append(sa.KEEL_OUTCOME.value_set(state))
+            if self._s.degraded:
+                # In the final upsert, not one of its own: no command a history lacks.
+                updates.append(sa.KEEL_DEGRADED.value_set(True))
         if usage.total_tokens != self._tokens:
             self._tokens = usage.total_tokens
             updates.append(sa.KEEL_COST_USD.value_set(round(usage.cost_usd, 6)))

@@ -244,6 +244,8 @@ class AgentLoopWorkflow:
             iterations=self._s.iteration + (1 if verified else 0),
             error=error,
             routing=self._s.routing,
+            degraded=bool(self._s.degraded),
+            degraded_reasons=list(self._s.degraded),
         )
         self._event(outcome, f"budget {exhausted} ran out" if exhausted else (error or ""))
         await Notifier(self._req, self._event).finished(result)

@@ -16,6 +16,8 @@ KEEL_TIER = SearchAttributeKey.for_keyword("KeelTier")
 KEEL_SESSION = SearchAttributeKey.for_keyword("KeelSession")
 """The session key of a session and of each of its turns (issue 15)."""
 """The model tier a job runs on (``fast`` or ``deep``), set by routing and escalation."""
+KEEL_DEGRADED = SearchAttributeKey.for_bool("KeelDegraded")
+"""True on a job that ran on a fallback because a circuit breaker was open (issue 16)."""
 KEEL_COST_USD = SearchAttributeKey.for_float("KeelCostUsd")
 KEEL_TOKENS = SearchAttributeKey.for_int("KeelTokens")
 
@@ -27,12 +29,13 @@ ALL_KEYS = (
     KEEL_MODE,
     KEEL_TIER,
     KEEL_SESSION,
+    KEEL_DEGRADED,
     KEEL_COST_USD,
     KEEL_TOKENS,
 )
 """Every key, for registration (``temporal server start-dev --search-attribute NAME=Type``)."""
 
-CLI_TYPES = {"keyword": "Keyword", "double": "Double", "int": "Int"}
+CLI_TYPES = {"keyword": "Keyword", "double": "Double", "int": "Int", "bool": "Bool"}
 
 
 def cli_flags() -> list[str]:

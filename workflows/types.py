@@ -304,6 +304,13 @@ class LoopState(BaseModel):
     """The job's tier and why; None for jobs started before routing existed."""
     summary: str | None = None
     """Rolling summary of observations folded out of ``observations`` (context compression)."""
+    degraded: list[str] = Field(default_factory=list)
+    """Why the job ran degraded (a model's or tool's circuit breaker open, issue 16); newest
+    last, at most ``MAX_DEGRADED`` distinct reasons."""
+
+
+MAX_DEGRADED = 8
+"""Distinct degraded reasons a job keeps (more only repeat what the first say)."""
 
 
 class AgentLoopInput(BaseModel):
@@ -352,6 +359,8 @@ class JobStatus(BaseModel):
     events: list[JobEvent] = Field(default_factory=list)
     runs: int = 1
     routing: Routing | None = None
+    degraded: list[str] = Field(default_factory=list)
+    """Why the job is running degraded (an open circuit breaker); empty when it is not."""
 
 
 def current_iteration(iteration: int, budget: Budget) -> int:
@@ -378,6 +387,9 @@ class JobResult(BaseModel):
     error: str | None = None
     routing: Routing | None = None
     """The tier the job ran on, why, and whether it escalated."""
+    degraded: bool = False
+    """It ran on a fallback model or tier, or without a tool, because a breaker was open."""
+    degraded_reasons: list[str] = Field(default_factory=list)
 
 
 QUESTION_SIGNAL = "keel_job_question"

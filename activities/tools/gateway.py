@@ -8,15 +8,23 @@ preview enters workflow history. Not workflow code: it runs tools and reads and 
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import structlog
 from pydantic import BaseModel, ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from keel.activities._heartbeat import heartbeating
+from keel.activities.breakers import Breakers, BreakerSettings, CircuitOpen, outcome_of
 from keel.activities.cache import KeelCache
 from keel.activities.catalog import ToolInfo
-from keel.activities.errors import TOOL_INPUT_INVALID, TOOL_NOT_ALLOWED, TOOL_NOT_FOUND
+from keel.activities.errors import (
+    CIRCUIT_OPEN,
+    TOOL_INPUT_INVALID,
+    TOOL_NOT_ALLOWED,
+    TOOL_NOT_FOUND,
+)
 from keel.activities.gateway_limits import GatewayLimits
 from keel.activities.store import KeelStore
 from keel.activities.tools.base import ToolContext, ToolImpl
@@ -38,8 +46,11 @@ class ToolActivities:
         store: KeelStore,
         limits: GatewayLimits | None = None,
         cache: KeelCache | None = None,
+        breakers: Breakers | None = None,
     ) -> None:
         self._registry = registry
+        self._breakers = breakers or Breakers(None, BreakerSettings(enabled=False))
+        """The tools' circuit breakers, fleet-wide (issue 16); by default none trips."""
         self._store = store
         self._limits = limits or GatewayLimits(None)
         """The tool gateway's fleet-wide in-flight limits (issue 13); None: not limited."""
@@ -81,9 +92,24 @@ class ToolActivities:
                 result = await self._package(ctx, hit, cached=True)
                 _log.info("tool.cache_hit", size=result.size or len(result.content))
                 return result
-            # The tool's in-flight limit first: waiting for it heartbeats and never raises.
-            async with self._limits.tool(call.tool), heartbeating():
-                output = await impl(args, ctx)
+            # The tool's breaker (issue 16), fleet-wide: open, the call fails fast and the
+            # plan proceeds without the tool; only the provider's retryable failures count.
+            try:
+                admission = await self._breakers.admit(_breaker_name(call))
+            except CircuitOpen as open_:
+                raise ApplicationError(
+                    str(open_), open_.name, type=CIRCUIT_OPEN, non_retryable=True
+                ) from None
+            failure: BaseException | None = None
+            try:
+                # The tool's in-flight limit first: waiting for it heartbeats and never raises.
+                async with self._limits.tool(call.tool), heartbeating():
+                    output = await impl(args, ctx)
+            except BaseException as err:
+                failure = err
+                raise
+            finally:
+                await self._breakers.record(admission, outcome_of(failure))
             result = await self._package(ctx, output)
             if key is not None:
                 result.cached = False  # looked up and missed: the job counts it
@@ -153,3 +179,17 @@ def _summarize(error: ValidationError) -> str:
 def _job_id(given: str) -> str:
     """The job a call belongs to: as given, or the calling workflow's ID (the job ID)."""
     return given or activity.info().workflow_id or ""
+
+
+def _breaker_name(call: ToolCall) -> str:
+    """The breaker of a call: its tool, and for a tool that reaches a URL, the URL's host.
+
+    A host that fails trips only its own breaker, so a tenant whose allow-listed host is down
+    (or who calls a path that fails on purpose) cannot cut ``http_get`` off for everyone else.
+    """
+    url = call.args.get("url")
+    if isinstance(url, str):
+        host = urlsplit(url).netloc.rsplit("@", 1)[-1].lower()
+        if host:
+            return f"tool:{call.tool}:{host}"
+    return f"tool:{call.tool}"

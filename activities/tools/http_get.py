@@ -15,10 +15,14 @@ The rules (issue 13: a prompt-injected plan must not reach the worker's own netw
   (rebinding). The client does not use proxies from the environment for the same reason.
 - Redirects are followed by hand, each hop checked like the first before it is contacted.
 
-The body is read up to a byte cap and one deadline bounds the whole call. The tool is read-only,
-so the gateway may serve a cached result: ``cache_scope`` applies the allow-list to the URL
-before any lookup, and keys results by the tenant's whole list and the byte cap. Not workflow
-code: network I/O.
+The body is read up to a byte cap and one deadline bounds the whole call. The cap applies to the
+decoded body while it is decoded: a gzip or deflate body is inflated here a bounded piece at a
+time, never by httpx (whose decoders expand a whole network read at once, so 48 KB of gzip
+could become 50 MB before any cap applied); other content-codings are refused.
+
+The tool is read-only, so the gateway may serve a cached result: ``cache_scope`` applies the
+allow-list to the URL before any lookup, and keys results by the tenant's whole list and the
+byte cap. Not workflow code: network I/O.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import asyncio
 import ipaddress
 import re
 import socket
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -54,6 +59,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 """``(host, port) -> addresses``; ``resolve_host`` unless a test fakes DNS."""
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_ACCEPT_ENCODING = "gzip, deflate"
+"""The content-codings ``_Inflate`` undoes; sent explicitly so a later httpx extra (brotli,
+zstandard) cannot make the client ask for one this module would have to refuse."""
 
 
 @dataclass(frozen=True)
@@ -302,7 +310,10 @@ class HttpGet:
 
     async def _read(self, resp: httpx.Response) -> str:
         if not resp.is_success:
-            body, _ = await _read_capped(resp, 500)
+            try:
+                body, _ = await _read_capped(resp, 500)
+            except ApplicationError:
+                body = b""  # An undecodable error page must not hide the status it came with.
             raise classify_http_status(
                 resp.status_code,
                 body.decode("utf-8", errors="replace"),
@@ -341,16 +352,82 @@ def _pinned(client: httpx.AsyncClient, url: httpx.URL, address: str) -> httpx.Re
     return client.build_request(
         "GET",
         url.copy_with(host=address),
-        headers={"Host": url.netloc.decode("ascii")},
+        headers={"Host": url.netloc.decode("ascii"), "Accept-Encoding": _ACCEPT_ENCODING},
         extensions=tls_name,
     )
 
 
 async def _read_capped(resp: httpx.Response, limit: int) -> tuple[bytes, bool]:
-    """Read at most ``limit`` body bytes; return them and whether the body was longer."""
+    """Read at most ``limit`` decoded body bytes; return them and whether the body was longer.
+
+    The raw bytes are decoded here so the cap holds *while* decoding: at most one network read
+    and ``limit + 1`` decoded bytes are held at any time, however far the body would expand.
+
+    Raises:
+        ApplicationError: ``TOOL_FAILED`` (non-retryable) for a content-coding other than gzip
+            or deflate, or a compressed body that is not valid.
+    """
+    inflate = _Inflate.for_coding(resp.headers.get("content-encoding", ""))
     buf = bytearray()
-    async for chunk in resp.aiter_bytes():
-        buf.extend(chunk)
+    async for raw in resp.aiter_raw():
+        room = limit + 1 - len(buf)
+        buf.extend(raw[:room] if inflate is None else inflate.feed(raw, room))
         if len(buf) > limit:
             return bytes(buf[:limit]), True
     return bytes(buf), False
+
+
+class _Inflate:
+    """Undoes a gzip or deflate content-coding, never producing more than the caller has room for.
+
+    zlib's ``max_length`` bounds each step's output; input it has not yet used waits in
+    ``unconsumed_tail`` and is only inflated while there is room for what it expands to.
+    """
+
+    def __init__(self, coding: str) -> None:
+        self._coding = coding
+        # 16 + MAX_WBITS: a gzip header and trailer; MAX_WBITS: a zlib stream (deflate).
+        self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS if "gzip" in coding else zlib.MAX_WBITS)
+        self._started = False
+
+    @classmethod
+    def for_coding(cls, header: str) -> _Inflate | None:
+        """The inflater for a Content-Encoding header; None for an identity (plain) body.
+
+        Raises:
+            ApplicationError: ``TOOL_FAILED`` for any other coding, or more than one.
+        """
+        codings = [c.strip().lower() for c in header.split(",") if c.strip()]
+        codings = [c for c in codings if c != "identity"]
+        if not codings:
+            return None
+        if len(codings) == 1 and codings[0] in ("gzip", "x-gzip", "deflate"):
+            return cls(codings[0])
+        raise tool_failed(f"http_get reads gzip or deflate bodies, not {', '.join(codings)}")
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        """Inflate ``data`` into at most ``room`` bytes (``room`` >= 1).
+
+        Returns:
+            The decoded bytes; exactly ``room`` of them means there may be more, and the caller
+            stops reading (it asks for one byte more than its cap to tell).
+
+        Raises:
+            ApplicationError: ``TOOL_FAILED`` when the body is not valid for its coding.
+        """
+        out = bytearray()
+        pending = data
+        while pending and not self._zlib.eof and len(out) < room:
+            try:
+                out.extend(self._zlib.decompress(pending, room - len(out)))
+            except zlib.error:
+                if self._coding == "deflate" and not self._started:
+                    # Some servers send a raw deflate stream without the zlib wrapper that
+                    # RFC 9110 asks for; httpx accepts those too.
+                    self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+                    self._started = True
+                    continue
+                raise tool_failed(f"the body is not valid {self._coding} data") from None
+            self._started = True
+            pending = self._zlib.unconsumed_tail
+        return bytes(out)

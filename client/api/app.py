@@ -6,8 +6,8 @@ tenants), so another tenant's job is a 404 like a job that does not exist. Every
 ``AgentJobError`` becomes a JSON error with a stable ``code`` and the HTTP status that means it,
 never a 500 for a caller's mistake. Request bodies are size-capped.
 
-Admission is one Redis round trip (``client.api.limits``): the key, both rate limits and the
-tenant's quota settings are read and counted by one script. ``/healthz`` says the process
+Admission is two Redis round trips (``client.api.limits``): the key's records, then one script
+counting the request against its key's and its tenant's rate limits. ``/healthz`` says the process
 serves, ``/readyz`` whether Temporal and Redis answer, and ``/metrics`` exports Prometheus
 metrics (``client.api.metrics``); none of the three needs a key. The OpenAPI document lists
 every error a route can answer with, in one JSON shape (``models.ErrorResponse``).
@@ -394,7 +394,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one short function pe
         key = validate_request_key(uuid.uuid4().hex if idempotency_key is None else idempotency_key)
         # Counted against the tenant's daily quotas before it starts, once per job ID.
         ledger: UsageLedger = app.state.usage
-        quotas = _admission(incoming).quotas()  # read with the key, in the same round trip
+        quotas = _admission(incoming).quotas()  # read at admission (at most a second old)
         await ledger.admit_job(
             caller.tenant,
             job_id_for(caller.tenant, key),

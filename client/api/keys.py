@@ -30,6 +30,7 @@ __all__ = [
     "Role",
     "key_records",
     "principal_of",
+    "records_agree",
 ]
 
 KEY_PREFIX = "keel_"
@@ -37,6 +38,9 @@ KEY_PREFIX = "keel_"
 
 Role = Literal["member", "operator"]
 
+# Each record is named by what it is looked up by (the key's digest, its ID), so the two hash to
+# different Redis Cluster slots and no command or script uses both (issue 16). Their names are
+# those of every key issued so far: keys never expire, so renaming them would lose them.
 _BY_HASH = "keel:apikey:hash:"
 _BY_ID = "keel:apikey:id:"
 _KEY_SHAPE = re.compile(r"^keel_([0-9a-f]{1,32})_[A-Za-z0-9_-]{1,160}$")
@@ -80,14 +84,22 @@ class KeyRecords(NamedTuple):
 def key_records(key: str) -> KeyRecords | None:
     """The Redis keys a presented API key's records live under; None if it is malformed.
 
-    The API's admission script (``keel.client.api.limits``) reads them in the same round trip
-    as the rate limits, so a revoked key fails on its very next request.
+    The API's admission (``keel.client.api.limits``) reads them on every request, so a revoked
+    key fails on its very next request.
     """
     match = _KEY_SHAPE.match(key)
     if match is None:
         return None
     digest = _digest(key)
     return KeyRecords(match[1], digest, _BY_HASH + digest, _BY_ID + match[1])
+
+
+def records_agree(records: KeyRecords, stored_digest: str | bytes | None) -> bool:
+    """Whether the key's ID record points back at the presented key's digest.
+
+    Compared in constant time, so timing says nothing about a guessed key's digest.
+    """
+    return stored_digest is not None and hmac.compare_digest(_text(stored_digest), records.digest)
 
 
 @lru_cache(maxsize=4096)
@@ -128,7 +140,10 @@ class ApiKeys:
             key_id=key_id, tenant=tenant, role=role, user=user, created_at=datetime.now(UTC)
         )
         digest = _digest(key)
-        async with self._redis.pipeline(transaction=True) as pipe:
+        # Not MULTI: the records are in different hash slots. A key is valid only when both
+        # exist and agree, so a create cut short leaves a record no request can use, and the
+        # key was never shown to anyone.
+        async with self._redis.pipeline(transaction=False) as pipe:
             pipe.set(_BY_HASH + digest, principal.model_dump_json())
             pipe.set(_BY_ID + key_id, digest)
             await pipe.execute()

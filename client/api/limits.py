@@ -1,21 +1,29 @@
 """Admission at the API gateway: the caller's key, and its per-key and per-tenant rate limits.
 
-Each limit is a sliding window kept in Redis as a sorted set of request times. One Lua script
-per request (``RateLimiter.check``) looks the presented key up, reads the limits in force, and
-checks and updates both windows, all in one round trip and atomically, so any number of API
-processes share the limits exactly: a limit of 100 per 10 s admits at most 100 requests in any
-10 s, however many replicas serve them (a limiter kept in each process would admit 100 per
-replica). Times come from Redis's own clock, so replicas' clocks do not matter. A refused
-request counts against neither window, and the caller is told when to retry. Because the key is
-read inside the same script, a revoked key is refused from its very next request: nothing about
-keys or limits is cached between requests.
+Each limit is a sliding window kept in Redis as a sorted set of request times. A request is
+admitted in two round trips, in this order (``RateLimiter.check``):
 
-The script builds the rate windows' names from the tenant it reads, so it needs its keys on one
-Redis (a single server or a primary with replicas, not Redis Cluster), as the rest of Keel does.
+1. The presented key's two records are read (one pipeline, two GETs) and checked: they must
+   exist, agree, and not be revoked. Nothing about keys is cached between requests, so a
+   revoked key is refused from its very next request.
+2. One Lua script over the tenant's two windows (both named with the tenant as their Redis
+   Cluster hash tag, ``keel:rate:{tenant}:...``) checks and updates them atomically, so any
+   number of API processes share the limits exactly: a limit of 100 per 10 s admits at most 100
+   requests in any 10 s, however many replicas serve them. A refused request counts against
+   neither window, and the caller is told when to retry. Times come from Redis's own clock.
 
-The limits are configuration: defaults from the environment (``KEEL_API_RATE_PER_KEY``,
-``KEEL_API_RATE_PER_TENANT``, as ``REQUESTS/SECONDS``), overridden at run time by
-``keel limits set`` (a Redis hash every request reads), with no restart.
+Why two steps (issue 16): on Redis Cluster a script may only touch keys of one hash slot, and
+the key's records (named by the key's digest and ID), the windows (by tenant) and the settings
+(global) hash to three. Before, one script read them all in one round trip; the split costs a
+round trip per request, and a key revoked between the two steps still has the request it was
+checking for admitted. Putting every admission key under one global tag would have kept one
+round trip but pinned all admission to one cluster node and renamed the keys' and settings'
+permanent records.
+
+The limits and the tenants' quota settings are configuration: defaults from the environment
+(``KEEL_API_RATE_PER_KEY``, ``KEEL_API_RATE_PER_TENANT``, as ``REQUESTS/SECONDS``), overridden
+at run time by ``keel limits set`` (Redis hashes each process re-reads at most once a second,
+as every run-time setting in Keel is), with no restart.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 
-from keel.client.api.keys import Principal, key_records, principal_of
+from keel.activities.limits import CONFIG_MAX_AGE_SECONDS, RuntimeConfig
+from keel.client.api.keys import Principal, key_records, principal_of, records_agree
 
 __all__ = [
     "CONFIG_KEY",
@@ -52,78 +61,41 @@ tenant, ``jobs_per_day:{tenant}`` and ``usd_per_day:{tenant}`` for one; 0 means 
 
 _RATE = re.compile(r"^\s*(\d{1,9})\s*/\s*(\d+(?:\.\d+)?)\s*s?\s*$")
 
-# Shared by both scripts. ``rate`` reads a run-time override as ``keel limits set`` stores it
-# (``N/S``, validated by ``parse_rate`` first), else the defaults passed in. ``admit`` trims
-# both windows, refuses (the tenant's first) if either is full, and otherwise adds the request
-# to both, so a refused request is counted nowhere. It returns {the full limit's name or '',
-# the milliseconds until its oldest request leaves the window, or 0}.
-_WINDOWS = """
-local function rate(text, requests, window_ms)
-  if text then
-    local n, s = string.match(text, '^%s*(%d+)%s*/%s*(%d+%.?%d*)%s*s?%s*$')
-    if n and tonumber(n) > 0 and tonumber(s) > 0 then
-      return tonumber(n), math.ceil(tonumber(s) * 1000)
-    end
+# KEYS: the tenant's window, the key's window (one hash slot: both carry the tenant's tag).
+# ARGV: per-key requests and window (ms), per-tenant requests and window (ms), a unique member.
+# Trims both windows, refuses (the tenant's first) if either is full, and otherwise adds the
+# request to both, so a refused request is counted nowhere. Returns {the full limit's name or
+# '', the milliseconds until its oldest request leaves the window, or 0}.
+_ADMIT = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local windows = {{'per_tenant', KEYS[1], tonumber(ARGV[3]), tonumber(ARGV[4])},
+                 {'per_key', KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2])}}
+for _, w in ipairs(windows) do
+  redis.call('ZREMRANGEBYSCORE', w[2], '-inf', now_ms - w[4])
+  if redis.call('ZCARD', w[2]) >= w[3] then
+    local oldest = redis.call('ZRANGE', w[2], 0, 0, 'WITHSCORES')
+    return {w[1], math.max(1, tonumber(oldest[2]) + w[4] - now_ms)}
   end
-  return tonumber(requests), tonumber(window_ms)
 end
-
-local function admit(config, tenant_window, key_window, defaults, member)
-  local key_n, key_ms = rate(redis.call('HGET', config, 'per_key'), defaults[1], defaults[2])
-  local ten_n, ten_ms = rate(redis.call('HGET', config, 'per_tenant'), defaults[3], defaults[4])
-  local now = redis.call('TIME')
-  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  local windows = {{'per_tenant', tenant_window, ten_n, ten_ms},
-                   {'per_key', key_window, key_n, key_ms}}
-  for _, w in ipairs(windows) do
-    redis.call('ZREMRANGEBYSCORE', w[2], '-inf', now_ms - w[4])
-    if redis.call('ZCARD', w[2]) >= w[3] then
-      local oldest = redis.call('ZRANGE', w[2], 0, 0, 'WITHSCORES')
-      return {w[1], math.max(1, tonumber(oldest[2]) + w[4] - now_ms)}
-    end
-  end
-  for _, w in ipairs(windows) do
-    redis.call('ZADD', w[2], now_ms, member)
-    redis.call('PEXPIRE', w[2], w[4])
-  end
-  return {'', 0}
+for _, w in ipairs(windows) do
+  redis.call('ZADD', w[2], now_ms, ARGV[5])
+  redis.call('PEXPIRE', w[2], w[4])
 end
+return {'', 0}
 """
 
-# KEYS: the limits config, the tenant's window, the key's window. ARGV: per-key requests and
-# window (ms), per-tenant requests and window (ms), a unique member.
-_ADMIT = (
-    _WINDOWS
-    + """
-return admit(KEYS[1], KEYS[2], KEYS[3], {ARGV[1], ARGV[2], ARGV[3], ARGV[4]}, ARGV[5])
-"""
-)
 
-# The whole admission of a request, in one round trip. KEYS: the key's record (by hash), its
-# ID's record, the limits config, the quotas config. ARGV: the key's digest, its ID, the four
-# default limit numbers, a unique member. Returns {0} for an unknown, mismatched or revoked key
-# (nothing counted); else {1, the key's record, the full limit's name or '', wait ms, {the
-# tenant's quota settings}}. The windows' names come from the record's tenant.
-_CHECK = (
-    _WINDOWS
-    + """
-local raw = redis.call('GET', KEYS[1])
-if not raw or redis.call('GET', KEYS[2]) ~= ARGV[1] then
-  return {0}
-end
-local record = cjson.decode(raw)
-if record['key_id'] ~= ARGV[2] or record['revoked'] == true then
-  return {0}
-end
-local tenant = record['tenant']
-local prefix = 'keel:rate:{' .. tenant .. '}:'
-local verdict = admit(KEYS[3], prefix .. 'tenant', prefix .. 'key:' .. ARGV[2],
-  {ARGV[3], ARGV[4], ARGV[5], ARGV[6]}, ARGV[7])
-local quotas = redis.call('HMGET', KEYS[4], 'jobs_per_day:' .. tenant, 'jobs_per_day',
-  'usd_per_day:' .. tenant, 'usd_per_day')
-return {1, raw, verdict[1], verdict[2], quotas}
-"""
-)
+def window_keys(tenant: str, key_id: str) -> list[str]:
+    """The tenant's window and the key's window, in one hash slot (the tenant's tag).
+
+    Raises:
+        ValueError: If ``tenant`` is not an identifier (a brace would move the tag).
+    """
+    if not tenant or any(c in tenant for c in ":{}"):
+        raise ValueError(f"invalid tenant {tenant!r}")
+    prefix = f"keel:rate:{{{tenant}}}:"
+    return [prefix + "tenant", prefix + "key:" + key_id]
 
 
 class Rate(BaseModel):
@@ -194,20 +166,32 @@ class Admission:
 class RateLimiter:
     """Admit or refuse one request: its key, and its key's and its tenant's limits."""
 
-    def __init__(self, redis: aioredis.Redis, defaults: RateLimits | None = None) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        defaults: RateLimits | None = None,
+        *,
+        config_max_age: float = CONFIG_MAX_AGE_SECONDS,
+    ) -> None:
+        """Bind the limiter to the API's Redis.
+
+        Args:
+            redis: Where keys, windows and settings live.
+            defaults: The limits when no run-time override is set (else the environment's).
+            config_max_age: How stale this process's copy of the settings may be (seconds).
+        """
         self._redis = redis
         self._defaults = defaults or default_limits()
         self._admit = redis.register_script(_ADMIT)
-        self._check = redis.register_script(_CHECK)
-        self._default_args = [
-            self._defaults.per_key.requests,
-            math.ceil(self._defaults.per_key.seconds * 1000),
-            self._defaults.per_tenant.requests,
-            math.ceil(self._defaults.per_tenant.seconds * 1000),
-        ]
+        self._config = RuntimeConfig(redis, CONFIG_KEY, config_max_age)
+        self._quota_config = RuntimeConfig(redis, QUOTAS_KEY, config_max_age)
 
     async def limits(self) -> RateLimits:
-        """The limits in force: the defaults with any run-time overrides applied."""
+        """The limits in force: the defaults with any run-time overrides applied.
+
+        Raises:
+            ValueError: If an override is not ``REQUESTS/SECONDS``.
+        """
         overrides = await self._redis.hgetall(CONFIG_KEY)
         limits = self._defaults
         for field, value in overrides.items():
@@ -216,8 +200,37 @@ class RateLimiter:
                 limits = limits.model_copy(update={name: parse_rate(_text(value))})
         return limits
 
+    async def _window_args(self) -> list[int]:
+        """The admission script's limit arguments: overrides that parse, else the defaults."""
+        overrides = await self._config.values()
+        args: list[int] = []
+        for name in ("per_key", "per_tenant"):
+            rate: Rate = getattr(self._defaults, name)
+            try:
+                rate = parse_rate(overrides[name])
+            except (KeyError, ValueError):
+                pass  # None set, or one `keel limits set` would have refused: the default.
+            args += [rate.requests, math.ceil(rate.seconds * 1000)]
+        return args
+
+    async def _principal(self, api_key: str) -> Principal | None:
+        """Step 1: the presented key's principal, if its records exist, agree and are live."""
+        records = key_records(api_key)
+        if records is None:
+            return None
+        # The two records hash to different slots, so they are read in a pipeline, not MULTI.
+        # Nothing is lost: a revocation rewrites only the first, so either read of it decides.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(records.by_hash)
+            pipe.get(records.by_id)
+            raw, stored_digest = await pipe.execute()
+        if raw is None or not records_agree(records, stored_digest):
+            return None
+        principal = principal_of(raw)
+        return None if principal.revoked or principal.key_id != records.key_id else principal
+
     async def check(self, api_key: str) -> Admission:
-        """Look the presented key up and count the request against its limits, atomically.
+        """Look the presented key up, then count the request against its limits.
 
         Args:
             api_key: The key as the caller sent it.
@@ -225,36 +238,27 @@ class RateLimiter:
         Returns:
             Who the key acts as (None if it is not a valid, unrevoked key; then nothing was
             counted), whether a limit refused the request, and the tenant's quota settings
-            (read in the same round trip for the route that starts jobs).
+            (at most ``config_max_age`` old, for the routes that start jobs).
         """
-        records = key_records(api_key)
-        if records is None:
+        principal = await self._principal(api_key)
+        if principal is None:
             return Admission(None)
-        reply = await self._check(
-            keys=[records.by_hash, records.by_id, CONFIG_KEY, QUOTAS_KEY],
-            args=[records.digest, records.key_id, *self._default_args, secrets.token_hex(8)],
-        )
-        if int(reply[0]) == 0:
-            return Admission(None)
-        _, raw, limit, wait_ms, settings = reply
-        name = _text(limit)
-        return Admission(
-            principal_of(raw),
-            (name, int(wait_ms) / 1000) if name else None,
-            tuple(None if value is None else _text(value) for value in settings),
-        )
+        refused = await self.admit(principal.key_id, principal.tenant)
+        quotas = await self._quota_config.values()
+        tenant = principal.tenant
+        fields = (f"jobs_per_day:{tenant}", "jobs_per_day", f"usd_per_day:{tenant}", "usd_per_day")
+        return Admission(principal, refused, tuple(quotas.get(field) for field in fields))
 
     async def admit(self, key_id: str, tenant: str) -> tuple[str, float] | None:
-        """Count one request of a known key against its limits.
+        """Step 2: count one request of a known key against its and its tenant's windows.
 
         Returns:
             None when the request may proceed; else the full limit's name (the tenant's is
             checked first) and the seconds until it admits again.
         """
-        prefix = f"keel:rate:{{{tenant}}}:"
         limit, wait_ms = await self._admit(
-            keys=[CONFIG_KEY, prefix + "tenant", prefix + "key:" + key_id],
-            args=[*self._default_args, secrets.token_hex(8)],
+            keys=window_keys(tenant, key_id),
+            args=[*await self._window_args(), secrets.token_hex(8)],
         )
         name = _text(limit)
         return (name, int(wait_ms) / 1000) if name else None

@@ -332,8 +332,24 @@ def fleet(
         typer.Option(help="Task queue to describe (repeat; default: interactive and batch)."),
     ] = None,
     as_json: JsonOpt = False,
+    breakers: Annotated[
+        bool,
+        typer.Option(
+            "--breakers",
+            help="With --json: print the circuit breakers (from REDIS_URL) instead of queues.",
+        ),
+    ] = False,
 ) -> None:
-    """Show pollers and backlog per task queue: the signal to scale workers on."""
+    """Show pollers and backlog per task queue (the signal to scale workers on) and breakers.
+
+    The circuit breakers the fleet shares in Redis (``REDIS_URL``) follow the queues: every
+    breaker that has tripped, its state and until when it stays open.
+    """
+    from keel.client.fleet import breaker_states
+
+    if as_json and breakers:
+        emit_json(run(breaker_states))
+        return
 
     async def main() -> list[QueueStats]:
         from keel.client.connect import connect
@@ -345,9 +361,10 @@ def fleet(
     if as_json:
         emit_json([r.model_dump(mode="json") for r in rows])
         return
-    from keel.client.cli.render import print_fleet
+    from keel.client.cli.render import print_breakers, print_fleet
 
     print_fleet(rows)
+    print_breakers(run(breaker_states))
 
 
 def list_jobs(

@@ -6,6 +6,7 @@ rich and the job models cost every command their import time.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -155,6 +156,26 @@ def print_fleet(rows: Sequence[QueueStats]) -> None:
             f"{r.dispatch_rate:.2f}",
         )
     stdout_console().print(table)
+
+
+def print_breakers(states: dict[str, dict[str, Any]] | None) -> None:
+    """The fleet's circuit breakers; None: their store (Redis) could not be read."""
+    console = stdout_console()
+    if states is None:
+        console.print("circuit breakers: Redis (REDIS_URL) unreachable", style="yellow")
+        return
+    if not states:
+        console.print("circuit breakers: none has tripped")
+        return
+    table = Table(title="Circuit breakers")
+    for col in ("breaker", "state", "open until"):
+        table.add_column(col, overflow="fold")
+    style = {"open": "red", "half_open": "yellow", "closed": "green"}
+    for name, state in sorted(states.items()):
+        until = state.get("open_until")
+        when = time.strftime("%H:%M:%S", time.localtime(until)) if until else ""
+        table.add_row(name, Text(state["state"], style=style.get(state["state"], "")), when)
+    console.print(table)
 
 
 def print_jobs(console: Console, rows: Sequence[JobSummary]) -> None:

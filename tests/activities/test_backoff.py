@@ -1,20 +1,30 @@
-"""Jittered retry backoff: the delays it draws, and what the interceptor does to each failure."""
+"""Jittered retry backoff: the delays it draws, and what the interceptor does to each failure.
+
+The last test runs a real worker against the dev server: an exception no helper classified
+reaches history without its text, and stops after three attempts.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
+import uuid
 from datetime import timedelta
 from typing import Any, cast
 
 import pytest
+from structlog.testing import capture_logs
+from temporalio import activity, workflow
+from temporalio.client import Client, WorkflowFailureError
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ApplicationError, CancelledError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 from temporalio.testing import ActivityEnvironment
-from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput
+from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Worker
 
 from keel.activities import errors
 from keel.activities._backoff import JitteredBackoff, jittered_delay
+from keel.workers.registry import INTERCEPTORS
 
 POLICY = RetryPolicy(
     initial_interval=timedelta(milliseconds=500),
@@ -98,12 +108,26 @@ async def test_retry_after_stays_a_floor() -> None:
     assert timedelta(seconds=7) <= out.next_retry_delay <= timedelta(seconds=8.4)
 
 
-async def test_any_other_exception_is_reported_as_before_with_a_delay() -> None:
-    out = await intercepted(ConnectionError("Redis refused the connection"), attempt=1)
-    assert isinstance(out, ApplicationError) and out.type == "ConnectionError"
-    assert out.message == "Redis refused the connection" and not out.non_retryable
-    assert out.next_retry_delay is not None
-    assert timedelta(milliseconds=250) <= out.next_retry_delay <= timedelta(milliseconds=500)
+async def test_a_connection_failure_is_a_dependency_error_without_its_text() -> None:
+    """Retryable as far as the policy allows (a Redis blip rides out on the retries)."""
+    error = ConnectionError("Redis refused redis://:hunter2-pass@10.0.0.5:6379/0")
+    out = await intercepted(error, attempt=9)
+    assert isinstance(out, ApplicationError) and out.type == errors.DEPENDENCY_TRANSIENT
+    assert out.message.startswith("ConnectionError raised at ") and "hunter2" not in out.message
+    assert "10.0.0.5" not in out.message and not out.non_retryable
+    assert out.next_retry_delay is not None and out.__cause__ is None
+
+
+@pytest.mark.parametrize(("attempt", "final"), [(1, False), (2, False), (3, True), (7, True)])
+async def test_an_unclassified_exception_is_retried_until_its_third_attempt(
+    attempt: int, final: bool
+) -> None:
+    out = await intercepted(KeyError("sk-live-0123456789 for alice"), attempt=attempt)
+    assert isinstance(out, ApplicationError) and out.type == errors.UNEXPECTED_ERROR
+    assert out.non_retryable is final and (out.next_retry_delay is None) is final
+    assert out.message.startswith("KeyError raised at ") and "Mapping key not found" in out.message
+    assert "sk-live" not in out.message and "alice" not in out.message
+    assert out.__cause__ is None
 
 
 @pytest.mark.parametrize(
@@ -115,3 +139,61 @@ async def test_any_other_exception_is_reported_as_before_with_a_delay() -> None:
 )
 async def test_final_failures_and_temporals_own_pass_untouched(error: Exception) -> None:
     assert await intercepted(error) is error
+
+
+# --- an unclassified exception on a real worker (issue 16) ------------------------------------
+
+SECRET = "sk-" + "unit-test-3141592653"
+"""Built at run time, so no source line a traceback could quote holds it."""
+attempts_made: list[int] = []
+
+
+@activity.defn(name="look_up_account")
+async def look_up_account(account: str) -> str:
+    attempts_made.append(activity.info().attempt)
+    accounts: dict[str, str] = {}
+    return accounts[f"{SECRET} of {account}"]
+
+
+@workflow.defn(name="LooksUpAccount", sandboxed=False)
+class LooksUpAccount:
+    @workflow.run
+    async def run(self, account: str) -> str:
+        return await workflow.execute_activity(
+            look_up_account,
+            account,
+            start_to_close_timeout=timedelta(seconds=10),
+            retry_policy=RetryPolicy(
+                initial_interval=timedelta(milliseconds=50), maximum_attempts=10
+            ),
+        )
+
+
+async def test_an_unclassified_failure_reaches_history_without_its_text(client: Client) -> None:
+    attempts_made.clear()
+    account = f"alice-{uuid.uuid4().hex[:8]}"
+    job_id = f"agent-job-{account}"
+    async with Worker(
+        client,
+        task_queue=job_id,
+        workflows=[LooksUpAccount],
+        activities=[look_up_account],
+        interceptors=INTERCEPTORS,
+    ):
+        with capture_logs() as logs, pytest.raises(WorkflowFailureError) as failed:
+            await client.execute_workflow(LooksUpAccount.run, account, id=job_id, task_queue=job_id)
+
+    cause = failed.value.cause
+    assert isinstance(cause, ActivityError) and isinstance(cause.cause, ApplicationError)
+    assert cause.cause.type == errors.UNEXPECTED_ERROR and cause.cause.non_retryable
+    assert "KeyError raised at activities/test_backoff.py:" in cause.cause.message
+    assert "in look_up_account" in cause.cause.message
+    assert attempts_made == [1, 2, 3]  # bounded, though the policy allowed ten
+    history = json.dumps((await client.get_workflow_handle(job_id).fetch_history()).to_json_dict())
+    assert SECRET not in history and account not in history.replace(job_id, "")
+    # The worker's log has the whole traceback, with the job's ID and the key-shaped text cut.
+    logged = [e for e in logs if e["event"] == "activity.unclassified_error"]
+    assert [e["attempt"] for e in logged] == [1, 2, 3]
+    assert {e["job_id"] for e in logged} == {job_id} and logged[-1]["log_level"] == "error"
+    assert "look_up_account" in logged[-1]["traceback"] and "KeyError" in logged[-1]["traceback"]
+    assert SECRET not in json.dumps(logged, default=str)

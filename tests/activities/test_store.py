@@ -14,7 +14,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from keel.activities import errors
-from keel.activities.store import KeelStore
+from keel.activities.store import KeelStore, _legacy_note_keys, blob_ref, note_keys
 from keel.activities.types import ToolResult, ref_belongs_to
 
 
@@ -65,10 +65,10 @@ async def test_blob_round_trip_with_ttl(
     store: KeelStore, redis_client: aioredis.Redis, tenant: str
 ) -> None:
     ref = await store.put_blob(tenant, "job-1:0:s1", "x" * 10_000, ttl_seconds=60)
-    assert ref == f"keel:blob:{tenant}:job-1:0:s1"
+    assert ref == blob_ref(tenant, "job-1:0:s1") == f"keel:blob:{{{tenant}}}:job-1:0:s1"
     assert await store.get_blob(ref, job_id="job-1", tenant=tenant) == "x" * 10_000
     assert 0 < await redis_client.ttl(ref) <= 60
-    assert await store.get_blob(f"keel:blob:{tenant}:job-1:0:missing", job_id="job-1") is None
+    assert await store.get_blob(blob_ref(tenant, "job-1:0:missing"), job_id="job-1") is None
 
 
 async def test_get_blob_refuses_other_keys(store: KeelStore, tenant: str) -> None:
@@ -94,6 +94,14 @@ async def test_get_blob_refuses_other_keys(store: KeelStore, tenant: str) -> Non
         ("keel:blob:acme:agent-job-acme:k1", "agent-job-acme:k1", "acme", False),
         ("keel:idem:acme:agent-job-acme:k1:0:s1", "agent-job-acme:k1", "acme", False),
         ("keel:blob::agent-job-acme:k1:0:s1", "agent-job-acme:k1", None, False),
+        # Refs carry the tenant as a hash tag since issue 16; the bare form above still reads.
+        ("keel:blob:{acme}:agent-job-acme:k1:0:s1", "agent-job-acme:k1", "acme", True),
+        ("keel:blob:{acme}:agent-job-acme:k1:0:s1", "agent-job-acme:k1", None, True),
+        ("keel:blob:{acme}:agent-job-acme:k1:0:s1", "agent-job-acme:k1", "evil", False),
+        ("keel:blob:{acme}:agent-job-acme:k2:0:s1", "agent-job-acme:k1", "acme", False),
+        ("keel:blob:{acme}agent-job-acme:k1:0:s1", "agent-job-acme:k1", None, False),
+        ("keel:blob:{acme:agent-job-acme:k1:0:s1", "agent-job-acme:k1", None, False),
+        ("keel:blob:{}:agent-job-acme:k1:0:s1", "agent-job-acme:k1", None, False),
         ("keel:blob:acme:agent-job-acme:k1:0:s1", "", None, False),
     ],
 )
@@ -154,7 +162,7 @@ async def test_records_are_tenant_scoped(store: KeelStore, tenant: str) -> None:
 
 async def test_write_note_once_is_exactly_once(store: KeelStore, tenant: str) -> None:
     key, created = await store.write_note_once(tenant, "job:1:s1", "Title", "Body", "job")
-    assert (key, created) == (f"keel:note:{tenant}:job:1:s1", True)
+    assert (key, created) == (note_keys(tenant, "job:1:s1")[0], True)
     again = await store.write_note_once(tenant, "job:1:s1", "Other", "Other body", "job")
     assert again == (key, False)
     notes = await store.list_notes(tenant)
@@ -192,3 +200,38 @@ async def test_works_with_a_bytes_client(redis_url: str, tenant: str) -> None:
         assert (await store.list_notes(tenant))[0]["title"] == "T"
     finally:
         await client.aclose()
+
+
+# --- names from before hash tags (issue 16) are still read on a single server ------------------
+
+
+async def test_a_note_written_before_the_tags_counts_and_is_listed_first(
+    store: KeelStore, redis_client: aioredis.Redis, tenant: str
+) -> None:
+    old_note, old_list = _legacy_note_keys(tenant, "op-old")
+    fields = {"title": "Old", "body": "B", "job_id": "job", "op_key": "op-old"}
+    await redis_client.hset(old_note, mapping=fields)
+    await redis_client.rpush(old_list, "op-old")
+    # A retry of the old write after the upgrade writes nothing, and names the old note.
+    assert await store.write_note_once(tenant, "op-old", "Again", "B", "job") == (old_note, False)
+    assert (await store.write_note_once(tenant, "op-new", "New", "B", "job"))[1]
+    notes = await store.list_notes(tenant)
+    assert [(n["key"], n["title"]) for n in notes] == [
+        (old_note, "Old"),
+        (note_keys(tenant, "op-new")[0], "New"),
+    ]
+
+
+async def test_blobs_written_before_the_tags_are_read_and_expired(
+    store: KeelStore, redis_client: aioredis.Redis, tenant: str
+) -> None:
+    job = f"agent-job-{tenant}:chat.t1"
+    old_ref = f"keel:blob:{tenant}:{job}:0:s1"  # as refs in running jobs' state still read
+    await redis_client.set(old_ref, "old output")
+    new_ref = await store.put_blob(tenant, f"{job}:1:s1", "new output")
+    assert await store.get_blobs([old_ref, new_ref], job_id=job, tenant=tenant) == [
+        "old output",
+        "new output",
+    ]
+    assert await store.expire_blobs(tenant, f"agent-job-{tenant}:chat.t") == 2
+    assert await redis_client.exists(old_ref, new_ref) == 0

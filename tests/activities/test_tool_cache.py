@@ -33,7 +33,7 @@ from keel.activities.cache import CacheKind, CacheSettings, KeelCache
 from keel.activities.catalog import BUILTIN_TOOLS, SearchDocsArgs, ToolInfo, WriteNoteArgs
 from keel.activities.converter import DATA_CONVERTER
 from keel.activities.retrieval import Retriever
-from keel.activities.store import KeelStore
+from keel.activities.store import KeelStore, blob_ref
 from keel.activities.tools import ToolActivities, ToolContext, ToolImpl, ToolRegistry
 from keel.activities.tools.calculator import calculator
 from keel.activities.tools.http_get import HttpGet
@@ -442,7 +442,7 @@ async def test_large_cached_output_gets_the_serving_jobs_own_ref(
     second = await run(acts, second_call)
     full = f"HTTP 200\n{LARGE_BODY}"
     assert hits == ["/large"] and second.cached
-    assert second.ref == f"keel:blob:{tenant}:{second_call.op_key}" != first.ref
+    assert second.ref == blob_ref(tenant, second_call.op_key) != first.ref
     assert (second.content, second.size) == (full[:PREVIEW_CHARS], len(full))
     assert await store.get_blob(second.ref, job_id="agent-job-2", tenant=tenant) == full
     with pytest.raises(ApplicationError) as info:

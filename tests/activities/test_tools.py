@@ -27,7 +27,7 @@ from temporalio.testing import ActivityEnvironment
 from keel.activities import errors
 from keel.activities.catalog import BUILTIN_TOOLS, ToolInfo, WriteNoteArgs, tool_schema
 from keel.activities.retrieval import Retriever
-from keel.activities.store import KeelStore
+from keel.activities.store import KeelStore, blob_ref, note_keys
 from keel.activities.tools import ToolActivities, ToolContext, ToolRegistry, evaluate_expression
 from keel.activities.tools.http_get import AllowEntry, HttpGet, parse_allow_list
 from keel.activities.types import NO_HITS, PREVIEW_CHARS, ToolCall, ToolResult, format_hits
@@ -498,7 +498,7 @@ async def test_large_output_goes_to_a_blob(
     call = make_call(tenant, "http_get", {"url": f"{base_url}/large"})
     result = await run(acts, call)
     full = f"HTTP 200\n{LARGE_BODY}"
-    assert result.ref == f"keel:blob:{tenant}:{call.op_key}"
+    assert result.ref == blob_ref(tenant, call.op_key)
     assert result.content == full[:PREVIEW_CHARS]
     assert result.size == len(full)
     assert await store.get_blob(result.ref, job_id="agent-job-1") == full
@@ -526,7 +526,7 @@ async def test_write_note_twice_with_one_op_key_writes_once(
     call = make_call(tenant, "write_note", {"title": "Keel note", "body": "Body."})
     first = await run(acts, call)
     second = await run(acts, call, attempt=2)
-    note_key = f"keel:note:{tenant}:{call.op_key}"
+    note_key = note_keys(tenant, call.op_key)[0]
     assert first.content == f"note {note_key} written"
     assert first.replayed is False
     assert second == first.model_copy(update={"replayed": True})
@@ -547,7 +547,7 @@ async def test_step_key_forms_the_op_key_from_the_calling_workflow(
     env.info = dataclasses.replace(env.info, workflow_id="agent-job-wf")
     first = await env.run(acts.execute_tool, call)
     second = await env.run(acts.execute_tool, call)
-    assert first.content == f"note keel:note:{tenant}:agent-job-wf:3:s2 written"
+    assert first.content == f"note {note_keys(tenant, 'agent-job-wf:3:s2')[0]} written"
     assert second.replayed is True
     assert [n["job_id"] for n in await store.list_notes(tenant)] == ["agent-job-wf"]
 

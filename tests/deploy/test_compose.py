@@ -50,7 +50,7 @@ REQUIRED_SERVICES = {
     "codec",
 }
 ONE_SHOT = {"temporal-schema", "temporal-setup"}
-CLI_TYPE = {"keyword": "Keyword", "double": "Double", "int": "Int"}
+CLI_TYPE = {"keyword": "Keyword", "double": "Double", "int": "Int", "bool": "Bool"}
 # Pre-allocated custom search attribute columns in schema/postgresql/v12/visibility/schema.sql.
 POSTGRES_SA_SLOTS = {"Keyword": 10, "Double": 3, "Int": 3, "Bool": 3, "Datetime": 3, "Text": 3}
 SCHEMA_DIR = "/etc/temporal/schema/postgresql/v12"

@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 
+from keel.activities.store import notes_list_key
 from keel.workers.commands import _print_stack, console
 from keel.workers.devstack import DevStack
 from keel.workers.supervisor import port_open
@@ -74,11 +75,18 @@ def test_demo_then_dev_restart_keeps_jobs_and_notes(tmp_path: Path) -> None:
             assert time.monotonic() < deadline and dev.poll() is None
             time.sleep(0.2)
         env = base_env | {"TEMPORAL_ADDRESS": f"127.0.0.1:{ports['temporal']}"}
-        status = keel("status", job_id.group(1), "--json", env=env, timeout=60)
+        # The query on a closed job replays it on a worker, which may start polling a little
+        # after the server answers (seconds, on a loaded machine): ask until one has.
+        while True:
+            status = keel("status", job_id.group(1), "--json", env=env, timeout=60)
+            if status.returncode == 0 or "no poller seen" not in status.stderr:
+                break
+            assert time.monotonic() < deadline + 60, status.stderr
+            time.sleep(0.5)
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["state"] == "completed"
         store = redis.Redis(port=ports["redis"], decode_responses=True)
-        assert store.llen("keel:notes:default") >= 1
+        assert store.llen(notes_list_key("default")) >= 1
         store.close()
     finally:
         dev.send_signal(signal.SIGTERM)

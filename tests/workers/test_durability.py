@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from temporalio.api.enums.v1 import EventType
 from temporalio.testing import WorkflowEnvironment
 
+from keel.activities.store import notes_list_key
 from keel.client import AgentJobs, Budget, JobRequest
 from tests.conftest import (
     free_port,
@@ -78,7 +79,7 @@ async def test_kill_9_mid_job_completes_every_job_with_notes_written_once(
                 proc.wait(timeout=30)
 
     assert [r.outcome for r in results] == ["completed"] * JOBS
-    notes = await redis_client.lrange(f"keel:notes:{tenant}", 0, -1)
+    notes = await redis_client.lrange(notes_list_key(tenant), 0, -1)
     per_job = Counter(op_key.rsplit(":", 2)[0] for op_key in notes)
     assert per_job == Counter(dict.fromkeys(ids, 1))
 
@@ -114,7 +115,7 @@ async def test_a_server_restart_under_a_running_worker_loses_no_job(
         await server.shutdown()
 
     assert [r.outcome for r in results] == ["completed"] * len(ids)
-    notes = await redis_client.lrange(f"keel:notes:{tenant}", 0, -1)
+    notes = await redis_client.lrange(notes_list_key(tenant), 0, -1)
     assert Counter(op_key.rsplit(":", 2)[0] for op_key in notes) == Counter(dict.fromkeys(ids, 1))
 
 
@@ -159,7 +160,7 @@ async def test_a_redis_outage_mid_job_delays_jobs_but_loses_none(
         await asyncio.sleep(2)
         store = redis_server(port, tmp_path)
         results = await asyncio.gather(*(jobs.result(j, timeout=120) for j in ids))
-        notes = await aioredis.Redis.from_url(url).lrange(f"keel:notes:{tenant}", 0, -1)
+        notes = await aioredis.Redis.from_url(url).lrange(notes_list_key(tenant), 0, -1)
     finally:
         store.terminate()
         store.wait(timeout=10)

@@ -11,6 +11,7 @@ from temporalio.client import Client
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
 
 from keel.activities.converter import DATA_CONVERTER
+from keel.activities.store import notes_list_key
 from keel.client import AgentJobs, JobFailed, JobRequest
 from keel.workers.registry import WORKFLOWS
 from tests.conftest import unique
@@ -67,7 +68,7 @@ async def test_happy_path_completes_with_usage_and_one_note(
     assert set(result.usage.by_tier) >= {"router", result.routing.tier}
     assert result.usage.tool_calls == 2
     assert result.usage.tokens > 0 and result.usage.cost_usd > 0
-    notes = await redis_client.lrange(f"keel:notes:{tenant}", 0, -1)
+    notes = await redis_client.lrange(notes_list_key(tenant), 0, -1)
     assert len(notes) == 1
     assert status.state == "completed" and status.usage.tokens == result.usage.tokens
     assert {e.kind for e in status.events} >= {"started", "verdict", "completed"}

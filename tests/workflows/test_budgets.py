@@ -120,6 +120,21 @@ async def test_max_retries_per_tool(client: Client, make_worker, flaky_url: str)
     assert result.exhausted_budget == "max_retries_per_tool"
 
 
+@given(st.integers(0, 10), st.integers(0, 12), st.integers(1, 4), st.integers(1, 6))
+def test_concurrent_calls_of_a_tool_share_the_retries_it_has_left(
+    max_retries: int, used: int, calls: int, ceiling: int
+) -> None:
+    counters = LoopCounters(retries_by_tool={"http_get": used})
+    ledger = Ledger(Budget(max_retries_per_tool=max_retries), counters, datetime.now(UTC))
+    split = ledger.split_attempts("http_get", calls, ceiling)
+    left = max(0, max_retries - used)
+    assert len(split) == calls and all(1 <= n <= ceiling for n in split)
+    assert sum(split) - calls <= left  # together they retry at most what is left ...
+    if -(-left // calls) < ceiling:
+        assert sum(split) == calls + left  # ... and all of it, unless the ceiling cuts it
+    assert max(split) - min(split) <= 1  # dealt out evenly
+
+
 def test_ledger_hands_the_dollars_left_to_the_call_and_stops_at_zero() -> None:
     start = datetime(2026, 1, 1, tzinfo=UTC)
     ledger = Ledger(Budget(max_tokens=10_000, max_cost_usd=0.01), LoopCounters(), start)

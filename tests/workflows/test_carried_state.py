@@ -23,7 +23,7 @@ from temporalio.exceptions import ApplicationError
 
 from keel.activities import errors
 from keel.activities.converter import decompress_payload
-from keel.activities.store import KeelStore
+from keel.activities.store import KeelStore, blob_ref
 from keel.activities.types import Observation, Usage
 from keel.workflows.agent_loop import AgentLoopWorkflow
 from keel.workflows.types import AgentLoopInput, JobRequest, JobResult, LoopCounters, LoopState
@@ -147,9 +147,9 @@ async def test_a_ref_to_another_jobs_stored_output_is_refused(
     store = KeelStore(redis_client)
     tenant, other_tenant = unique("acme"), unique("evil")
     job_a = job_id(tenant)
-    # Job A's output, stored as the tool gateway stores it (keel:blob:{tenant}:{op_key}).
+    # Job A's output, stored as the tool gateway stores it (blob_ref(tenant, op_key)).
     ref_a = await store.put_blob(tenant, f"{job_a}:0:s1", SECRET)
-    assert ref_a == f"keel:blob:{tenant}:{job_a}:0:s1"
+    assert ref_a == blob_ref(tenant, f"{job_a}:0:s1")
     cases = {
         "another job of the tenant": (tenant, job_id(tenant), ref_a),
         "another tenant's job": (other_tenant, job_id(other_tenant), ref_a),

@@ -391,8 +391,8 @@ async def _one(
         job_id = await facade.start(
             request, request_key=f"j{job.index:05d}", compress=spec.compress
         )
-        # No timeout: with one the façade polls ``describe`` every RESULT_POLL_SECONDS, which
-        # would round every latency up to that interval. Each job's own budget ends it.
+        # No timeout: each job's own budget ends it (a timeout would only add a deadline to
+        # the same long poll).
         result = await facade.final_result(job_id)
     except Exception as err:  # noqa: BLE001 - a broken job is a figure (its outcome), not a crash
         record.outcome = f"error: {type(err).__name__}"

@@ -65,6 +65,8 @@ class Directives:
     difficulty: int | None = None
     """The goal's difficulty (``difficulty=N``, N >= 1) for the quality model; None leaves it
     to ``SimConfig.difficulty_weights``."""
+    duplicate_step_ids: bool = False
+    """Give every step of a plan the same id (``duplicate-step-ids``), as a careless model may."""
 
 
 @lru_cache(maxsize=1024)
@@ -104,6 +106,8 @@ def parse_goal(goal: str) -> tuple[str, Directives]:
                 values["fanout"] = max(1, min(int(raw), MAX_PLAN_STEPS - 1))
             elif key == "replan":
                 values["replan"] = True
+            elif key == "duplicate-step-ids":
+                values["duplicate_step_ids"] = True
             elif key == "difficulty" and int(raw) >= 1:
                 values["difficulty"] = int(raw)
             elif key == "use" and raw:

@@ -176,6 +176,8 @@ def plan_reply(payload: dict[str, Any], goal: str, directives: Directives) -> di
         steps.append(_step(len(steps) + 1, "retrieve", query=goal))
     if not steps:
         return _plan("answer", "No tools or documents are available; answering directly.", [])
+    if directives.duplicate_step_ids:
+        steps = [step | {"id": "s1"} for step in steps]
     names = ", ".join(s["tool"] or "retrieval" for s in steps)
     return _plan("act", f"Gather what the goal needs with: {names}.", steps)
 
