@@ -1,8 +1,9 @@
 """The built-in tools' names, descriptions and argument models.
 
 Owns the *shape* of every built-in tool: what the model may call and with which arguments,
-and what the gateway may assume about it (side-effecting or read-only, its behaviour version,
-how long its results may be served from the tool-result cache).
+and what the gateway and the workflow may assume about it: its annotations (read-only,
+destructive, idempotent, requires-approval; issue 16), its behaviour version, and how long its
+results may be served from the tool-result cache.
 The client imports this module to check ``--tool`` names when a job is submitted, and the
 tool gateway (``activities/tools/gateway.py``) validates arguments against these models, so it
 depends only on pydantic and the standard library and performs no I/O. Not workflow code,
@@ -12,6 +13,7 @@ though it is deterministic and safe to import anywhere.
 from __future__ import annotations
 
 import functools
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +25,7 @@ __all__ = [
     "BUILTIN_TOOLS",
     "CalculatorArgs",
     "HttpGetArgs",
+    "HttpPostArgs",
     "SearchDocsArgs",
     "ToolInfo",
     "WriteNoteArgs",
@@ -56,6 +59,37 @@ class HttpGetArgs(BaseModel):
         return value
 
 
+HTTP_POST_MAX_BODY_CHARS = 16_000
+"""Longest JSON body ``http_post`` sends, serialised; the arguments travel in history."""
+
+
+class HttpPostArgs(BaseModel):
+    """Arguments of ``http_post``."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    url: str = Field(
+        max_length=2048, pattern=r"^https?://", examples=["http://127.0.0.1:8000/hook"]
+    )
+    """Absolute http or https URL; its host and port must be on the worker's allow-list."""
+    body: dict[str, Any] = Field(examples=[{"text": "Keel update"}])
+    """JSON object sent as the request body."""
+
+    @field_validator("url")
+    @classmethod
+    def _has_host(cls, value: str) -> str:
+        if not urlsplit(value).hostname:
+            raise ValueError("URL has no host")
+        return value
+
+    @field_validator("body")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(value, separators=(",", ":"))) > HTTP_POST_MAX_BODY_CHARS:
+            raise ValueError(f"the JSON body is longer than {HTTP_POST_MAX_BODY_CHARS} characters")
+        return value
+
+
 class WriteNoteArgs(BaseModel):
     """Arguments of ``write_note``."""
 
@@ -82,7 +116,12 @@ class SearchDocsArgs(BaseModel):
 
 @dataclass(frozen=True)
 class ToolInfo:
-    """What the model and the gateway know about one tool."""
+    """What the model, the gateway and the workflow know about one tool.
+
+    The annotations follow MCP's tool hints: ``read_only``, ``destructive``, ``idempotent``,
+    and Keel's own ``requires_approval``. ``__post_init__`` refuses combinations the gateway
+    could not honour.
+    """
 
     name: str
     """Name the model uses to call the tool."""
@@ -102,22 +141,52 @@ class ToolInfo:
     cache_ttl_seconds: float = 0.0
     """How long a result of this read-only tool may be served from the tool-result cache
     (capped by the worker's ``CacheSettings``); 0: never cached by the gateway."""
+    destructive: bool = False
+    """True when the tool's effect cannot be taken back. Such a tool implements ``preview``
+    besides its call (``activities/tools/base.py``, ``Previewable``): the act phase only
+    previews it, and the write commits after the verifier accepts the answer that depends on
+    it. Only a side-effecting tool can be destructive."""
+    idempotent: bool = False
+    """True when repeating a call under the same op_key has no further effect even after it
+    ran to the end: a read, or a write keyed by op_key in its own store (``write_note``). A
+    write to someone else's system (``http_post``) is not: its receiver decides, so the tool
+    sends it an idempotency key derived from the op_key. A read-only tool is idempotent
+    whatever this says (``annotations``)."""
+    requires_approval: bool = False
+    """True when a person must approve each write before it commits (stop-and-ask: the job
+    waits in ``waiting_for_input`` for the ``approve`` or ``reject`` update). Only a
+    destructive tool can require approval."""
 
     def __post_init__(self) -> None:
         """Refuse a declaration the gateway could not honour.
 
         Raises:
-            ValueError: If a side-effecting tool is declared read-only, or a tool that is not
-                read-only (or has a negative or non-finite TTL) declares a cache TTL.
+            ValueError: If a side-effecting tool is declared read-only, a tool that is not
+                read-only (or has a negative or non-finite TTL) declares a cache TTL, a
+                destructive tool is not side-effecting, or a tool requiring approval is not
+                destructive.
         """
         if self.side_effecting and self.read_only:
             raise ValueError(f"tool {self.name!r} cannot be both side-effecting and read-only")
+        if self.destructive and not self.side_effecting:
+            raise ValueError(f"tool {self.name!r} is destructive but not side-effecting")
+        if self.requires_approval and not self.destructive:
+            raise ValueError(f"tool {self.name!r} requires approval but is not destructive")
         if not math.isfinite(self.cache_ttl_seconds) or self.cache_ttl_seconds < 0:
             raise ValueError(f"tool {self.name!r}: cache_ttl_seconds must be finite and >= 0")
         if self.cache_ttl_seconds > 0 and not self.read_only:
             raise ValueError(f"tool {self.name!r} is cached but not declared read-only")
         if not self.version:
             raise ValueError(f"tool {self.name!r} needs a version")
+
+    def annotations(self) -> dict[str, bool]:
+        """The tool's annotations by name, for people (logs, docs) to read."""
+        return {
+            "read_only": self.read_only,
+            "destructive": self.destructive,
+            "idempotent": self.idempotent or self.read_only,
+            "requires_approval": self.requires_approval,
+        }
 
     @property
     def cacheable(self) -> bool:
@@ -158,6 +227,7 @@ BUILTIN_TOOLS: dict[str, ToolInfo] = {
             "Evaluate an arithmetic expression exactly and return the number.",
             CalculatorArgs,
             read_only=True,
+            idempotent=True,
             # Pure arithmetic: the answer never goes stale, only the tool's version can change.
             cache_ttl_seconds=_CALCULATOR_TTL,
         ),
@@ -166,6 +236,7 @@ BUILTIN_TOOLS: dict[str, ToolInfo] = {
             "Fetch a URL with HTTP GET and return the status and the start of the body.",
             HttpGetArgs,
             read_only=True,
+            idempotent=True,
             # Pages change: a short TTL bounds how stale a served page can be.
             cache_ttl_seconds=_HTTP_GET_TTL,
         ),
@@ -174,12 +245,29 @@ BUILTIN_TOOLS: dict[str, ToolInfo] = {
             "Save a note (title and body) for the user. Writes once per plan step.",
             WriteNoteArgs,
             side_effecting=True,
+            # Previewed in the act phase, written once the answer is verified; the store
+            # writes at most one note per op_key, so a repeated commit changes nothing.
+            destructive=True,
+            idempotent=True,
+        ),
+        ToolInfo(
+            "http_post",
+            "POST a JSON body to an allow-listed URL. A person approves each request before "
+            "it is sent, after the answer is verified.",
+            HttpPostArgs,
+            side_effecting=True,
+            destructive=True,
+            # The receiver decides what a repeat does; it gets a Stripe-style Idempotency-Key
+            # derived from the op_key, the same on every retry of one commit.
+            idempotent=False,
+            requires_approval=True,
         ),
         ToolInfo(
             "search_docs",
             "Search the job's documents and return the best-matching passages.",
             SearchDocsArgs,
             read_only=True,
+            idempotent=True,
             # Not cached here: its hits depend on the corpus contents, and the Retriever it
             # calls knows the corpus index version and keeps the retrieval top-k cache keyed by
             # it. A tool-level entry would need a second folder scan before every lookup to

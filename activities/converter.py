@@ -5,7 +5,12 @@ defaults are left out (``exclude_defaults``): they come back as the same default
 payload is read, and every job's history is smaller. ``KeelCodec`` then compresses structured
 payloads and, when a key ring is configured (``activities.encryption``), encrypts every payload
 except operator text (``PlainText``: summaries and details the Temporal UI shows without a codec
-server). Not workflow code; the converter is deterministic, encryption is not (fresh nonces).
+server). A payload Temporal would refuse (over its 2 MB limit, or, with the payload store on,
+over what a reader may inflate) is refused at encoding as a non-retryable ``PayloadTooLarge``
+that names the activity or workflow and the size, never retried. With the payload store on
+(``activities.payload_store``, ``KEEL_PAYLOAD_STORE=on``), payloads from 256 KiB travel by
+reference to Redis through the SDK's ``ExternalStorage``. Not workflow code; the converter is
+deterministic, encryption is not (fresh nonces).
 
 Wire contract: because omitted fields are restored from the current defaults, never change the
 default of a field that running jobs may replay; add a new field instead.
@@ -13,6 +18,7 @@ default of a field that running jobs may replay; add a new field instead.
 
 from __future__ import annotations
 
+import copy
 import os
 import zlib
 from collections.abc import Mapping, Sequence
@@ -22,12 +28,17 @@ from pydantic import BaseModel
 from temporalio.api.common.v1 import Payload
 from temporalio.contrib.pydantic import PydanticJSONPlainPayloadConverter
 from temporalio.converter import (
+    ActivitySerializationContext,
     CompositePayloadConverter,
     DataConverter,
     DefaultFailureConverterWithEncodedAttributes,
     DefaultPayloadConverter,
+    ExternalStorage,
     JSONPlainPayloadConverter,
     PayloadCodec,
+    SerializationContext,
+    WithSerializationContext,
+    WorkflowSerializationContext,
 )
 from temporalio.exceptions import ApplicationError
 
@@ -38,6 +49,7 @@ from keel.activities.encryption import (
     encrypt_payload,
     load_key_ring,
 )
+from keel.activities.payload_store import PayloadStoreSettings, RedisPayloadDriver
 
 
 class PlainText(str):
@@ -186,13 +198,20 @@ limit, so every payload Keel writes fits, and far below what a crafted 100 KB pa
 (zlib reaches about 1000:1)."""
 MAX_DECODED_BYTES_ENV = "KEEL_PAYLOAD_MAX_BYTES"
 """Overrides ``MAX_DECODED_BYTES`` for a process (bytes)."""
+TEMPORAL_PAYLOAD_LIMIT = 2 * 1024 * 1024
+"""The server's default ``limit.blobSize.error``: a payload over it is refused by the worker's
+core (``PayloadsTooLarge``) as a *retryable* failure, so an activity whose result is too large
+runs again on every attempt, and a workflow task that carries one fails and retries forever."""
+MAX_ENCODED_BYTES = TEMPORAL_PAYLOAD_LIMIT - 4 * 1024
+"""The codec's default cap on one encoded payload without the payload store: Temporal's limit
+less room for the envelope around the payload (the field and its metadata)."""
 
 _WORKFLOW_METADATA = b"temporal.api.sdk.v1.WorkflowMetadata"
 """The message type of the SDK's ``__temporal_workflow_metadata`` query result, which carries the
 current details the UI shows (``workflow.set_current_details``); a query result, never history."""
 
 
-class KeelCodec(PayloadCodec):
+class KeelCodec(PayloadCodec, WithSerializationContext):
     """Compress structured JSON payloads, then encrypt them when a key ring is configured.
 
     Compression: only ``json/plain`` payloads holding a JSON object are compressed (activity and
@@ -207,21 +226,40 @@ class KeelCodec(PayloadCodec):
     Decoding passes every encoding it does not own through, so histories written before
     compression or encryption was turned on, or by other SDKs, read as before; an encrypted
     payload needs its key in the ring.
+
+    Size: encoding refuses a payload over ``max_encoded_bytes`` once encoded, and a JSON object
+    over ``max_decoded_bytes`` before it is compressed (no reader would inflate it), with a
+    non-retryable ``PayloadTooLarge`` naming what the payload belongs to (the SDK gives each
+    activity and workflow its own copy of the codec, ``with_context``) and its size. In an
+    activity that fails the activity at once instead of re-running it on every attempt.
     """
 
     def __init__(
-        self, keys: KeyRing | None = None, *, max_decoded_bytes: int = MAX_DECODED_BYTES
+        self,
+        keys: KeyRing | None = None,
+        *,
+        max_decoded_bytes: int = MAX_DECODED_BYTES,
+        max_encoded_bytes: int = MAX_ENCODED_BYTES,
     ) -> None:
         """Build the codec.
 
         Args:
             keys: The key ring; None leaves payloads unencrypted (and refuses encrypted ones).
             max_decoded_bytes: The most one compressed payload may inflate to.
+            max_encoded_bytes: The most one payload may take once encoded.
         """
-        if max_decoded_bytes < 1:
-            raise ValueError("max_decoded_bytes must be positive")
+        if max_decoded_bytes < 1 or max_encoded_bytes < 1:
+            raise ValueError("max_decoded_bytes and max_encoded_bytes must be positive")
         self.keys = keys
         self.max_decoded_bytes = max_decoded_bytes
+        self.max_encoded_bytes = max_encoded_bytes
+        self._context: SerializationContext | None = None
+
+    def with_context(self, context: SerializationContext) -> KeelCodec:
+        """This codec for payloads of ``context`` (an activity or workflow), for error text."""
+        scoped = copy.copy(self)
+        scoped._context = context
+        return scoped
 
     async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
         """Compress what is worth compressing, then encrypt; see the class docstring."""
@@ -238,11 +276,28 @@ class KeelCodec(PayloadCodec):
         return [self.decode_payload(p) for p in payloads]
 
     def encode_payload(self, payload: Payload) -> Payload:
-        """One payload, compressed and (with keys) encrypted."""
+        """One payload, compressed and (with keys) encrypted.
+
+        Raises:
+            ApplicationError: ``PayloadTooLarge`` (non-retryable) past either size cap.
+        """
+        if len(payload.data) > self.max_decoded_bytes and _compressible(payload):
+            self._refuse(len(payload.data), self.max_decoded_bytes, "before compression")
         payload = compress_payload(payload)
-        if self.keys is None or _operator_text(payload):
-            return payload
-        return encrypt_payload(payload, self.keys)
+        if self.keys is not None and not _operator_text(payload):
+            payload = encrypt_payload(payload, self.keys)
+        size = payload.ByteSize()
+        if size > self.max_encoded_bytes:
+            self._refuse(size, self.max_encoded_bytes, "encoded")
+        return payload
+
+    def _refuse(self, size: int, limit: int, measured: str) -> None:
+        raise ApplicationError(
+            f"{_owner(self._context)} is {size} bytes {measured}, over the {limit}-byte payload "
+            "limit; refused rather than retried (pass a reference, such as a blob key, instead)",
+            type=PAYLOAD_TOO_LARGE,
+            non_retryable=True,
+        )
 
     def decode_payload(self, payload: Payload) -> Payload:
         """One payload, decrypted and inflated; see ``decode``."""
@@ -253,6 +308,23 @@ CompressionCodec = KeelCodec
 """The codec's name before it could encrypt; ``KeelCodec()`` without keys only compresses."""
 
 
+def _owner(context: SerializationContext | None) -> str:
+    """What a payload of ``context`` belongs to, for an error message (names, never data)."""
+    if isinstance(context, ActivitySerializationContext):
+        return (
+            f"a payload of activity {context.activity_type!r} (activity ID "
+            f"{context.activity_id}, workflow {context.workflow_id!r})"
+        )
+    if isinstance(context, WorkflowSerializationContext):
+        return f"a payload of workflow {context.workflow_id!r}"
+    return "a payload"
+
+
+def _compressible(payload: Payload) -> bool:
+    """Whether ``compress_payload`` would consider ``payload`` (a plain JSON object)."""
+    return dict(payload.metadata) == {"encoding": _JSON} and payload.data[:1] == b"{"
+
+
 def _operator_text(payload: Payload) -> bool:
     """Whether ``payload`` is text the UI shows without a codec server (see ``PlainText``)."""
     meta = payload.metadata
@@ -261,8 +333,7 @@ def _operator_text(payload: Payload) -> bool:
 
 def compress_payload(payload: Payload) -> Payload:
     """``payload`` as ``binary/keel-z1`` when it is a JSON object that shrinks; else itself."""
-    plain_object = dict(payload.metadata) == {"encoding": _JSON} and payload.data[:1] == b"{"
-    if not plain_object:
+    if not _compressible(payload):
         return payload
     packer = zlib.compressobj(level=6, wbits=-15, zdict=_ZDICT_V1)
     data = packer.compress(payload.data) + packer.flush()
@@ -308,32 +379,51 @@ DATA_CONVERTER = DataConverter(
 
 
 def keel_data_converter(
-    keys: KeyRing | None = None, *, max_decoded_bytes: int = MAX_DECODED_BYTES
+    keys: KeyRing | None = None,
+    *,
+    max_decoded_bytes: int = MAX_DECODED_BYTES,
+    payload_store: PayloadStoreSettings | None = None,
 ) -> DataConverter:
-    """Keel's converter with these keys and this inflation cap.
+    """Keel's converter with these keys, this inflation cap and this payload store.
 
     With keys, failure messages and stack traces are moved into an encoded (so encrypted)
     attribute too (the SDK's ``DefaultFailureConverterWithEncodedAttributes``): error text can
     quote a job's content. Error types and retryability stay readable.
 
+    With a payload store, encoded payloads from its threshold on are written to Redis and
+    travel by reference (``activities.payload_store``), and the codec's cap on one encoded
+    payload rises from Temporal's limit to ``max_decoded_bytes``: what any reader may inflate.
+
     Args:
         keys: The key ring, or None for compression only.
         max_decoded_bytes: The most one compressed payload may inflate to.
+        payload_store: Where large payloads go; None keeps every payload in history.
 
     Returns:
-        ``DATA_CONVERTER`` when neither is set, else a new converter.
+        ``DATA_CONVERTER`` when none is set, else a new converter.
     """
-    if keys is None and max_decoded_bytes == MAX_DECODED_BYTES:
+    if keys is None and max_decoded_bytes == MAX_DECODED_BYTES and payload_store is None:
         return DATA_CONVERTER
     failures = (
         DefaultFailureConverterWithEncodedAttributes
         if keys is not None
         else DATA_CONVERTER.failure_converter_class
     )
+    storage = None
+    max_encoded = MAX_ENCODED_BYTES
+    if payload_store is not None:
+        storage = ExternalStorage(
+            drivers=[RedisPayloadDriver(payload_store)],
+            payload_size_threshold=payload_store.threshold_bytes,
+        )
+        max_encoded = max(max_decoded_bytes, payload_store.threshold_bytes)
     return DataConverter(
         payload_converter_class=KeelPayloadConverter,
-        payload_codec=KeelCodec(keys, max_decoded_bytes=max_decoded_bytes),
+        payload_codec=KeelCodec(
+            keys, max_decoded_bytes=max_decoded_bytes, max_encoded_bytes=max_encoded
+        ),
         failure_converter_class=failures,
+        external_storage=storage,
     )
 
 
@@ -356,14 +446,21 @@ def converter_from_env(environ: Mapping[str, str] | None = None) -> DataConverte
     """Keel's converter as this process's environment configures it.
 
     Reads ``KEEL_ENCRYPTION_KEYS`` or ``KEEL_ENCRYPTION_KEYS_FILE`` (encryption is off when
-    neither is set) and ``KEEL_PAYLOAD_MAX_BYTES``. Every Keel client and worker builds its
-    converter here (``keel.client.plugin.keel_converter``), so they agree.
+    neither is set), ``KEEL_PAYLOAD_MAX_BYTES`` and the payload store's settings
+    (``KEEL_PAYLOAD_STORE``, off by default, its Redis URL defaulting to ``REDIS_URL``; see
+    ``PayloadStoreSettings.from_env``). Every Keel client and worker builds its converter here
+    (``keel.client.plugin.keel_converter``), so they agree.
 
     Raises:
-        ValueError: The keys or the cap are malformed (the message never holds a key).
+        ValueError: The keys, the cap or the store's settings are malformed (the message never
+            holds a key).
     """
     codec = codec_from_env(environ)
-    return keel_data_converter(codec.keys, max_decoded_bytes=codec.max_decoded_bytes)
+    return keel_data_converter(
+        codec.keys,
+        max_decoded_bytes=codec.max_decoded_bytes,
+        payload_store=PayloadStoreSettings.from_env(environ),
+    )
 
 
 def is_keel_converter(converter: DataConverter) -> bool:

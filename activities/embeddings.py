@@ -28,7 +28,7 @@ import structlog
 from temporalio.exceptions import ApplicationError
 
 from keel.activities.cache import CacheKind, KeelCache
-from keel.activities.errors import LLM_TRANSIENT, classifying_openai_errors
+from keel.activities.errors import LLM_TRANSIENT, bounded, classifying_openai_errors
 
 if TYPE_CHECKING:
     # Only the worker builds the client; see ``errors`` for why the SDK is not imported here.
@@ -229,4 +229,4 @@ class Embedder:
 
 def _malformed(detail: str) -> ApplicationError:
     # A reply of the wrong shape is the endpoint's fault, like a 5xx: another attempt can work.
-    return ApplicationError(f"malformed embeddings reply: {detail}", type=LLM_TRANSIENT)
+    return ApplicationError(bounded(f"malformed embeddings reply: {detail}"), type=LLM_TRANSIENT)

@@ -86,6 +86,10 @@ CIRCUIT_OPEN = "CircuitOpen"
 workflow moves the call to the next tier, or a tool's step to proceeding without it."""
 BUDGET_EXHAUSTED = "BudgetExhausted"
 """An LLM call could not be paid for from the dollars the job has left (non-retryable)."""
+LLM_RESPONSE_TOO_LARGE = "LLMResponseTooLarge"
+"""Non-retryable: the endpoint's reply (body or streamed text) ran past MAX_LLM_RESPONSE_CHARS,
+far more than any completion within the call's max_tokens; the same request would get the same
+reply, and a reply that large cannot travel through history anyway."""
 
 # The payload codec's error types (PayloadTooLarge, PayloadKeyUnknown, PayloadTampered) are
 # defined in ``activities/encryption.py``: the codec runs on the client path, which must not
@@ -99,6 +103,15 @@ INVALID_CARRIED_STATE = "InvalidCarriedState"
 counter, a clock or wait that would add budget back, or a ref to another job's stored output."""
 
 _MAX_RETRY_AFTER = 300.0
+
+MAX_MESSAGE_CHARS = 500
+"""Most characters of an error message built from foreign text (a vendor's reply, a remote
+server's reason, a tool's exception): failures are recorded in history, shown by the UI and
+logged, and a message quoting a whole reply would make each of them as large as the reply."""
+MAX_LLM_RESPONSE_CHARS = 1024 * 1024
+"""Most characters of one model reply (its raw body, or its streamed text) the model gateway
+reads: a completion within any ``max_tokens`` Keel asks for is far smaller (16k tokens are about
+64 KB), and a reply of this size still fits well inside Temporal's 2 MB payload limit."""
 
 REDACTED = "[redacted]"
 _MIN_SECRET_CHARS = 8
@@ -128,6 +141,28 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
         if len(secret) >= _MIN_SECRET_CHARS:
             text = text.replace(secret, REDACTED)
     return _KEY_SHAPED.sub(REDACTED, text)
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS, secrets: Iterable[str] = ()) -> str:
+    """``message`` redacted (see ``redact``) and cut to at most ``limit`` characters.
+
+    Use it wherever an ``ApplicationError`` message quotes text Keel did not write: a vendor's
+    error body, a remote server's reason, an exception's text. A cut message ends in ``…`` and
+    says how long it was, so a reader knows it is not whole.
+
+    Args:
+        message: The message, possibly quoting foreign text.
+        limit: The most characters the result may have (at least 40).
+        secrets: Exact values to remove, as ``redact`` takes them.
+
+    Returns:
+        The redacted message, whole when it fits, else its start and ``… (N chars)``.
+    """
+    text = redact(message, secrets)
+    if len(text) <= limit:
+        return text
+    tail = f"… ({len(text)} chars)"
+    return text[: max(0, limit - len(tail))] + tail
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -181,7 +216,7 @@ def classify_http_status(
     Returns:
         The error to raise.
     """
-    detail = f"HTTP {status}: {redact(message, secrets)}"[:500]
+    detail = bounded(f"HTTP {status}: {message}", secrets=secrets)
     if status in (408, 409, 429):
         delay = parse_retry_after(retry_after)
         return ApplicationError(
@@ -223,18 +258,18 @@ def from_openai(err: openai.OpenAIError, secrets: Iterable[str] = ()) -> Applica
         return ApplicationError("model request timed out", type=LLM_TRANSIENT)
     if isinstance(err, openai.APIConnectionError):
         return ApplicationError(
-            f"cannot reach the model endpoint: {redact(str(err), secrets)}", type=LLM_TRANSIENT
+            bounded(f"cannot reach the model endpoint: {err}", secrets=secrets), type=LLM_TRANSIENT
         )
     if isinstance(err, openai.APIError):
         # The endpoint took the request and then failed it in the body: an error event in
         # place of the rest of a streamed reply, or a reply of the wrong shape. The request
         # itself was accepted, so another attempt can succeed.
         return ApplicationError(
-            f"the model endpoint failed mid-reply: {redact(err.message, secrets)}"[:500],
+            bounded(f"the model endpoint failed mid-reply: {err.message}", secrets=secrets),
             type=LLM_TRANSIENT,
         )
     return ApplicationError(
-        f"{type(err).__name__}: {redact(str(err), secrets)}"[:500],
+        bounded(f"{type(err).__name__}: {err}", secrets=secrets),
         type=LLM_REJECTED,
         non_retryable=True,
     )

@@ -598,7 +598,8 @@ class LLMActivities:
 
         Raises:
             ApplicationError: The vendor error, classified by ``errors.from_openai`` (retryable
-                or not), or a retryable ``LLM_TRANSIENT`` when the body is not a chat completion.
+                or not), a retryable ``LLM_TRANSIENT`` when the body is not a chat completion,
+                or a non-retryable ``LLM_RESPONSE_TOO_LARGE`` when it is over the size cap.
         """
         client = client or self._client
         try:
@@ -615,6 +616,7 @@ class LLMActivities:
                             cast_to=str,
                             options=self._options(self._config.request_timeout_seconds),
                         )
+            _check_reply_size(len(raw))
             return _Completion.model_validate_json(raw)
         except ApplicationError as failure:
             log.warning("llm.failed", error_type=failure.type, retryable=not failure.non_retryable)
@@ -855,11 +857,27 @@ class _Chunk(BaseModel):
     usage: _TokenUsage | None = None
 
 
+def _check_reply_size(chars: int) -> None:
+    """Refuse a reply past ``errors.MAX_LLM_RESPONSE_CHARS`` (its body, or its streamed text).
+
+    Raises:
+        ApplicationError: ``LLM_RESPONSE_TOO_LARGE``, non-retryable: the same request gets the
+            same oversized reply, which could not travel through history anyway.
+    """
+    if chars > errors.MAX_LLM_RESPONSE_CHARS:
+        raise ApplicationError(
+            f"the model's reply ran past {errors.MAX_LLM_RESPONSE_CHARS} characters; refused",
+            type=errors.LLM_RESPONSE_TOO_LARGE,
+            non_retryable=True,
+        )
+
+
 async def _collect(stream: AsyncIterable[object], draft: DraftTokens) -> _Completion:
     """Read a streamed completion to its end, feeding ``draft`` the answer's new text.
 
     Raises:
-        ApplicationError: ``LLM_TRANSIENT`` when the stream ends before its finish reason.
+        ApplicationError: ``LLM_TRANSIENT`` when the stream ends before its finish reason;
+            ``LLM_RESPONSE_TOO_LARGE`` (non-retryable) as soon as the text runs past the cap.
         ValidationError: A chunk is not one.
     """
     raw, finish, usage = "", None, None
@@ -870,6 +888,7 @@ async def _collect(stream: AsyncIterable[object], draft: DraftTokens) -> _Comple
             finish = choice.finish_reason or finish
             if choice.delta.content:
                 raw += choice.delta.content
+                _check_reply_size(len(raw))
                 so_far = _answer_so_far(raw)
                 if so_far is not None and so_far.startswith(draft.fed):
                     draft.feed(so_far[len(draft.fed) :])

@@ -60,7 +60,9 @@ from keel.activities.types import RetrievalHit, RetrievalMode, RetrievalQuery, R
 __all__ = [
     "DOC_EXTENSIONS",
     "EMBED_CHARS",
+    "HIT_METADATA_BYTES",
     "MAX_DOC_BYTES",
+    "MAX_RESULT_BYTES",
     "MAX_TOP_K",
     "RRF_K",
     "RetrievalActivities",
@@ -83,6 +85,20 @@ SNIPPET_CHARS = 300
 EMBED_CHARS = 2_000
 """Characters of a document's body that are embedded (after its title): about 500 tokens, so
 a batch of 128 stays far inside an embeddings request's token limit."""
+HIT_METADATA_KEYS = 16
+"""Most metadata entries one hit carries (``path``, ``ext`` and ``dir`` first, then front-matter
+keys in file order): front matter can hold anything, and a hit travels through history."""
+HIT_METADATA_KEY_CHARS = 64
+"""Longest metadata key a hit carries; longer keys are left out."""
+HIT_METADATA_VALUE_CHARS = 256
+"""Longest metadata value a hit carries; longer values are cut and end in ``…``."""
+HIT_METADATA_BYTES = 2_048
+"""Most UTF-8 bytes of one hit's metadata (keys and values); entries past it are left out."""
+MAX_RESULT_BYTES = 128 * 1024
+"""Most UTF-8 bytes of one ``search_corpus`` result's JSON: MAX_TOP_K hits within the caps above
+stay far below it, and a result over it (a corpus of very long paths) loses its lowest hits. It
+keeps the result far under Temporal's 2 MB payload limit (and under the 256 KB threshold above
+which the payload store takes a payload out of history)."""
 RRF_K = 60
 """Reciprocal rank fusion's constant (Cormack et al., 2009): damps the weight of the top ranks
 so that agreement between rankings counts more than one ranking's first place."""
@@ -351,10 +367,69 @@ def _ranked(index: _Index, r: _Ranking) -> list[RetrievalHit]:
             path=index.docs[i].path,
             score=round(float(scores[i]), 4),
             snippet=_snippet(index.docs[i].text, terms),
-            metadata=index.docs[i].metadata,
+            metadata=bounded_metadata(index.docs[i].metadata),
         )
         for i in chosen
     ]
+
+
+_BUILTIN_KEYS = ("path", "ext", "dir")
+
+
+def bounded_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """``metadata`` within the hit caps: HIT_METADATA_KEYS entries, HIT_METADATA_BYTES in all.
+
+    The built-in keys come first so the filters' keys always survive; then front-matter keys in
+    file order. Keys over HIT_METADATA_KEY_CHARS are left out, values over
+    HIT_METADATA_VALUE_CHARS are cut. Filters still match the full values: only what a hit
+    carries into history is cut.
+
+    Args:
+        metadata: A document's metadata as loaded.
+
+    Returns:
+        The metadata a hit carries.
+    """
+    order = [k for k in _BUILTIN_KEYS if k in metadata]
+    order += [k for k in metadata if k not in _BUILTIN_KEYS]
+    kept: dict[str, str] = {}
+    used = 0
+    for key in order:
+        if len(kept) >= HIT_METADATA_KEYS:
+            break
+        if len(key) > HIT_METADATA_KEY_CHARS:
+            continue
+        value = metadata[key]
+        if len(value) > HIT_METADATA_VALUE_CHARS:
+            value = value[: HIT_METADATA_VALUE_CHARS - 1] + "…"
+        size = len(key.encode()) + len(value.encode())
+        if used + size > HIT_METADATA_BYTES:
+            continue
+        kept[key] = value
+        used += size
+    return kept
+
+
+def bounded_result(result: RetrievalResult) -> RetrievalResult:
+    """``result`` with every hit's metadata bounded and at most MAX_RESULT_BYTES in all.
+
+    Applied to every result ``search_corpus`` returns, cached ones too: the retrieval cache may
+    hold hits stored before the caps existed.
+
+    Args:
+        result: A search's result.
+
+    Returns:
+        The result as it may enter history; its lowest hits dropped when it is still too large.
+    """
+    hits = [h.model_copy(update={"metadata": bounded_metadata(h.metadata)}) for h in result.hits]
+    sizes = [len(h.model_dump_json().encode()) for h in hits]
+    # What the result holds besides its hits (mode, version, flags), with room to spare.
+    budget = MAX_RESULT_BYTES - 1024
+    while hits and sum(sizes) > budget:
+        hits.pop()
+        sizes.pop()
+    return result.model_copy(update={"hits": hits})
 
 
 class Retriever:
@@ -674,4 +749,4 @@ class RetrievalActivities:
                 cached=result.cached,
                 degraded=result.degraded is not None,
             )
-        return result.model_copy(update={"attempt": activity.info().attempt})
+        return bounded_result(result).model_copy(update={"attempt": activity.info().attempt})

@@ -31,10 +31,12 @@ CHARS_PER_TOKEN = 3
 MIN_OUTPUT_TOKENS = 64
 """A model call that cannot afford this many completion tokens is not worth making."""
 
-LLM_REQUEST_TIMEOUT_SECONDS = 50.0
-"""Longest the openai client waits for one model request. ``LLM_CALL``'s start-to-close timeout
-is derived from it (``workflows/policies.py``), so a slow model ends in a classified timeout the
-activity reports, never in Temporal killing the attempt mid-request."""
+LLM_REQUEST_TIMEOUT_SECONDS = 90.0
+"""Longest the openai client waits for one model request: real calls take seconds to a minute
+(``keel bench load`` runs them at 45 to 75 s), so the limit sits half a minute above that.
+``LLM_CALL``'s start-to-close timeout is derived from it (``workflows/policies.py``), so a slow
+model ends in a classified timeout the activity reports, never in Temporal killing the attempt
+mid-request."""
 
 LIMIT_WAIT_SECONDS = 60.0
 """Longest one attempt of a model or tool call waits at its gateway's limits (in-flight leases,
@@ -441,6 +443,10 @@ class ToolCall(BaseModel):
     cache: bool = True
     """Whether the tool-result cache may serve this call (and store its result); False for a
     job that opted out of Keel's caches. Write tools are never cached either way."""
+    dry_run: bool = False
+    """Preview instead of write: a destructive tool returns what it would do and changes
+    nothing (``ToolResult.preview``); other tools run as usual. The act phase sends it
+    (``preview-commit`` patch); the commit is the same call, same ``step_key``, without it."""
 
     @model_validator(mode="after")
     def _keyed(self) -> ToolCall:
@@ -467,6 +473,11 @@ class ToolResult(BaseModel):
     cached: bool | None = None
     """True: served from the tool-result cache; False: looked up and missed; None: not looked
     up (a write tool, a job that opted out, or no cache)."""
+    preview: bool = False
+    """True when a destructive tool only previewed a write (``ToolCall.dry_run``): ``content``
+    says what the commit would do, and nothing has changed yet."""
+    requires_approval: bool = False
+    """With ``preview``: the tool requires a person's approval before the write commits."""
 
 
 RetrievalMode = Literal["hybrid", "bm25", "dense"]

@@ -64,6 +64,7 @@ from keel.workflows.types import (
     JobResult,
     JobState,
     JobStatus,
+    WriteDecision,
     job_id_for,
     tenant_of,
 )
@@ -217,6 +218,39 @@ class AgentJobs:
             raise InputRejected(job_id, failure_message(err.cause)) from None
         except RPCTimeoutOrCancelledError:
             raise no_worker(job_id, "answer", self.task_queue) from None
+        except RPCError as err:
+            raise await self._closed_or_missing(err, job_id) from None
+
+    async def decide_write(
+        self, job_id: str, write_id: str, *, approve: bool, reason: str = ""
+    ) -> str:
+        """Approve or reject a write that requires approval, and wait for the acknowledgement.
+
+        An approved write commits once the job's answer is verified; a rejected one is never
+        made. ``status(job_id).writes`` lists the writes and their IDs.
+
+        Args:
+            job_id: The job that previewed the write.
+            write_id: The write's ID (``JobWrite.id``).
+            approve: True to approve, False to reject.
+            reason: Why, kept with the write.
+
+        Returns:
+            The job's acknowledgement.
+
+        Raises:
+            InputRejected: If no such write awaits a decision or the job has ended.
+            JobNotFound: If no job has this ID.
+        """
+        inp = WriteDecision(write_id=write_id, reason=reason)
+        self._own(job_id)
+        update = AgentLoop.approve if approve else AgentLoop.reject
+        try:
+            return await self._handle(job_id).execute_update(update, inp)
+        except WorkflowUpdateFailedError as err:
+            raise InputRejected(job_id, failure_message(err.cause)) from None
+        except RPCTimeoutOrCancelledError:
+            raise no_worker(job_id, "approve" if approve else "reject", self.task_queue) from None
         except RPCError as err:
             raise await self._closed_or_missing(err, job_id) from None
 

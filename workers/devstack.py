@@ -25,6 +25,42 @@ TRANSFER_RPS = 1000
 workflow-task handoffs to about one per 50 ms after a short burst, which doubles a small job's
 latency; raising it makes local latency reflect Keel, not the dev server's throttle."""
 
+HISTORY_CACHE_SIZE = 8192
+"""``history.cacheMaxSize``: workflows whose state the dev server's history service keeps in
+memory. The stock 512 (per shard; the dev server runs one) is below the 1,000+ jobs in flight
+one worker holds, and a job that falls out is read back from the database on its next event."""
+DEV_SERVER_DYNAMIC_CONFIG = {
+    "history.transferProcessorMaxPollRPS": str(TRANSFER_RPS),
+    # Tenants' fairness keys and the interactive-over-batch priority keys (see
+    # keel.client._starting) are honoured by the matcher only with fairness on.
+    "matching.enableFairness": "true",
+    "history.cacheMaxSize": str(HISTORY_CACHE_SIZE),
+}
+"""Dynamic config ``keel dev`` starts its Temporal server with (``keel bench load`` too)."""
+
+
+def temporal_server_cmd(
+    port: int, ui_port: int, db_file: Path | None, codec_url: str | None = None
+) -> list[str]:
+    """``temporal server start-dev`` as ``keel dev`` runs it, with Keel's search attributes.
+
+    Args:
+        port: The gRPC port (on 127.0.0.1).
+        ui_port: The web UI's port.
+        db_file: The SQLite file, or None for a server that keeps everything in memory.
+        codec_url: The codec server the UI decodes payloads with, if any.
+    """
+    cmd = [find_binary("temporal"), "server", "start-dev", "--ip", "127.0.0.1"]
+    cmd += ["--port", str(port), "--ui-port", str(ui_port), "--log-level", "warn"]
+    if codec_url is not None:
+        cmd += ["--ui-codec-endpoint", codec_url]
+    if db_file is not None:
+        cmd += ["--db-filename", str(db_file)]
+    for key, value in DEV_SERVER_DYNAMIC_CONFIG.items():
+        cmd += ["--dynamic-config-value", f"{key}={value}"]
+    return [*cmd, *sa.cli_flags()]
+
+
 KEEL_COMMAND = [sys.executable, "-m", "keel.workers.cli"]
 """The ``keel`` command as this interpreter runs it (works without the console script)."""
 WORKER_RESTARTS = RestartPolicy(max_restarts=5, window_seconds=60.0)
@@ -161,30 +197,8 @@ class DevStack:
         }
 
     def _temporal_cmd(self) -> list[str]:
-        return [
-            find_binary("temporal"),
-            "server",
-            "start-dev",
-            "--ip",
-            "127.0.0.1",
-            "--port",
-            str(self.temporal_port),
-            "--ui-port",
-            str(self.ui_port),
-            "--ui-codec-endpoint",
-            self.codec_url,
-            "--db-filename",
-            str(self.state_dir / "temporal.db"),
-            "--log-level",
-            "warn",
-            "--dynamic-config-value",
-            f"history.transferProcessorMaxPollRPS={TRANSFER_RPS}",
-            # Tenants' fairness keys and the interactive-over-batch priority keys (see
-            # keel.client._starting) are honoured by the matcher only with fairness on.
-            "--dynamic-config-value",
-            "matching.enableFairness=true",
-            *sa.cli_flags(),
-        ]
+        db_file = self.state_dir / "temporal.db"
+        return temporal_server_cmd(self.temporal_port, self.ui_port, db_file, self.codec_url)
 
     def _ui_origins(self) -> list[str]:
         return [f"http://{host}:{self.ui_port}" for host in ("127.0.0.1", "localhost")]

@@ -20,6 +20,7 @@ from temporalio.client import Client
 from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import (
+    PollerBehaviorAutoscaling,
     UnsandboxedWorkflowRunner,
     Worker,
     WorkerDeploymentConfig,
@@ -51,14 +52,7 @@ def build_worker(
     client: Client, settings: WorkerSettings, queue: str, *, plugin: KeelPlugin
 ) -> Worker:
     """A Worker running ``plugin`` (Keel's workflow and activities) on one queue, tuned."""
-    tuning: dict[str, Any] = {}
-    if settings.resource_tuner:
-        tuning["tuner"] = WorkerTuner.create_resource_based(
-            target_memory_usage=settings.target_memory, target_cpu_usage=settings.target_cpu
-        )
-    else:
-        tuning["max_concurrent_activities"] = settings.max_concurrent_activities
-        tuning["max_concurrent_workflow_tasks"] = settings.max_concurrent_workflow_tasks
+    tuning = worker_tuning(settings)
     if settings.deployment_name and settings.build_id:
         tuning["deployment_config"] = WorkerDeploymentConfig(
             version=WorkerDeploymentVersion(
@@ -76,6 +70,27 @@ def build_worker(
         identity=settings.identity,
         **tuning,
     )
+
+
+def worker_tuning(settings: WorkerSettings) -> dict[str, Any]:
+    """The ``Worker`` keyword arguments that size it: slots, sticky cache and pollers.
+
+    ``keel bench load`` gives its bare floor worker the same values, so the floor runs with
+    the limits a ``keel worker`` gets.
+    """
+    tuning: dict[str, Any] = {"max_cached_workflows": settings.max_cached_workflows}
+    if settings.resource_tuner:
+        tuning["tuner"] = WorkerTuner.create_resource_based(
+            target_memory_usage=settings.target_memory, target_cpu_usage=settings.target_cpu
+        )
+    else:
+        tuning["max_concurrent_activities"] = settings.max_concurrent_activities
+        tuning["max_concurrent_workflow_tasks"] = settings.max_concurrent_workflow_tasks
+    if settings.poller_autoscaling:
+        pollers = PollerBehaviorAutoscaling(maximum=settings.max_pollers)
+        tuning["workflow_task_poller_behavior"] = pollers
+        tuning["activity_task_poller_behavior"] = pollers
+    return tuning
 
 
 def workflow_runner(settings: WorkerSettings) -> WorkflowRunner:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import httpx2
 import openai
 import redis.asyncio as aioredis
 from temporalio.worker import Interceptor
@@ -108,12 +109,15 @@ def build_deps(
     fallback_base_url: str | None = None,
     fallback_api_key: str | None = None,
     fallback_models: dict[str, str] | None = None,
+    llm_max_connections: int = 2000,
 ) -> Deps:
     """Build the real dependencies: Redis, the OpenAI client (vendor retries off), the tools.
 
     ``http_allowed_hosts`` are ``host:port``, ``host:*`` or ``host`` entries for ``http_get``;
     ``http_allowed_hosts_by_tenant`` adds entries for one tenant's calls. ``embedding_model``
     turns on hybrid retrieval (empty: BM25 only; ``keel worker`` passes its setting).
+    ``llm_max_connections`` bounds the model clients' connection pools (each call in flight
+    holds one).
     """
     # The tokenizers the models need, loaded now (a second or two, once per process) rather
     # than inside the first model call, where they would stall the worker's event loop.
@@ -125,7 +129,7 @@ def build_deps(
         base_url=openai_base_url,
         api_key=openai_api_key,
         max_retries=0,
-        http_client=openai.DefaultAioHttpClient(),
+        http_client=openai.DefaultAioHttpClient(limits=_pool(llm_max_connections)),
     )
     redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
     # Limits have their own client with short timeouts: a slow limit store degrades open in
@@ -153,7 +157,7 @@ def build_deps(
             base_url=fallback_base_url or openai_base_url,
             api_key=fallback_api_key or openai_api_key,
             max_retries=0,
-            http_client=openai.DefaultAioHttpClient(),
+            http_client=openai.DefaultAioHttpClient(limits=_pool(llm_max_connections)),
         )
         fallback = Fallback(
             client=fallback_client,
@@ -210,7 +214,19 @@ def deps_from_settings(
         if settings.fallback_openai_api_key
         else None,
         fallback_models=settings.fallback_models,
+        llm_max_connections=settings.llm_max_connections,
     )
+
+
+def _pool(connections: int) -> httpx2.Limits:
+    """The model client's connection pool: ``connections`` open at once, all kept alive.
+
+    The openai client's own default allows 1,000 and keeps 100 alive: past 1,000 model calls
+    in flight the rest wait for a connection, and with hundreds in flight most calls open a
+    new one, as only 100 idle connections are kept. ``httpx2`` is the openai client's own
+    transport library.
+    """
+    return httpx2.Limits(max_connections=connections, max_keepalive_connections=connections)
 
 
 def build_activities(deps: Deps) -> list[Callable[..., Any]]:

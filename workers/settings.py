@@ -36,8 +36,26 @@ class WorkerSettings(BaseSettings):
         validation_alias=AliasChoices("KEEL_TASK_QUEUES", "KEEL_TASK_QUEUE"),
     )
     """Comma-separated task queues this worker polls (default: interactive and batch)."""
-    max_concurrent_activities: int = Field(default=64, gt=0)
+    max_concurrent_activities: int = Field(default=2000, gt=0)
+    """Activity slots. Thousands, not dozens: nearly every activity is an async model
+    call that waits seconds to a minute on the provider while holding its slot and almost no
+    CPU, so slots sized for CPU-bound work queue 1,000 waiting jobs behind a few dozen calls
+    (issue 16: 300 jobs took 5x one job's time at 64 slots, 1.39x at 2,000)."""
     max_concurrent_workflow_tasks: int = Field(default=32, gt=0)
+    """Workflow tasks run at once. They are short and CPU-bound, and a waiting job holds none."""
+    max_cached_workflows: int = Field(default=4000, ge=0)
+    """Jobs kept in the worker's sticky cache. A job evicted from it replays its whole history
+    on its next task (CPU on the worker and a history fetch on the server), so the cache holds
+    every job in flight with room over 1,000 (what a cached job costs in memory: the README's
+    load figures)."""
+    poller_autoscaling: bool = True
+    """Let the SDK scale each queue's pollers with its backlog (1 to ``max_pollers``) instead
+    of a fixed five, so a burst of finished model calls does not wait for a free poller."""
+    max_pollers: int = Field(default=100, ge=2)
+    """The most pollers per task queue and task kind when ``poller_autoscaling`` is on."""
+    llm_max_connections: int = Field(default=2000, gt=0)
+    """Connections the model client may hold open at once, and keep alive between calls. As
+    many as activity slots: every model call in flight holds one for its whole length."""
     resource_tuner: bool = False
     """Size slots by CPU and memory use (Temporal's resource-based tuner) instead of counts."""
     target_cpu: float = Field(default=0.8, gt=0, le=1)

@@ -3,7 +3,8 @@
 Deterministic orchestration. Steps without unmet dependencies run together (at most
 MAX_PARALLEL at once); every call is reserved against the budget first, and a tool's transient
 failures are charged to its retry budget. Non-retryable tool errors become observations the
-planner sees on the next iteration (a disallowed tool, bad arguments), not job failures.
+planner sees on the next iteration (a disallowed tool, bad arguments), not job failures. A
+destructive tool's call is a dry run whose write waits for the verified answer (``_writes.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ with workflow.unsafe.imports_passed_through():
     from keel.workflows import policies
     from keel.workflows._budget import BudgetExhausted, Ledger
     from keel.workflows._state import note_degraded, raise_if_cancelled
+    from keel.workflows._writes import PREVIEW_COMMIT, record_preview
     from keel.workflows.types import BudgetName, JobRequest, LoopState
 
 MAX_PARALLEL = 4
@@ -166,6 +168,10 @@ class StepRunner:
             call.cache = False
         if self._req.docs_dir:
             call.docs_dir = self._req.docs_dir
+        if workflow.patched(PREVIEW_COMMIT):
+            # A destructive tool only previews its write here; it commits once the answer that
+            # depends on it is verified (workflows/_writes.py). Other tools ignore the flag.
+            call.dry_run = True
         try:
             result = await workflow.execute_activity_method(
                 ToolActivities.execute_tool,
@@ -185,6 +191,8 @@ class StepRunner:
         self._ledger.charge_retries(tool, result.attempt - 1)
         self._count_cache("tool", result.cached)
         update = {"ok": True, "content": result.content}
+        if result.preview:
+            update["content"] = record_preview(self._s, call, result, self._event)
         if result.ref:
             update |= {"ref": result.ref, "size": result.size}
         return base.model_copy(update=update)

@@ -16,11 +16,15 @@ from keel.activities.types import ref_belongs_to
 from keel.workflows.budget_text import budget_text
 from keel.workflows.types import (
     MAX_DEGRADED,
+    WRITE_OPEN,
+    BudgetName,
     JobEvent,
     JobRequest,
+    JobResult,
     JobStatus,
     JobUsage,
     LoopState,
+    Outcome,
 )
 
 MAX_EVENTS = 20
@@ -146,6 +150,33 @@ def status_of(job_id: str, req: JobRequest, state: LoopState) -> JobStatus:
         runs=state.runs,
         routing=state.routing,
         degraded=list(state.degraded),
+        writes=[w.view() for w in state.writes],
+    )
+
+
+def result_of(
+    job_id: str,
+    state: LoopState,
+    outcome: Outcome,
+    exhausted: BudgetName | None = None,
+    error: str | None = None,
+) -> JobResult:
+    """The ``JobResult`` a job ends with: the verified answer, or its best partial one."""
+    verified = outcome == "completed"
+    answer = state.draft if verified else (state.best_draft or state.draft)
+    return JobResult(
+        job_id=job_id,
+        outcome=outcome,
+        answer=answer or observation_summary(state),
+        verified=verified,
+        exhausted_budget=exhausted,
+        usage=JobUsage.of(state.counters),
+        iterations=state.iteration + (1 if verified else 0),
+        error=error,
+        routing=state.routing,
+        degraded=bool(state.degraded),
+        degraded_reasons=list(state.degraded),
+        writes=[w.view() for w in state.writes],
     )
 
 
@@ -155,7 +186,15 @@ def details_markdown(req: JobRequest, state: LoopState) -> str:
     tier = ""
     if state.routing is not None:
         tier = f" · tier **{state.routing.tier}** ({state.routing.source}: {state.routing.reason})"
-    return f"**{state.state}**{tier}\n\n{budget_text(req.budget, usage, state.iteration)}"
+    text = f"**{state.state}**{tier}\n\n{budget_text(req.budget, usage, state.iteration)}"
+    # Writes previewed and not yet made (issue 16): what a person may be asked to approve.
+    waiting = [w for w in state.writes if w.status in WRITE_OPEN]
+    lines = [
+        f"- `{w.id}` {w.tool} ({w.status}{', needs approval' if w.requires_approval else ''}): "
+        f"{w.preview[:160]}"
+        for w in waiting
+    ]
+    return text + ("\n\n**writes**\n" + "\n".join(lines) if lines else "")
 
 
 def observation_summary(state: LoopState) -> str | None:

@@ -38,10 +38,11 @@ with workflow.unsafe.imports_passed_through():
         carried_state_problem,
         details_markdown,
         history_is_long,
-        observation_summary,
+        result_of,
         status_of,
     )
     from keel.workflows._visibility import Visibility
+    from keel.workflows._writes import WriteCommitter, check_decision, decide, discard_open
     from keel.workflows.types import (
         AgentLoopInput,
         BudgetName,
@@ -49,9 +50,9 @@ with workflow.unsafe.imports_passed_through():
         JobResult,
         JobState,
         JobStatus,
-        JobUsage,
         LoopState,
         Outcome,
+        WriteDecision,
     )
 
 __all__ = ["MAX_OBSERVATIONS", "AgentLoopWorkflow"]
@@ -230,23 +231,14 @@ class AgentLoopWorkflow:
     async def _finish(
         self, outcome: Outcome, exhausted: BudgetName | None = None, error: str | None = None
     ) -> JobResult:
+        if outcome == "completed":  # A verified answer: its writes may commit now (issue 16).
+            await WriteCommitter(
+                self._req, self._s, self._ledger, self._event, self._set_state
+            ).commit()
+        discard_open(self._s, outcome)
         await JobSlot(self._req, self._s, self._event).release()
         self._set_state(outcome, final=True)
-        verified = outcome == "completed"
-        answer = self._s.draft if verified else (self._s.best_draft or self._s.draft)
-        result = JobResult(
-            job_id=self._job_id,
-            outcome=outcome,
-            answer=answer or observation_summary(self._s),
-            verified=verified,
-            exhausted_budget=exhausted,
-            usage=JobUsage.of(self._s.counters),
-            iterations=self._s.iteration + (1 if verified else 0),
-            error=error,
-            routing=self._s.routing,
-            degraded=bool(self._s.degraded),
-            degraded_reasons=list(self._s.degraded),
-        )
+        result = result_of(self._job_id, self._s, outcome, exhausted, error)
         self._event(outcome, f"budget {exhausted} ran out" if exhausted else (error or ""))
         await Notifier(self._req, self._event).finished(result)
         await self._progress.close()
@@ -286,6 +278,21 @@ class AgentLoopWorkflow:
     def _validate_answer(self, inp: HumanInput) -> None:
         if self._s.pending_question is None or self._reply is not None:
             raise ValueError("no question is pending")
+
+    @workflow.update
+    def approve(self, inp: WriteDecision) -> str:
+        """Approve a write that requires approval; it commits once the answer is verified."""
+        return decide(self._s, inp, approved=True, event=self._event)
+
+    @workflow.update
+    def reject(self, inp: WriteDecision) -> str:
+        """Reject a write that requires approval; it is never made."""
+        return decide(self._s, inp, approved=False, event=self._event)
+
+    @approve.validator
+    @reject.validator
+    def _validate_decision(self, inp: WriteDecision) -> None:
+        check_decision(self._s, inp)
 
     @workflow.signal
     def answer_signal(self, inp: HumanInput) -> None:

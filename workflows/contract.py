@@ -19,7 +19,13 @@ from keel.workflows.session_types import (
     SessionStatus,
     TurnAccepted,
 )
-from keel.workflows.types import AgentLoopInput, HumanInput, JobResult, JobStatus
+from keel.workflows.types import (
+    AgentLoopInput,
+    HumanInput,
+    JobResult,
+    JobStatus,
+    WriteDecision,
+)
 
 __all__ = ["AgentLoop", "Session"]
 
@@ -50,6 +56,16 @@ class AgentLoop:
     @workflow.signal
     def answer_signal(self, inp: HumanInput) -> None:
         """Answer the pending question without an acknowledgement."""
+        raise _not_callable()
+
+    @workflow.update
+    def approve(self, inp: WriteDecision) -> str:
+        """Approve a write that requires approval; refused when it is not awaiting one."""
+        raise _not_callable()
+
+    @workflow.update
+    def reject(self, inp: WriteDecision) -> str:
+        """Reject a write that requires approval; refused when it is not awaiting one."""
         raise _not_callable()
 
 

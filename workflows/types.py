@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
@@ -143,6 +143,11 @@ class JobRequest(BaseModel):
     notify_questions: bool = False
     """Also signal ``notify_workflow`` (``QUESTION_SIGNAL``) when the job asks a question, so
     the session that started it can route the next message to it as the answer."""
+    approval_timeout_seconds: float = Field(
+        default=3600.0, gt=0, le=30 * 86400, allow_inf_nan=False
+    )
+    """How long the job waits for a person to approve or reject its writes that require
+    approval (``http_post``); an undecided write then expires and is not committed."""
 
     @field_validator("goal")
     @classmethod
@@ -253,6 +258,54 @@ class Routing(BaseModel):
     escalated: bool = False
 
 
+WriteStatus = Literal[
+    "previewed", "approved", "committed", "rejected", "expired", "discarded", "failed"
+]
+"""Where a destructive tool's write stands (issue 16): ``previewed`` by the act phase (and, for
+a tool that requires it, waiting for approval), ``approved`` by a person, ``committed`` after
+the answer was verified; or never made: ``rejected`` by a person, ``expired`` undecided past
+``approval_timeout_seconds``, ``discarded`` because the job ended without a verified answer,
+``failed`` because the commit itself failed."""
+WRITE_OPEN: frozenset[str] = frozenset({"previewed", "approved"})
+"""Write statuses that may still commit."""
+
+
+class JobWrite(BaseModel):
+    """One write a job previewed, as callers see it in status and result."""
+
+    id: str
+    """The write's ID: the step's ``iteration:step id``, also the suffix of its op_key. The
+    ``approve`` and ``reject`` updates name it."""
+    tool: str
+    preview: str
+    """What the commit does (the tool's own description, nothing changed yet)."""
+    requires_approval: bool = False
+    status: WriteStatus = "previewed"
+    detail: str = ""
+    """The commit's output, the reason it was rejected, or why it failed."""
+
+
+class PendingWrite(JobWrite):
+    """A write as the workflow keeps it: the view plus what its commit needs."""
+
+    args: dict[str, Any] = Field(default_factory=dict)
+    """The tool's arguments as previewed; the commit sends exactly these."""
+
+    def view(self) -> JobWrite:
+        """The caller's view, without the arguments (the preview describes them)."""
+        return JobWrite.model_validate(self.model_dump(exclude={"args"}))
+
+
+class WriteDecision(BaseModel):
+    """A person's decision on a write that requires approval (``approve``/``reject``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    write_id: str = Field(min_length=1, max_length=200)
+    reason: str = Field(default="", max_length=1000)
+    """Why, for the job's record (shown with the write)."""
+
+
 PROGRESS_TOPIC = "progress"
 """The topic of a job's workflow stream that carries its ``JobProgress`` events."""
 
@@ -307,6 +360,9 @@ class LoopState(BaseModel):
     degraded: list[str] = Field(default_factory=list)
     """Why the job ran degraded (a model's or tool's circuit breaker open, issue 16); newest
     last, at most ``MAX_DEGRADED`` distinct reasons."""
+    writes: list[PendingWrite] = Field(default_factory=list)
+    """Destructive tools' writes, previewed by the act phase and committed, or not, when the
+    job ends (``workflows/_writes.py``)."""
 
 
 MAX_DEGRADED = 8
@@ -361,6 +417,9 @@ class JobStatus(BaseModel):
     routing: Routing | None = None
     degraded: list[str] = Field(default_factory=list)
     """Why the job is running degraded (an open circuit breaker); empty when it is not."""
+    writes: list[JobWrite] = Field(default_factory=list)
+    """The job's writes: previews waiting for the verified answer (or for approval), and what
+    became of each."""
 
 
 def current_iteration(iteration: int, budget: Budget) -> int:
@@ -390,6 +449,8 @@ class JobResult(BaseModel):
     degraded: bool = False
     """It ran on a fallback model or tier, or without a tool, because a breaker was open."""
     degraded_reasons: list[str] = Field(default_factory=list)
+    writes: list[JobWrite] = Field(default_factory=list)
+    """What became of each write the job previewed: committed, or why not."""
 
 
 QUESTION_SIGNAL = "keel_job_question"

@@ -11,9 +11,17 @@ from typing import Any, Protocol, runtime_checkable
 
 from temporalio.exceptions import ApplicationError
 
-from keel.activities.errors import TOOL_FAILED, TOOL_INPUT_INVALID
+from keel.activities.errors import TOOL_FAILED, TOOL_INPUT_INVALID, bounded
 
-__all__ = ["CacheScoped", "ToolContext", "ToolImpl", "invalid_input", "tool_failed"]
+__all__ = [
+    "PREVIEW_MAX_CHARS",
+    "CacheScoped",
+    "Previewable",
+    "ToolContext",
+    "ToolImpl",
+    "invalid_input",
+    "tool_failed",
+]
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,36 @@ class CacheScoped(Protocol):
         ...
 
 
+PREVIEW_MAX_CHARS = 600
+"""Longest preview a destructive tool returns: it is shown in status and kept in job state."""
+
+
+@runtime_checkable
+class Previewable(Protocol):
+    """A destructive tool (``ToolInfo.destructive``): it says what a call would do first.
+
+    The act phase calls ``preview`` (the gateway's dry run); the tool itself, called later
+    with the same arguments and op_key, is the commit. A preview changes nothing and may run
+    any number of times, so it never needs the idempotency record.
+    """
+
+    async def preview(self, args: Any, ctx: ToolContext) -> str:
+        """What the commit would do, for a person and the planner to read.
+
+        Args:
+            args: The validated arguments.
+            ctx: Who the call runs for; ``ctx.op_key`` is the key the commit will carry.
+
+        Returns:
+            A description of at most ``PREVIEW_MAX_CHARS`` characters.
+
+        Raises:
+            ApplicationError: When the commit would be refused (an off-list host, say), so the
+                planner learns it now rather than after the answer is verified.
+        """
+        ...
+
+
 def invalid_input(message: str) -> ApplicationError:
     """A non-retryable ``TOOL_INPUT_INVALID``: the arguments cannot work, whatever the retry.
 
@@ -70,7 +108,7 @@ def invalid_input(message: str) -> ApplicationError:
     Returns:
         The error to raise.
     """
-    return ApplicationError(message, type=TOOL_INPUT_INVALID, non_retryable=True)
+    return ApplicationError(bounded(message), type=TOOL_INPUT_INVALID, non_retryable=True)
 
 
 def tool_failed(message: str) -> ApplicationError:
@@ -82,4 +120,4 @@ def tool_failed(message: str) -> ApplicationError:
     Returns:
         The error to raise.
     """
-    return ApplicationError(message, type=TOOL_FAILED, non_retryable=True)
+    return ApplicationError(bounded(message), type=TOOL_FAILED, non_retryable=True)

@@ -1,7 +1,8 @@
 """The tool gateway: the ``execute_tool`` activity every tool call of a job goes through.
 
-Owns the job's allow-list, argument validation against ``activities/catalog.py``, exactly-once
-recording of side-effecting calls per op_key, serving read-only tools' results from the
+Owns the job's allow-list, argument validation against ``activities/catalog.py``, destructive
+tools' dry runs (a preview, changing nothing; issue 16), exactly-once recording of
+side-effecting calls per op_key, serving read-only tools' results from the
 tool-result cache (``result_cache.py``), and moving large outputs to a Redis blob so only a
 preview enters workflow history. Not workflow code: it runs tools and reads and writes Redis.
 """
@@ -27,7 +28,13 @@ from keel.activities.errors import (
 )
 from keel.activities.gateway_limits import GatewayLimits
 from keel.activities.store import KeelStore
-from keel.activities.tools.base import ToolContext, ToolImpl
+from keel.activities.tools.base import (
+    PREVIEW_MAX_CHARS,
+    Previewable,
+    ToolContext,
+    ToolImpl,
+    tool_failed,
+)
 from keel.activities.tools.registry import ToolRegistry
 from keel.activities.tools.result_cache import ToolResultCache
 from keel.activities.types import PREVIEW_CHARS, ToolCall, ToolResult
@@ -80,6 +87,11 @@ class ToolActivities:
             job_id=job_id, tenant=call.tenant, tool=call.tool, op_key=op_key
         ):
             info, impl, args = self._admit(call)
+            if call.dry_run and info.destructive:
+                # The act phase's dry run (issue 16): nothing changes, so there is no record,
+                # cache, breaker or lease; the commit is this call again without ``dry_run``.
+                ctx = ToolContext(job_id, call.tenant, op_key, call.docs_dir, call.cache)
+                return await _preview(info, impl, args, ctx)
             if info.side_effecting:
                 recorded = await self._store.get_record(call.tenant, op_key)
                 if recorded is not None:
@@ -165,6 +177,21 @@ class ToolActivities:
             attempt=attempt,
             cached=cached,
         )
+
+
+async def _preview(info: ToolInfo, impl: ToolImpl, args: BaseModel, ctx: ToolContext) -> ToolResult:
+    """Run a destructive tool's preview: what its commit would do, with nothing changed."""
+    if not isinstance(impl, Previewable):
+        # The registry refuses such a tool; a hand-built gateway could still hold one.
+        raise tool_failed(f"tool {info.name!r} is destructive but cannot preview a write")
+    text = await impl.preview(args, ctx)
+    _log.info("tool.previewed", approval=info.requires_approval)
+    return ToolResult(
+        content=text[:PREVIEW_MAX_CHARS],
+        attempt=activity.info().attempt,
+        preview=True,
+        requires_approval=info.requires_approval,
+    )
 
 
 def _summarize(error: ValidationError) -> str:

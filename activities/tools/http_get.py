@@ -44,6 +44,7 @@ from keel.activities.errors import (
     TOOL_FAILED,
     TOOL_PERMISSION,
     TOOL_TRANSIENT,
+    bounded,
     classify_http_status,
 )
 from keel.activities.tools.base import ToolContext, tool_failed
@@ -170,7 +171,7 @@ async def resolve_host(host: str, port: int) -> list[str]:
 
 
 def _refused(message: str) -> ApplicationError:
-    return ApplicationError(message, type=TOOL_PERMISSION, non_retryable=True)
+    return ApplicationError(bounded(message), type=TOOL_PERMISSION, non_retryable=True)
 
 
 class HttpGet:

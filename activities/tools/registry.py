@@ -14,9 +14,10 @@ import httpx
 from keel.activities.catalog import BUILTIN_TOOLS, ToolInfo
 from keel.activities.retrieval import Retriever
 from keel.activities.store import KeelStore
-from keel.activities.tools.base import ToolImpl
+from keel.activities.tools.base import Previewable, ToolImpl
 from keel.activities.tools.calculator import calculator
 from keel.activities.tools.http_get import HttpGet
+from keel.activities.tools.http_post import HttpPost
 from keel.activities.tools.notes import WriteNote
 from keel.activities.tools.search_docs import SearchDocs
 
@@ -45,10 +46,13 @@ class ToolRegistry:
             impl: The implementation, called with validated args and a ToolContext.
 
         Raises:
-            ValueError: If a tool of that name is already registered.
+            ValueError: If a tool of that name is already registered, or the tool is
+                destructive and cannot preview a write (``Previewable``).
         """
         if info.name in self._tools:
             raise ValueError(f"tool {info.name!r} is already registered")
+        if info.destructive and not isinstance(impl, Previewable):
+            raise ValueError(f"tool {info.name!r} is destructive, so it must implement preview")
         self._tools[info.name] = _Registered(info, impl)
 
     def get(self, name: str) -> tuple[ToolInfo, ToolImpl] | None:
@@ -113,13 +117,15 @@ class ToolRegistry:
         http_timeout: float = 10.0,
         http_allowed_by_tenant: Mapping[str, list[str]] | None = None,
     ) -> ToolRegistry:
-        """A registry with the four built-in tools.
+        """A registry with the built-in tools.
 
         Args:
             store: Where write_note writes.
             retriever: What search_docs searches with.
-            http_allowed_hosts: What http_get may fetch: ``host:port``, ``host:*`` or ``host``
-                (the scheme's default port); see ``activities/tools/http_get.py``.
+            http_allowed_hosts: What http_get may fetch and http_post may post to:
+                ``host:port``, ``host:*`` or ``host`` (the scheme's default port); see
+                ``activities/tools/http_get.py``. A job reaches http_post only when its own
+                ``tools`` name it, and each request waits for a person's approval.
             http_max_bytes: Most body bytes http_get reads; the rest is cut off.
             http_timeout: Seconds for each HTTP operation, and for a whole http_get call.
             http_allowed_by_tenant: Extra http_get entries per tenant, for its calls only.
@@ -138,9 +144,17 @@ class ToolRegistry:
             http_timeout,
             allowed_by_tenant=http_allowed_by_tenant,
         )
+        post = HttpPost(
+            registry.http_client,
+            http_allowed_hosts,
+            http_max_bytes,
+            http_timeout,
+            allowed_by_tenant=http_allowed_by_tenant,
+        )
         tools: dict[str, ToolImpl] = {
             "calculator": calculator,
             "http_get": http,
+            "http_post": post,
             "write_note": WriteNote(store),
             "search_docs": SearchDocs(retriever),
         }

@@ -1,4 +1,4 @@
-"""``keel`` job commands: submit, chat, status, watch, result, answer, cancel, fleet, list.
+"""``keel`` job commands: submit, chat, status, watch, result, answer, approve, cancel, list...
 
 A thin layer over ``AgentJobs``. Every command connects with ``keel.client.connect``
 (environment config), and every error becomes one line on stderr in one place
@@ -316,6 +316,31 @@ def answer(
     typer.echo(run(main))
 
 
+WriteArg = Annotated[
+    str,
+    typer.Argument(metavar="WRITE_ID", help="The write's ID, as `keel status` lists it."),
+]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why; kept with the write.")]
+
+
+def approve(job_id: JobArg, write_id: WriteArg, reason: ReasonOpt = "") -> None:
+    """Approve a job's write that requires approval; it commits once the answer is verified."""
+
+    async def main() -> str:
+        return await (await jobs()).decide_write(job_id, write_id, approve=True, reason=reason)
+
+    typer.echo(run(main))
+
+
+def reject(job_id: JobArg, write_id: WriteArg, reason: ReasonOpt = "") -> None:
+    """Reject a job's write that requires approval; it is never made."""
+
+    async def main() -> str:
+        return await (await jobs()).decide_write(job_id, write_id, approve=False, reason=reason)
+
+    typer.echo(run(main))
+
+
 def cancel(job_id: JobArg) -> None:
     """Cancel a job; it ends with outcome "cancelled" and its best answer so far."""
 
@@ -417,6 +442,8 @@ COMMANDS: list[tuple[str, Any]] = [
     ("watch", watch),
     ("result", result),
     ("answer", answer),
+    ("approve", approve),
+    ("reject", reject),
     ("cancel", cancel),
     ("list", list_jobs),
     ("fleet", fleet),

@@ -43,7 +43,7 @@ def stdout_console() -> Console:
 
 
 def print_status(snap: JobStatus) -> None:
-    """A job's state, goal, budget use, pending question and last ten events."""
+    """A job's state, goal, budget use, pending question, writes and last ten events."""
     console = stdout_console()
     console.print(Text.assemble(("job  ", "bold"), snap.job_id))
     console.print(
@@ -62,6 +62,19 @@ def print_status(snap: JobStatus) -> None:
     if snap.pending_question:
         console.print(Text.assemble(("question  ", "bold yellow"), snap.pending_question))
         console.print(f"answer with: keel answer {snap.job_id} TEXT", markup=False)
+    for write in snap.writes:
+        approval = ", needs approval" if write.requires_approval else ""
+        console.print(
+            Text.assemble(
+                ("write  ", "bold"),
+                f"{write.id} {write.tool} ({write.status}{approval}): ",
+                _one_line(write.detail or write.preview, 160),
+            )
+        )
+        if write.requires_approval and write.status == "previewed":
+            console.print(
+                f"decide with: keel approve|reject {snap.job_id} {write.id}", markup=False
+            )
     if snap.events:
         console.print(_events_table(snap.events[-10:]))
 

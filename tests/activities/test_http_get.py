@@ -128,4 +128,6 @@ async def test_an_error_page_is_capped_too_and_keeps_its_status(
     with pytest.raises(ApplicationError) as raised:
         await get(fetch, server, "/503-bomb")
     assert raised.value.type == errors.TOOL_TRANSIENT and not raised.value.non_retryable
-    assert raised.value.message == f"HTTP 503: {'a' * 500}"[:500]  # the detail's own limit
+    # The detail's own limit (errors.bounded): cut to 500 characters, saying it was cut.
+    assert raised.value.message == errors.bounded(f"HTTP 503: {'a' * 500}")
+    assert len(raised.value.message) == 500 and raised.value.message.endswith("(510 chars)")

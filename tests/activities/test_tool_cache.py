@@ -215,6 +215,7 @@ def test_catalog_declares_read_only_tools_and_their_ttls() -> None:
         # Read-only, but served by the Retriever's retrieval cache, keyed by index version.
         "search_docs": (True, False),
         "write_note": (False, False),
+        "http_post": (False, False),
     }
     assert BUILTIN_TOOLS["calculator"].cache_ttl_seconds >= 86_400
     assert 0 < BUILTIN_TOOLS["http_get"].cache_ttl_seconds <= 600

@@ -32,7 +32,7 @@ from keel.activities.tools import ToolActivities, ToolContext, ToolRegistry, eva
 from keel.activities.tools.http_get import AllowEntry, HttpGet, parse_allow_list
 from keel.activities.types import NO_HITS, PREVIEW_CHARS, ToolCall, ToolResult, format_hits
 
-ALL_TOOLS = ["calculator", "http_get", "write_note", "search_docs"]
+ALL_TOOLS = ["calculator", "http_get", "write_note", "search_docs", "http_post"]
 LARGE_BODY = "L" * (PREVIEW_CHARS * 3)
 HUGE_BODY = "H" * 100_000
 MAX_BYTES = 50_000
@@ -142,7 +142,7 @@ async def fails(acts: ToolActivities, call: ToolCall) -> ApplicationError:
 
 def test_catalog_schemas_carry_examples() -> None:
     assert set(BUILTIN_TOOLS) == set(ALL_TOOLS)
-    assert [n for n, t in BUILTIN_TOOLS.items() if t.side_effecting] == ["write_note"]
+    assert [n for n, t in BUILTIN_TOOLS.items() if t.side_effecting] == ["write_note", "http_post"]
     schema = tool_schema("write_note")
     assert schema["name"] == "write_note"
     props = schema["parameters"]["properties"]

@@ -128,6 +128,8 @@ COMMANDS = {
     "watch": ["JOB"],
     "result": ["JOB", "--json", "--timeout"],
     "answer": ["JOB", "TEXT"],
+    "approve": ["JOB", "WRITE_ID", "--reason"],
+    "reject": ["JOB", "WRITE_ID", "--reason"],
     "cancel": ["JOB"],
     "list": ["--tenant", "--state", "--json"],
 }

@@ -29,9 +29,9 @@ def test_every_handler_matches_in_name_and_types() -> None:
         _Definition.must_from_class(AgentLoopWorkflow),
     )
     assert set(contract.queries) == set(impl.queries) == {"get_status"}
-    assert set(contract.updates) == set(impl.updates) == {"answer"}
+    assert set(contract.updates) == set(impl.updates) == {"answer", "approve", "reject"}
     assert set(contract.signals) == set(impl.signals) == {"answer_signal"}
-    for name in ("get_status", "answer", "answer_signal"):
+    for name in ("get_status", "answer", "answer_signal", "approve", "reject"):
         assert hints(getattr(AgentLoop, name)) == hints(getattr(AgentLoopWorkflow, name)), name
 
 

@@ -292,6 +292,75 @@ def sessions(
     raise typer.Exit(run_sessions(config))
 
 
+def load(
+    jobs: Annotated[int, typer.Option(min=1, max=100_000, help="Jobs in each run.")] = 1000,
+    ramp_seconds: Annotated[
+        float, typer.Option(min=0, help="The jobs start evenly spread over this many seconds.")
+    ] = 60.0,
+    latency_min: Annotated[
+        float, typer.Option(min=0, help="Shortest model call, in seconds (uniform draw).")
+    ] = 45.0,
+    latency_max: Annotated[
+        float, typer.Option(min=0, help="Longest model call, in seconds (uniform draw).")
+    ] = 75.0,
+    workers: Annotated[
+        str, typer.Option(help="Worker process counts: each runs the whole stream.")
+    ] = "1,3",
+    single_jobs: Annotated[
+        int, typer.Option(min=1, max=100, help="Jobs of each kind run alone for one job's time.")
+    ] = 3,
+    server: Annotated[
+        ServerMode, typer.Option(help="Temporal dev server persistence to run against.")
+    ] = ServerMode.sqlite,
+    seed: Annotated[int, typer.Option(help="Seeds the simulator's latency draws.")] = 0,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write every figure and setting here.")
+    ] = None,
+) -> None:
+    """Hold 1,000 jobs in flight at real model latency, beside a bare Temporal floor.
+
+    Every model call takes --latency-min to --latency-max seconds (the simulator's, and the
+    floor's sleeps). --jobs jobs (plan, a calculator call, answer, verify) start as a stream
+    over --ramp-seconds, on fresh `keel worker` processes of each --workers size, then the
+    same stream of bare Temporal workflows of that shape (plain activities that sleep) on as
+    many floor worker processes with the same slot, cache and poller settings. A few jobs of
+    each kind first run alone for one job's latency.
+
+    Prints per run: makespan, p50/p95 latency against one job's, jobs/s against the ideal
+    (jobs / (ramp + one job's latency)), the most jobs in flight, each worker's peak RSS,
+    CPU per job of the workers and of the Temporal server, workflow tasks and history events
+    per job, workflow task timeouts, workflow cache evictions and misses, and workflow and
+    activity tasks' schedule-to-start. Targets, PASS or MISS: makespan and p95 within 1.1x
+    the floor's, worker RSS < 1 GiB, no workflow task timeouts, CPU per job within 1.3x the
+    floor's, and one worker holding as many in flight as the floor's within 1.1x.
+
+    It starts Redis (unless REDIS_URL is set), the simulator and, per --server mode, a
+    Temporal dev server as `keel dev` does, on 127.0.0.1, and stops them all at the end.
+
+    Reproduce (about 25 minutes): keel bench load --json load.json
+    Small: keel bench load --jobs 60 --latency-min 3 --latency-max 5 --ramp-seconds 5 --workers 1
+
+    Exit code: 0 once every run ended (targets are reported, not enforced), 1 on an error,
+    130 when interrupted.
+    """
+    if latency_max < latency_min:
+        raise typer.BadParameter("--latency-max must be at least --latency-min")
+    from keel.workers.bench.load_main import LoadConfig, run_load
+
+    config = LoadConfig(
+        jobs=jobs,
+        ramp_seconds=ramp_seconds,
+        latency_min=latency_min,
+        latency_max=latency_max,
+        workers=_fleet(workers),
+        single_jobs=single_jobs,
+        servers=["sqlite", "memory"] if server is ServerMode.both else [server.value],
+        seed=seed,
+        json_path=json_path,
+    )
+    raise typer.Exit(run_load(config))
+
+
 bench_app = typer.Typer(
     name="bench",
     invoke_without_command=True,
@@ -303,3 +372,4 @@ bench_app = typer.Typer(
 bench_app.callback(invoke_without_command=True)(bench)
 bench_app.command("cost")(cost)
 bench_app.command("sessions")(sessions)
+bench_app.command("load")(load)

@@ -9,7 +9,8 @@ Faults, latency and counters are ``workers.sim.state``'s; whether a draft is rig
 quality model's (``workers.sim.quality``).
 
 Endpoints: ``POST /v1/chat/completions`` (streamed too), ``POST /v1/embeddings``,
-``GET /v1/models``, ``GET /health``, ``GET /_sim/stats`` and ``POST /_sim/reset``; for scoring,
+``GET /v1/models``, ``GET /health``, ``GET /_sim/stats``, ``POST /_sim/reset`` and
+``POST /_sim/outage`` (``{"seconds": 60}``: every request fails with 503 that long); for scoring,
 ``GET /sim/truth/{job_id}`` (the ground truth of a job whose requests carried
 ``X-Keel-Job-Id``) and ``POST /sim/grade`` (whether any answer text is right for a goal).
 ``keel sim-llm`` runs it.
@@ -102,6 +103,14 @@ def create_app(config: SimConfig) -> FastAPI:
     @app.get("/_sim/stats")
     async def stats() -> Response:
         return JSONResponse(state.stats())
+
+    @app.post("/_sim/outage")
+    async def outage(request: Request) -> Response:
+        seconds = (await _json_object(request)).get("seconds", 0)
+        if not isinstance(seconds, int | float) or seconds < 0:
+            raise SimError(400, "seconds must be a number >= 0", INVALID)
+        state.outage(float(seconds))
+        return JSONResponse({"ok": True, "seconds": seconds})
 
     @app.post("/_sim/reset")
     async def reset() -> Response:

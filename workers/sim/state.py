@@ -73,6 +73,15 @@ class SimState:
         self.faults = dict.fromkeys(FAULT_KINDS, 0)
         self.fault_hits: dict[str, int] = {}
         self.completions = 0
+        self.down_until = 0.0
+        """While ``time.monotonic()`` is below this, every request gets a 503 (an outage)."""
+        self.outage_requests = 0
+        """Requests that arrived during an outage (chaos tests count what reached a dead
+        endpoint)."""
+
+    def outage(self, seconds: float) -> None:
+        """Fail every chat and embeddings request with 503 for ``seconds`` (0: end it now)."""
+        self.down_until = time.monotonic() + seconds if seconds > 0 else 0.0
 
     async def delay(self, extra_ms: float = 0.0) -> None:
         """Sleep the configured latency plus ``extra_ms`` and, if configured, seeded jitter."""
@@ -86,11 +95,15 @@ class SimState:
     def pick_fault(
         self, kind: str, goal: str | None, directives: Directives, *, stream: bool = False
     ) -> str | None:
-        """The fault this request gets: a goal directive first, else a random one.
+        """The fault this request gets: an outage's 503, a goal directive, else a random one.
 
         ``malformed_plan`` spares every call but the plan, and ``cut`` every one but a stream.
         """
         cfg = self.config
+        if time.monotonic() < self.down_until:
+            self.outage_requests += 1
+            self.faults["503"] += 1
+            return "503"
         random_fault = None
         if cfg.fault_rate > 0 and self.rng.random() < cfg.fault_rate and cfg.fault_kinds:
             random_fault = self.rng.choice(cfg.fault_kinds)
@@ -276,7 +289,12 @@ class SimState:
 
     def stats(self) -> dict[str, Any]:
         """Requests seen by kind and faults injected by kind since start or the last reset."""
-        return {"requests": dict(self.requests), "faults": dict(self.faults)}
+        return {
+            "requests": dict(self.requests),
+            "faults": dict(self.faults),
+            "outage_requests": self.outage_requests,
+            "down": time.monotonic() < self.down_until,
+        }
 
 
 @dataclass(frozen=True)
