@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import redis.asyncio as aioredis
 import structlog
-from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -58,6 +58,7 @@ from keel.client.api.models import (
     JobAccepted,
     JobCreate,
     Readiness,
+    WriteDecisionIn,
     job_links,
 )
 from keel.client.api.sessions import install_session_routes
@@ -484,6 +485,19 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one short function pe
     async def answer(job_id: str, body: AnswerIn, jobs: Jobs) -> InputAck:
         """Answer the job's pending question; acknowledged once the job recorded it."""
         return InputAck(ack=await jobs.send_input(job_id, body.text))
+
+    @app.post(
+        "/v1/jobs/{job_id}/writes/{write_id}", response_model=InputAck, responses=_errors(409)
+    )
+    async def decide_write(
+        job_id: str,
+        write_id: Annotated[str, Path(max_length=200)],
+        body: WriteDecisionIn,
+        jobs: Jobs,
+    ) -> InputAck:
+        """Approve or reject a write awaiting approval (``writes`` in the job's status)."""
+        ack = await jobs.decide_write(job_id, write_id, approve=body.approve, reason=body.reason)
+        return InputAck(ack=ack)
 
     @app.post("/v1/jobs/{job_id}/cancel", status_code=202, response_model=CancelAccepted)
     async def cancel(job_id: str, jobs: Jobs) -> CancelAccepted:

@@ -255,6 +255,16 @@ class AnswerIn(BaseModel):
     """The answer; not blank (a pattern, so the OpenAPI document says so too)."""
 
 
+class WriteDecisionIn(BaseModel):
+    """A person's decision on a write that requires approval (``keel approve`` / ``reject``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    approve: bool
+    """True: the write is made once the job's answer is verified; False: it is never made."""
+    reason: str = Field(default="", max_length=500)
+
+
 class InputAck(BaseModel):
     """The job recorded the answer."""
 

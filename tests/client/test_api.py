@@ -4,6 +4,7 @@ client does."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
@@ -181,3 +182,43 @@ async def test_usage_counts_what_the_tenants_model_calls_cost(
     assert today["tokens"] == result["usage"]["tokens"]
     # The job result shows dollars to five decimals; the ledger keeps eight.
     assert today["cost_usd"] == pytest.approx(result["usage"]["cost_usd"], abs=5e-6)
+
+
+async def test_a_write_awaiting_approval_is_approved_through_the_api(
+    api: httpx.AsyncClient, keys: ApiKeys
+) -> None:
+    import threading
+
+    from tests.activities.test_http_post import Receiver
+
+    receiver = Receiver()
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        tenant = unique("approver")
+        key, _ = await keys.create(tenant)
+        other, _ = await keys.create(unique("intruder"))
+        body = {"goal": f"Tell the team with http_post at {receiver.url()}", "tools": ["http_post"]}
+        job_id = (await api.post("/v1/jobs", json=body, headers=bearer(key))).json()["job_id"]
+        for _ in range(600):
+            status = (await api.get(f"/v1/jobs/{job_id}", headers=bearer(key))).json()
+            if status["state"] == "waiting_for_input":
+                break
+            await asyncio.sleep(0.1)
+        (write,) = status["writes"]
+        path = f"/v1/jobs/{job_id}/writes/{write['id']}"
+        foreign = await api.post(path, json={"approve": True}, headers=bearer(other))
+        assert foreign.status_code == 404  # another tenant's job is not found
+        assert receiver.received == []
+        approved = await api.post(path, json={"approve": True, "reason": "ok"}, headers=bearer(key))
+        assert approved.status_code == 200, approved.text
+        again = await api.post(path, json={"approve": False}, headers=bearer(key))
+        assert again.status_code == 409  # decided already
+        result = await api.get(
+            f"/v1/jobs/{job_id}/result", headers=bearer(key), params={"wait": 60}
+        )
+        assert result.json()["outcome"] == "completed"
+        assert [w["status"] for w in result.json()["writes"]] == ["committed"]
+        assert len(receiver.received) == 1
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
