@@ -14,19 +14,17 @@ import os
 import re
 import socket
 import sys
-from typing import Any
 
-import httpx
 import pytest
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from typer.testing import CliRunner
 
-from keel.activities.llm import LLMConfig
 from keel.client.sessions import AgentSessions
 from keel.workers.cli import app
 from keel.workflows.session_types import session_id_for
 from tests.conftest import SESSION_CACHE, unique
+from tests.workflows.test_sessions import PINNED, calls
 
 
 async def keel(
@@ -61,22 +59,8 @@ async def keel(
     return proc.returncode or 0, out.decode(), err.decode()
 
 
-RECORDED = LLMConfig(
-    planner_model="sim-small",
-    verifier_model="sim-small",
-    answerer_model="sim-small",
-    tier_models={"router": "sim-small", "fast": "sim-small", "deep": "sim-large"},
-    job_header=True,
-)
+RECORDED = PINNED
 """Models pinned, and each call names its job, so the simulator records what each turn sent."""
-
-
-async def calls(sim_url: str, job_id: str) -> list[dict[str, Any]]:
-    """The model calls the simulator received for ``job_id``, with their prompts."""
-    async with httpx.AsyncClient() as http:
-        response = await http.get(f"{sim_url.removesuffix('/v1')}/sim/calls/{job_id}")
-        response.raise_for_status()
-        return list(response.json()["calls"])
 
 
 def answers(out: str) -> list[str]:

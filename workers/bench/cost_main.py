@@ -10,28 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
-from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
 from keel.activities.llm import LLMConfig
 from keel.workers.bench import cost_report
 from keel.workers.bench.config import Servers
 from keel.workers.bench.cost import EMBEDDING_MODEL, TIER_MODELS, CostConfig, measure_cost
 from keel.workers.bench.stack import start_redis, start_simulator, start_temporal, supervisor
-from keel.workers.bench.subcommand import run_subcommand
+from keel.workers.bench.subcommand import environment, progress_bar, run_subcommand
 from keel.workers.devstack import TRANSFER_RPS
 
 __all__ = ["CostConfig", "run_cost"]
@@ -72,7 +61,7 @@ async def _main(config: CostConfig, state_dir: Path, err: Console) -> dict[str, 
         servers = Servers(redis_url=redis_url, sim_url=sim_url, sim_pid=sim_pid)
         err.print(f"{temporal}; simulator {config.sim_latency_ms:g} ms per call")
         try:
-            with _progress(err) as progress:
+            with progress_bar(err, spinner=True) as progress:
                 report = await measure_cost(
                     env.client,
                     servers,
@@ -97,21 +86,6 @@ def _print(out: Console, report: dict[str, Any], config: CostConfig) -> None:
     out.print(cost_report.ablation_table(report["ablations"]))
 
 
-def _progress(err: Console) -> Progress:
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-        redirect_stdout=False,
-        redirect_stderr=False,
-    )
-
-
 def _settings(config: CostConfig) -> dict[str, Any]:
     return {
         "jobs": config.jobs,
@@ -124,10 +98,4 @@ def _settings(config: CostConfig) -> dict[str, Any]:
         "prices_usd_per_mtok": {m: LLMConfig().price(m) for m in sorted(set(TIER_MODELS.values()))},
         "embedding_model": EMBEDDING_MODEL,
         "temporal_server": "dev server, in memory",
-        "redis": "REDIS_URL" if os.environ.get("REDIS_URL") else "started",
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "temporalio": version("temporalio"),
-        "platform": platform.platform(),
-        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    } | environment()

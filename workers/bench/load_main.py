@@ -11,11 +11,8 @@ ends (``workers.bench.subcommand``).
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 from dataclasses import asdict
-from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,7 @@ from keel.activities.converter import DATA_CONVERTER
 from keel.workers.bench import load_report
 from keel.workers.bench.load import LoadConfig, LoadServer, measure_load
 from keel.workers.bench.stack import start_redis, start_simulator, supervisor
-from keel.workers.bench.subcommand import run_subcommand
+from keel.workers.bench.subcommand import environment, run_subcommand
 from keel.workers.devstack import DEV_SERVER_DYNAMIC_CONFIG, temporal_server_cmd
 from keel.workers.settings import WorkerSettings
 from keel.workers.supervisor import Supervisor, find_binary, free_port
@@ -108,25 +105,23 @@ def _temporal_version() -> str:
 
 def _settings(config: LoadConfig) -> dict[str, Any]:
     worker = WorkerSettings()
-    return {k: v for k, v in asdict(config).items() if k != "json_path"} | {
-        "worker": {
-            k: getattr(worker, k)
-            for k in (
-                "max_concurrent_activities",
-                "max_concurrent_workflow_tasks",
-                "max_cached_workflows",
-                "poller_autoscaling",
-                "max_pollers",
-                "llm_max_connections",
-                "resource_tuner",
-                "workflow_sandbox",
-            )
-        },
-        "temporal_dynamic_config": DEV_SERVER_DYNAMIC_CONFIG,
-        "redis": "REDIS_URL" if os.environ.get("REDIS_URL") else "started",
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "temporalio": version("temporalio"),
-        "platform": platform.platform(),
-        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    return (
+        {k: v for k, v in asdict(config).items() if k != "json_path"}
+        | {
+            "worker": {
+                k: getattr(worker, k)
+                for k in (
+                    "max_concurrent_activities",
+                    "max_concurrent_workflow_tasks",
+                    "max_cached_workflows",
+                    "poller_autoscaling",
+                    "max_pollers",
+                    "llm_max_connections",
+                    "resource_tuner",
+                    "workflow_sandbox",
+                )
+            },
+            "temporal_dynamic_config": DEV_SERVER_DYNAMIC_CONFIG,
+        }
+        | environment()
+    )

@@ -9,21 +9,17 @@ with its path printed, after a failed one.
 from __future__ import annotations
 
 import os
-import platform
 import sys
 from dataclasses import asdict
-from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from keel.workers.bench import sessions_report
 from keel.workers.bench.sessions import SessionsConfig, measure_sessions
 from keel.workers.bench.stack import start_redis, start_simulator, start_temporal, supervisor
-from keel.workers.bench.subcommand import run_subcommand
+from keel.workers.bench.subcommand import environment, progress_bar, run_subcommand
 from keel.workers.devstack import TRANSFER_RPS
 from keel.workers.supervisor import Supervisor, free_port
 
@@ -64,7 +60,7 @@ async def _main(config: SessionsConfig, state_dir: Path, err: Console) -> dict[s
             env, temporal = await start_temporal("memory", state_dir, TRANSFER_RPS)
         err.print(f"{temporal}; overhead simulator {latency} ms per call, the other 0 ms")
         try:
-            with _progress(err) as progress:
+            with progress_bar(err) as progress:
                 report = await measure_sessions(
                     env.client,
                     redis_url,
@@ -90,28 +86,14 @@ def _second_simulator(children: Supervisor, *args: str) -> str:
     return f"http://127.0.0.1:{port}/v1"
 
 
-def _progress(err: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-        redirect_stdout=False,
-        redirect_stderr=False,
-    )
-
-
 def _settings(config: SessionsConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(config).items() if k != "json_path"} | {
-        "temporal_server": "dev server, in memory, Temporal's default continue-as-new suggestion",
-        "conversation_sim_latency_ms": 0,
-        "redis": "REDIS_URL" if os.environ.get("REDIS_URL") else "started",
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "temporalio": version("temporalio"),
-        "platform": platform.platform(),
-        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    return (
+        {k: v for k, v in asdict(config).items() if k != "json_path"}
+        | {
+            "temporal_server": (
+                "dev server, in memory, Temporal's default continue-as-new suggestion"
+            ),
+            "conversation_sim_latency_ms": 0,
+        }
+        | environment()
+    )

@@ -10,16 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import platform
 import shutil
 import signal
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from keel.workers.logs import configure_logging
 
@@ -80,6 +92,37 @@ def run_subcommand(
         else:
             err.print(f"logs and server files kept in {state_dir}")
     return code
+
+
+def environment() -> dict[str, Any]:
+    """Where a measurement ran, for its JSON settings: machine, versions, Redis, start time."""
+    return {
+        "redis": "REDIS_URL" if os.environ.get("REDIS_URL") else "started",
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "temporalio": version("temporalio"),
+        "platform": platform.platform(),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def progress_bar(err: Console, *, spinner: bool = False) -> Progress:
+    """The progress display of a long measurement, on stderr and only on a terminal."""
+    columns = [
+        *([SpinnerColumn()] if spinner else []),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    ]
+    return Progress(
+        *columns,
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+        redirect_stdout=False,
+        redirect_stderr=False,
+    )
 
 
 async def _cancellable(measurement: Awaitable[dict[str, Any]]) -> dict[str, Any]:
