@@ -103,6 +103,25 @@ def decide(state: LoopState, inp: WriteDecision, *, approved: bool, event: Event
     return f"write {write.id} rejected; it will not be made"
 
 
+KEPT_CLOSED = 20
+"""Writes that are done (made, rejected, discarded) a job keeps for its status and result; the
+open ones are always kept. Bounds the state a long job carries across continue-as-new."""
+
+
+def supersede_open(state: LoopState) -> None:
+    """The verifier rejected the draft: the writes previewed for it are never made.
+
+    The next iteration plans again, and a write it still needs is previewed again, under its
+    own step ID. Keeps the open writes and the newest ``KEPT_CLOSED`` done ones.
+    """
+    for write in state.writes:
+        if write.status in WRITE_OPEN:
+            write.status = "discarded"
+            write.detail = "not made: the draft it served was rejected, and the job planned again"
+    done = [w.id for w in state.writes if w.status not in WRITE_OPEN][-KEPT_CLOSED:]
+    state.writes = [w for w in state.writes if w.status in WRITE_OPEN or w.id in done]
+
+
 def discard_open(state: LoopState, outcome: str) -> None:
     """Mark every write that did not commit as never made: the job ended ``outcome``."""
     for write in state.writes:

@@ -42,7 +42,13 @@ with workflow.unsafe.imports_passed_through():
         status_of,
     )
     from keel.workflows._visibility import Visibility
-    from keel.workflows._writes import WriteCommitter, check_decision, decide, discard_open
+    from keel.workflows._writes import (
+        WriteCommitter,
+        check_decision,
+        decide,
+        discard_open,
+        supersede_open,
+    )
     from keel.workflows.types import (
         AgentLoopInput,
         BudgetName,
@@ -215,6 +221,7 @@ class AgentLoopWorkflow:
         return verdict
 
     def _refine(self, verdict: Verdict) -> None:
+        supersede_open(self._s)  # writes previewed for a rejected draft are never made
         self._s.critique = verdict.critique or "The verifier rejected the draft."
         self._router.escalate_after_rejection()
         self._s.iteration += 1

@@ -106,9 +106,31 @@ async def test_no_note_is_written_without_a_verified_answer(
         result = await jobs.result(job_id, timeout=60)
     assert result.outcome == "budget_exhausted" and not result.verified
     (write,) = result.writes
-    assert write.status == "discarded" and "budget_exhausted" in write.detail
+    # Its draft was rejected, so the write it was previewed for is never made.
+    assert write.status == "discarded" and "rejected" in write.detail
     assert await redis_client.llen(notes_list_key(tenant)) == 0
     assert (await activity_order(client, job_id)).count("execute_tool") == 1
+
+
+async def test_a_write_previewed_for_a_rejected_draft_is_not_made_by_a_later_verified_one(
+    client: Client, make_worker, redis_client: aioredis.Redis
+) -> None:
+    tenant = unique("notes")
+    req = JobRequest(
+        goal="Write a note about the outage with write_note [sim: fail_verify=1]",
+        tenant=tenant,
+        tools=["write_note"],
+    )
+    async with make_worker(client) as worker:
+        jobs = AgentJobs(client, task_queue=worker.task_queue)
+        result = await jobs.result(await jobs.start(req, request_key=unique("job")), timeout=60)
+    assert result.outcome == "completed" and result.iterations >= 2
+    first, *later = result.writes
+    assert first.id.startswith("0:") and first.status == "discarded"
+    made = [w for w in later if w.status == "committed"]
+    notes = await redis_client.lrange(notes_list_key(tenant), 0, -1)
+    # Only what the verified draft's iteration previewed is written, once each.
+    assert len(notes) == len(made) and all(not w.id.startswith("0:") for w in made)
 
 
 async def test_approved_posts_commit_once_each_with_a_stable_key(
