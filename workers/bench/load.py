@@ -64,8 +64,9 @@ __all__ = [
 
 GOAL = "Compute {n} + 2 with calculator [sim: difficulty=1]"
 """Each job's goal: plan, one calculator call, answer, verify (three model calls). Numbered so
-no two jobs share a prompt (Keel's response cache would answer repeats without a model call);
-difficulty 1 lets the simulator's small model draft it right the first time."""
+no two jobs of a run share a prompt, and the jobs opt out of the caches, since every run
+repeats the goals; difficulty 1 lets the simulator's small model draft it right the first
+time."""
 KINDS = ("keel", "floor")
 """The two kinds of job every run compares, in the order they run."""
 HISTORY_FETCHES = 16
@@ -346,6 +347,9 @@ def _runner(kind: str, server: LoadServer, config: LoadConfig, queue: str, tag: 
             request = JobRequest(
                 goal=GOAL.format(n=n), tools=["calculator"], tenant="bench", user="bench",
                 tier="deep",  # forced, so no router call: the floor makes none either
+                # Caches off: runs repeat the same goals, and a later run must not be answered
+                # from an earlier one's replies (the floor has no cache to answer from).
+                cache=False,
             )  # fmt: skip
             job_id = await jobs.start(request, request_key=f"load-{tag}-{n}")
             return job_id, (await jobs.result(job_id)).outcome
