@@ -16,10 +16,10 @@ import functools
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "BUILTIN_TOOLS",
@@ -43,20 +43,24 @@ class CalculatorArgs(BaseModel):
     abs, round, min, max and the constants pi and e."""
 
 
+def _has_host(value: str) -> str:
+    if not urlsplit(value).hostname:
+        raise ValueError("URL has no host")
+    return value
+
+
+_HttpUrl = Annotated[str, Field(max_length=2048, pattern=r"^https?://"), AfterValidator(_has_host)]
+"""An absolute http or https URL with a host, as the HTTP tools take it (kept as text: the
+worker's allow-list, not pydantic's URL normalisation, decides where it may go)."""
+
+
 class HttpGetArgs(BaseModel):
     """Arguments of ``http_get``."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    url: str = Field(max_length=2048, pattern=r"^https?://", examples=["http://127.0.0.1:8000/"])
+    url: _HttpUrl = Field(examples=["http://127.0.0.1:8000/"])
     """Absolute http or https URL; its host and port must be on the worker's allow-list."""
-
-    @field_validator("url")
-    @classmethod
-    def _has_host(cls, value: str) -> str:
-        if not urlsplit(value).hostname:
-            raise ValueError("URL has no host")
-        return value
 
 
 HTTP_POST_MAX_BODY_CHARS = 16_000
@@ -68,19 +72,10 @@ class HttpPostArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    url: str = Field(
-        max_length=2048, pattern=r"^https?://", examples=["http://127.0.0.1:8000/hook"]
-    )
+    url: _HttpUrl = Field(examples=["http://127.0.0.1:8000/hook"])
     """Absolute http or https URL; its host and port must be on the worker's allow-list."""
     body: dict[str, Any] = Field(examples=[{"text": "Keel update"}])
     """JSON object sent as the request body."""
-
-    @field_validator("url")
-    @classmethod
-    def _has_host(cls, value: str) -> str:
-        if not urlsplit(value).hostname:
-            raise ValueError("URL has no host")
-        return value
 
     @field_validator("body")
     @classmethod

@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import redis.asyncio as aioredis
@@ -27,6 +32,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+S = TypeVar("S", bound=socketserver.BaseServer)
+
+
+@contextmanager
+def serving(server: S) -> Iterator[S]:
+    """Serve ``server`` (a local ``http.server``) on a daemon thread while the block runs."""
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def reply(
+    handler: BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes
+) -> None:
+    """Answer the request ``handler`` is serving: ``status``, ``headers`` and ``body``."""
+    handler.send_response(status)
+    for name, value in headers.items():
+        handler.send_header(name, value)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
 
 
 def venv_bin(name: str) -> str:
@@ -179,18 +210,40 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
     pytest.exit(f"{what} did not start", returncode=2)
 
 
+@contextmanager
+def keel_server(
+    what: str, command: str, *args: str, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """Run ``keel <command> --port=N <args>`` in its own process; yield its ``http://`` root.
+
+    The server is stopped when the block ends and must then exit cleanly (status 0).
+
+    Args:
+        what: The server's name in the message that ends the session if it does not start.
+        command: The ``keel`` subcommand (``sim-llm``, ``codec-server``).
+        args: Further options of the subcommand.
+        env: The process's environment; this one's when None.
+    """
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keel.workers.cli", command, f"--port={port}", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    wait_port(port, proc, what)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        code = proc.wait(timeout=10)
+    assert code == 0, f"{what} exited with {code}"
+
+
 @pytest.fixture(scope="session")
 def sim_url() -> Iterator[str]:
     """The project's OpenAI-compatible simulator, over real HTTP in its own process."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "keel.workers.cli", "sim-llm", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-    )
-    wait_port(port, proc, "LLM simulator")
-    yield f"http://127.0.0.1:{port}/v1"
-    proc.terminate()
-    proc.wait(timeout=10)
+    with keel_server("LLM simulator", "sim-llm") as root:
+        yield f"{root}/v1"
 
 
 WorkerFactory = Callable[..., Any]

@@ -17,9 +17,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, RetryState, T
 
 with workflow.unsafe.imports_passed_through():
     from keel.activities import errors
-    from keel.activities.converter import PlainText
     from keel.activities.retrieval import RetrievalActivities
-    from keel.activities.tools import ToolActivities
     from keel.activities.types import (
         Observation,
         PlanStep,
@@ -30,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from keel.workflows import policies
     from keel.workflows._budget import BudgetExhausted, Ledger
+    from keel.workflows._calling import call_tool
     from keel.workflows._state import note_degraded, raise_if_cancelled
     from keel.workflows._writes import PREVIEW_COMMIT, record_preview
     from keel.workflows.types import BudgetName, JobRequest, LoopState
@@ -173,18 +172,9 @@ class StepRunner:
             # depends on it is verified (workflows/_writes.py). Other tools ignore the flag.
             call.dry_run = True
         try:
-            result = await workflow.execute_activity_method(
-                ToolActivities.execute_tool,
-                call,
-                **policies.capped(
-                    policies.TOOL_CALL,
-                    self._ledger.remaining(workflow.now()),
-                    attempts,
-                    # A tool's name is structural: readable when payloads are encrypted (the
-                    # retrieval summary above quotes a query, so it is encrypted; issue 16).
-                    summary=PlainText(f"tool {tool}"),
-                ),
-            )
+            # A tool's name is structural, so its summary stays readable when payloads are
+            # encrypted (the retrieval summary above quotes a query, so it is encrypted).
+            result = await call_tool(call, self._ledger, attempts, f"tool {tool}")
         except ActivityError as err:
             raise_if_cancelled(err)
             return self._failed(base, err, tool, attempts)

@@ -1,9 +1,11 @@
-"""Model calls inside the budget: build an LLM activity's input, reserve, call, charge.
+"""Model and tool calls inside the budget: build an LLM activity's input, reserve, call, charge.
 
 Deterministic orchestration. Before every call the ledger reserves the worst case (prompt
 estimate plus the completion tokens left, and the time it needs); the activity gets that cap
 and the dollars left, so it can refuse a call it cannot afford before sending anything.
-Afterwards the workflow charges what the call used.
+Afterwards the workflow charges what the call used. ``call_tool`` schedules one tool call under
+the tool policy, narrowed to the job's wall clock and the tool's retry budget; the act phase
+(``_acting.py``) and the commit of a previewed write (``_writes.py``) both use it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ with workflow.unsafe.imports_passed_through():
 
     from keel.activities import errors
     from keel.activities.converter import PlainText
-    from keel.activities.types import LLMCallResult, Usage, next_tier
+    from keel.activities.tools import ToolActivities
+    from keel.activities.types import LLMCallResult, ToolCall, ToolResult, Usage, next_tier
     from keel.workflows import policies
     from keel.workflows._budget import BudgetExhausted, Ledger, estimate_prompt_tokens
     from keel.workflows._state import JobFailure, add_event, note_degraded, raise_if_cancelled
@@ -137,6 +140,35 @@ class ModelCaller:
     def _degraded(self, reason: str) -> None:
         if note_degraded(self._s, reason):
             add_event(self._s, workflow.now(), "degraded", reason[:200])
+
+
+async def call_tool(call: ToolCall, ledger: Ledger, attempts: int, summary: str) -> ToolResult:
+    """Run ``execute_tool`` for ``call`` under ``TOOL_CALL``, narrowed for this one call.
+
+    Args:
+        call: The tool call.
+        ledger: The job's ledger; the call may use the wall-clock time it has left.
+        attempts: Activity attempts the tool's retry budget allows this call.
+        summary: What the Temporal UI calls the step. Structural text only (a tool's name): it
+            is sent as ``PlainText``, readable when payloads are encrypted (issue 16).
+
+    Returns:
+        The tool's result.
+
+    Raises:
+        ActivityError: The call failed for good (its attempts spent, or non-retryable); the
+            caller decides what that means for the job.
+    """
+    return await workflow.execute_activity_method(
+        ToolActivities.execute_tool,
+        call,
+        **policies.capped(
+            policies.TOOL_CALL,
+            ledger.remaining(workflow.now()),
+            attempts,
+            summary=PlainText(summary),
+        ),
+    )
 
 
 def _open_circuit_tier(cause: BaseException | None) -> str | None:

@@ -20,11 +20,10 @@ from temporalio.exceptions import TimeoutError as TimeoutFailure
 
 with workflow.unsafe.imports_passed_through():
     from keel.activities import errors
-    from keel.activities.converter import PlainText
-    from keel.activities.tools import ToolActivities
     from keel.activities.types import ToolCall, ToolResult
     from keel.workflows import policies
     from keel.workflows._budget import Ledger
+    from keel.workflows._calling import call_tool
     from keel.workflows._state import JobFailure, raise_if_cancelled
     from keel.workflows.types import (
         TERMINAL_STATES,
@@ -201,16 +200,7 @@ class WriteCommitter:
         )
         attempts = self._ledger.attempts_for(write.tool, policies.TOOL_ATTEMPTS)
         try:
-            result = await workflow.execute_activity_method(
-                ToolActivities.execute_tool,
-                call,
-                **policies.capped(
-                    policies.TOOL_CALL,
-                    self._ledger.remaining(workflow.now()),
-                    attempts,
-                    summary=PlainText(f"commit {write.tool}"),
-                ),
-            )
+            result = await call_tool(call, self._ledger, attempts, f"commit {write.tool}")
         except ActivityError as err:
             raise_if_cancelled(err)
             cause = err.cause

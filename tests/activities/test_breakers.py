@@ -50,6 +50,14 @@ async def fail(breakers: Breakers, name: str, n: int) -> None:
         await breakers.record(await breakers.admit(name), "fail")
 
 
+async def half_open(breakers: Breakers, clock: Clock) -> str:
+    """A new breaker, opened by four failures and left until its open period (10 s) is over."""
+    name = unique("llm:sim")
+    await fail(breakers, name, 4)
+    clock.now += 10.5
+    return name
+
+
 async def test_failures_open_the_breaker_for_every_worker_and_a_new_one(
     fleet: tuple[Breakers, Breakers, Clock], redis_url: str
 ) -> None:
@@ -88,9 +96,7 @@ async def test_half_open_lets_three_trials_through_fleet_wide_and_one_success_cl
     fleet: tuple[Breakers, Breakers, Clock],
 ) -> None:
     a, b, clock = fleet
-    name = unique("llm:sim")
-    await fail(a, name, 4)
-    clock.now += 10.5
+    name = await half_open(a, clock)
     trials = [await a.admit(name), await b.admit(name), await a.admit(name)]
     assert all(t.trial for t in trials)
     for worker in (a, b):
@@ -105,9 +111,7 @@ async def test_a_failed_trial_opens_it_again_and_a_dead_trial_gives_its_lease_ba
     fleet: tuple[Breakers, Breakers, Clock],
 ) -> None:
     a, b, clock = fleet
-    name = unique("llm:sim")
-    await fail(a, name, 4)
-    clock.now += 10.5
+    name = await half_open(a, clock)
     trial = await a.admit(name)
     await a.record(trial, "fail")
     with pytest.raises(CircuitOpen) as refused:

@@ -28,6 +28,7 @@ from keel.activities.store import KeelStore, note_keys
 from keel.activities.tools import ToolActivities, ToolContext, ToolRegistry
 from keel.activities.tools.http_post import IDEMPOTENCY_HEADER, idempotency_key
 from keel.activities.types import ToolCall, ToolResult
+from tests.conftest import reply, serving
 
 MAX_BYTES = 2_000
 
@@ -96,13 +97,7 @@ class _ReceiverHandler(BaseHTTPRequestHandler):
             content_type=self.headers.get("Content-Type"),
             body=json.loads(raw) if raw else None,
         )
-        status, headers, body = self.server.record(got)
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        reply(self, *self.server.record(got))
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -110,12 +105,8 @@ class _ReceiverHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(Receiver()) as server:
+        yield server
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
-import threading
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -42,7 +41,7 @@ from keel.activities.tools.result_cache import canonical_args
 from keel.activities.tools.search_docs import SearchDocs
 from keel.activities.types import PREVIEW_CHARS, ToolCall, ToolResult
 from keel.workflows import policies
-from tests.conftest import free_port, unique
+from tests.conftest import free_port, reply, serving, unique
 
 LARGE_BODY = "L" * (PREVIEW_CHARS * 4)
 MAX_BYTES = 50_000
@@ -59,13 +58,7 @@ class _Handler(BaseHTTPRequestHandler):
             "/away": (302, {"Location": f"http://inside.test:{port}/page"}, ""),
         }
         status, headers, body = routes.get(self.path, (404, {}, "unknown"))
-        data = body.encode()
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        reply(self, status, headers, body.encode())
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -75,11 +68,8 @@ class _Handler(BaseHTTPRequestHandler):
 def http_server() -> Iterator[ThreadingHTTPServer]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.hits = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(server):
+        yield server
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import socket
-import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
@@ -31,6 +30,7 @@ from keel.activities.store import KeelStore, blob_ref, note_keys
 from keel.activities.tools import ToolActivities, ToolContext, ToolRegistry, evaluate_expression
 from keel.activities.tools.http_get import AllowEntry, HttpGet, parse_allow_list
 from keel.activities.types import NO_HITS, PREVIEW_CHARS, ToolCall, ToolResult, format_hits
+from tests.conftest import reply, serving
 
 ALL_TOOLS = ["calculator", "http_get", "write_note", "search_docs", "http_post"]
 LARGE_BODY = "L" * (PREVIEW_CHARS * 3)
@@ -59,14 +59,8 @@ class _Handler(BaseHTTPRequestHandler):
             "/loop": (302, {"Location": "/loop"}, ""),
         }
         status, headers, body = routes.get(self.path, (404, {}, "unknown"))
-        data = body.encode()
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        headers["Content-Type"] = "text/plain; charset=utf-8"
+        reply(self, status, headers, body.encode())
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -76,11 +70,8 @@ class _Handler(BaseHTTPRequestHandler):
 def http_server() -> Iterator[ThreadingHTTPServer]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.hits = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(server):
+        yield server
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import httpx
@@ -15,7 +13,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from keel.activities.converter import compress_payload
 from keel.client import AgentJobs, JobRequest
-from tests.conftest import free_port, temporal, unique, wait_port
+from tests.conftest import keel_server, temporal, unique
 
 UI = "http://127.0.0.1:8233"
 GOAL = "What is 6 * 7? use calculator"
@@ -23,15 +21,8 @@ GOAL = "What is 6 * 7? use calculator"
 
 @pytest.fixture(scope="module")
 def codec_url() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "keel.workers.cli", "codec-server", f"--port={port}"],
-        stdout=subprocess.DEVNULL,
-    )
-    wait_port(port, proc, "keel codec-server")
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    assert proc.wait(timeout=10) == 0
+    with keel_server("keel codec-server", "codec-server") as url:
+        yield url
 
 
 def as_json(*payloads: Payload) -> str:

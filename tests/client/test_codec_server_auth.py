@@ -13,12 +13,12 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from google.protobuf import json_format
-from temporalio.api.common.v1 import Payload, Payloads
+from temporalio.api.common.v1 import Payload
 
 from keel.activities.converter import _ZDICT_V1, KeelCodec
 from keel.activities.encryption import KeyRing
-from tests.conftest import free_port, wait_port
+from tests.client.test_codec_server import as_json, read
+from tests.conftest import free_port, keel_server
 
 KEY = os.urandom(32)
 TOKEN = "codec-token-" + base64.urlsafe_b64encode(os.urandom(12)).decode()
@@ -39,25 +39,14 @@ def server_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def codec_url() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "keel.workers.cli", "codec-server", f"--port={port}"]
-        + [f"--cors-origin={UI}", f"--max-body-bytes={LIMIT}"],
+    with keel_server(
+        "keel codec-server",
+        "codec-server",
+        f"--cors-origin={UI}",
+        f"--max-body-bytes={LIMIT}",
         env=server_env(KEEL_CODEC_TOKEN=TOKEN),
-        stdout=subprocess.DEVNULL,
-    )
-    wait_port(port, proc, "keel codec-server")
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    assert proc.wait(timeout=10) == 0
-
-
-def as_json(*payloads: Payload) -> str:
-    return json_format.MessageToJson(Payloads(payloads=payloads))
-
-
-def read(body: str) -> list[Payload]:
-    return list(json_format.Parse(body, Payloads()).payloads)
+    ) as url:
+        yield url
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -26,7 +24,7 @@ from keel.activities.breakers import BreakerSettings, breaker_key
 from keel.activities.llm import endpoint_name
 from keel.client.jobs import AgentJobs
 from keel.workflows.types import JobRequest
-from tests.conftest import free_port, unique, wait_port
+from tests.conftest import keel_server, unique
 from tests.workflows.test_sessions import PINNED
 
 OUTAGE_SECONDS = 6.0
@@ -39,15 +37,8 @@ BREAKERS = BreakerSettings(
 @pytest.fixture(scope="module")
 def fallback_url() -> Iterator[str]:
     """A second simulator: the endpoint calls go to while the primary's breaker is open."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "keel.workers.cli", "sim-llm", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-    )
-    wait_port(port, proc, "fallback simulator")
-    yield f"http://127.0.0.1:{port}/v1"
-    proc.terminate()
-    proc.wait(timeout=10)
+    with keel_server("fallback simulator", "sim-llm") as root:
+        yield f"{root}/v1"
 
 
 async def sim(http: httpx.AsyncClient, base: str, path: str, body: dict | None = None) -> dict:

@@ -28,6 +28,21 @@ class ServerMode(StrEnum):
 SECTIONS = ("overhead", "long", "scale", "cli", "api", "stream", "priority")
 """Benchmark sections, in the order they run."""
 
+ServerOption = Annotated[
+    ServerMode, typer.Option(help="Temporal dev server persistence to run against.")
+]
+"""``--server``, declared once for the commands that start dev servers (defaults differ)."""
+
+JsonOption = Annotated[
+    Path | None, typer.Option("--json", help="Also write every figure and setting here.")
+]
+"""``--json`` of the subcommands: where every figure and setting is written."""
+
+
+def _servers(server: ServerMode) -> list[str]:
+    """The persistence modes ``--server`` asks for, in the order they run."""
+    return ["sqlite", "memory"] if server is ServerMode.both else [server.value]
+
 
 def _csv(value: str, allowed: tuple[str, ...] | None = None) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
@@ -53,9 +68,7 @@ def _fleet(value: str) -> list[int]:
 
 def bench(
     ctx: typer.Context,
-    server: Annotated[
-        ServerMode, typer.Option(help="Temporal dev server persistence to run against.")
-    ] = ServerMode.both,
+    server: ServerOption = ServerMode.both,
     only: Annotated[
         str,
         typer.Option(help="Comma list of sections: overhead,long,scale,cli,api,stream,priority."),
@@ -155,7 +168,7 @@ def bench(
     from keel.workers.bench.run import run
 
     config = BenchConfig(
-        servers=["sqlite", "memory"] if server is ServerMode.both else [server.value],
+        servers=_servers(server),
         sections=[s for s in SECTIONS if s in _csv(only, SECTIONS)],
         jobs=jobs,
         concurrency=concurrency,
@@ -197,9 +210,7 @@ def cost(
             help="Also run Keel with each lever removed, and with the verifier on the job's tier.",
         ),
     ] = True,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="Also write every figure and setting here.")
-    ] = None,
+    json_path: JsonOption = None,
 ) -> None:
     """Measure what Keel's router, escalation, caches and compression save, honestly.
 
@@ -254,9 +265,7 @@ def sessions(
     read_seconds: Annotated[
         float, typer.Option(min=1, max=3600, help="How long the status readers read.")
     ] = 15.0,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="Also write every figure and setting here.")
-    ] = None,
+    json_path: JsonOption = None,
 ) -> None:
     """Measure what a session costs per turn, and that a long one keeps its context flat.
 
@@ -309,13 +318,9 @@ def load(
     single_jobs: Annotated[
         int, typer.Option(min=1, max=100, help="Jobs of each kind run alone for one job's time.")
     ] = 3,
-    server: Annotated[
-        ServerMode, typer.Option(help="Temporal dev server persistence to run against.")
-    ] = ServerMode.sqlite,
+    server: ServerOption = ServerMode.sqlite,
     seed: Annotated[int, typer.Option(help="Seeds the simulator's latency draws.")] = 0,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="Also write every figure and setting here.")
-    ] = None,
+    json_path: JsonOption = None,
 ) -> None:
     """Hold 1,000 jobs in flight at real model latency, beside a bare Temporal floor.
 
@@ -354,7 +359,7 @@ def load(
         latency_max=latency_max,
         workers=_fleet(workers),
         single_jobs=single_jobs,
-        servers=["sqlite", "memory"] if server is ServerMode.both else [server.value],
+        servers=_servers(server),
         seed=seed,
         json_path=json_path,
     )

@@ -12,26 +12,16 @@ import asyncio
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import signal
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import Progress
 from temporalio.client import Client
 
 from keel.workers.bench.api_load import api_load
@@ -49,6 +39,7 @@ from keel.workers.bench.stack import (
     supervisor,
 )
 from keel.workers.bench.streaming import stream_latency
+from keel.workers.bench.subcommand import environment, progress_bar
 from keel.workers.bench.tables import TABLES
 from keel.workers.devstack import TRANSFER_RPS
 from keel.workers.logs import configure_logging
@@ -144,7 +135,7 @@ async def _run_mode(bench: _Run, mode: str, servers: Servers, children: Supervis
     try:
         for name in config.sections:
             started = time.perf_counter()
-            with _progress(err) as progress:
+            with progress_bar(err, spinner=True) as progress:
                 results[name] = await SECTIONS[name](
                     env.client, config, mode_servers, progress, children
                 )
@@ -152,21 +143,6 @@ async def _run_mode(bench: _Run, mode: str, servers: Servers, children: Supervis
             out.print(TABLES[name](mode, rps, config, results[name]))
     finally:
         await env.shutdown()
-
-
-def _progress(err: Console) -> Progress:
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-        redirect_stdout=False,
-        redirect_stderr=False,
-    )
 
 
 def _settings(config: BenchConfig, rps: int) -> dict[str, Any]:
@@ -190,10 +166,4 @@ def _settings(config: BenchConfig, rps: int) -> dict[str, Any]:
         "cli_runs": config.cli_runs,
         "api_clients": config.api_clients,
         "api_requests": config.api_requests,
-        "cpu_count": os.cpu_count(),
-        "redis": "REDIS_URL" if os.environ.get("REDIS_URL") else "started",
-        "python": platform.python_version(),
-        "temporalio": version("temporalio"),
-        "platform": platform.platform(),
-        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    } | environment()
