@@ -13,19 +13,34 @@ from collections.abc import AsyncIterator
 
 from temporalio import activity
 
-HEARTBEAT_EVERY_SECONDS = 2.0
-"""Well under every policy's heartbeat_timeout (10 s), so one lost heartbeat is harmless."""
+BEATS_PER_TIMEOUT = 3
+"""Heartbeats per heartbeat timeout: two can be lost before the server gives up on the attempt."""
+DEFAULT_EVERY_SECONDS = 2.0
+"""The interval when the activity has no heartbeat timeout (or the block runs outside one)."""
+
+
+def beat_interval() -> float:
+    """A third of the running activity's heartbeat timeout, or ``DEFAULT_EVERY_SECONDS``.
+
+    The SDK sends a heartbeat at most every 0.8x the timeout whatever the activity asks, so a
+    shorter interval only costs the worker CPU; a third keeps two spare beats within it.
+    """
+    timeout = activity.info().heartbeat_timeout if activity.in_activity() else None
+    if not timeout:
+        return DEFAULT_EVERY_SECONDS
+    return timeout.total_seconds() / BEATS_PER_TIMEOUT
 
 
 @contextlib.asynccontextmanager
-async def heartbeating(every: float = HEARTBEAT_EVERY_SECONDS) -> AsyncIterator[None]:
-    """Heartbeat every ``every`` seconds until the block exits."""
+async def heartbeating(every: float | None = None) -> AsyncIterator[None]:
+    """Heartbeat every ``every`` seconds (default ``beat_interval()``) until the block exits."""
+    interval = every if every is not None else beat_interval()
 
     async def beat() -> None:
         # Sleep first: a call that finishes within one interval (most of them) sends no
         # heartbeat at all, so fast activities cost the server no extra RPC.
         while True:
-            await asyncio.sleep(every)
+            await asyncio.sleep(interval)
             activity.heartbeat()
 
     task = asyncio.create_task(beat())

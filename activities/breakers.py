@@ -70,6 +70,11 @@ class BreakerSettings(BaseModel):
     """Trial calls running at once, fleet-wide, while half-open."""
     trial_lease_seconds: float = Field(default=60.0, gt=0)
     """A trial's lease ends on its own after this (its worker died mid-call)."""
+    sync_seconds: float = Field(default=0.5, ge=0, le=1)
+    """A worker trusts a closed breaker this long before asking Redis again, and sends its
+    successes in one batch this often (a failure goes at once, with the batch): two Lua calls per
+    model call become about two per breaker per interval, and an open breaker is still seen by
+    every worker within a second. 0 asks Redis on every call."""
 
 
 class CircuitOpen(Exception):
@@ -117,7 +122,8 @@ return {'open', 1000}
 
 # KEYS: state hash, window (hash of bucket -> ok/fail counts), trial leases.
 # ARGV: now ms, outcome ('ok' | 'fail'), lease id or '', window ms, bucket ms, min calls,
-# failure rate, open ms, key ttl ms. Returns the state after the outcome.
+# failure rate, open ms, key ttl ms, successes to count (a batch: with 'ok', this call's included).
+# Returns the state after the outcome.
 _RECORD = """
 local now = tonumber(ARGV[1])
 local ok = ARGV[2] == 'ok'
@@ -142,18 +148,20 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'open' or state == 'half_open' then return state end
 local bucket = math.floor(now / tonumber(ARGV[5]))
 local oldest = math.floor((now - tonumber(ARGV[4])) / tonumber(ARGV[5]))
-redis.call('HINCRBY', KEYS[2], (ok and 'ok:' or 'fail:') .. bucket, 1)
+local oks = tonumber(ARGV[10])
+if oks > 0 then redis.call('HINCRBY', KEYS[2], 'ok:' .. bucket, oks) end
+if not ok then redis.call('HINCRBY', KEYS[2], 'fail:' .. bucket, 1) end
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[5]))
 local fields = redis.call('HGETALL', KEYS[2])
-local oks, fails = 0, 0
+local good, fails = 0, 0
 for i = 1, #fields, 2 do
   local kind, b = string.match(fields[i], '(%a+):(%d+)')
   if tonumber(b) <= oldest then
     redis.call('HDEL', KEYS[2], fields[i])
-  elseif kind == 'ok' then oks = oks + tonumber(fields[i + 1])
+  elseif kind == 'ok' then good = good + tonumber(fields[i + 1])
   else fails = fails + tonumber(fields[i + 1]) end
 end
-local total = oks + fails
+local total = good + fails
 if (not ok) and total >= tonumber(ARGV[6]) and fails >= tonumber(ARGV[7]) * total then
   return open()
 end
@@ -192,6 +200,11 @@ class Breakers:
         self._clock = clock
         self._down_until = 0.0 if redis is not None else float("inf")
         self._local: dict[str, _Local] = {}
+        # Per breaker: until when a closed state read from Redis is trusted, the successes not
+        # yet sent, and when successes were last sent (``BreakerSettings.sync_seconds``).
+        self._trusted: dict[str, float] = {}
+        self._oks: dict[str, int] = {}
+        self._sent_at: dict[str, float] = {}
         self._admit = redis.register_script(_ADMIT) if redis is not None else None
         self._record = redis.register_script(_RECORD) if redis is not None else None
 
@@ -221,6 +234,8 @@ class Breakers:
             return Admission(name)
         now = self._clock()
         if self._admit is not None and now >= self._down_until:
+            if self._trusted.get(name, 0.0) > now:
+                return Admission(name)
             lease = uuid.uuid4().hex
             s = self.settings
             try:
@@ -232,6 +247,7 @@ class Breakers:
                 self._store_failed("admit", err)
             else:
                 _gauge(name, str(state))
+                self._trust(name, str(state), now)
                 if state == "open":
                     raise CircuitOpen(name, int(wait_ms) / 1000)
                 return Admission(name, trial=lease if state == "half_open" else None)
@@ -254,6 +270,16 @@ class Breakers:
                 await self._release(admission)
             return
         s = self.settings
+        name = admission.name
+        if (
+            admission.trial is None
+            and outcome == "ok"
+            and now - self._sent_at.get(name, float("-inf")) < s.sync_seconds
+        ):
+            self._oks[name] = self._oks.get(name, 0) + 1
+            return
+        oks = self._oks.pop(name, 0) + (outcome == "ok")
+        self._sent_at[name] = now
         bucket = max(1.0, s.window_seconds / 10)
         try:
             state = await self._record(
@@ -272,6 +298,7 @@ class Breakers:
                     s.failure_rate,
                     int(s.open_seconds * 1000),
                     int(max(s.window_seconds, s.open_seconds, s.trial_lease_seconds) * 10_000),
+                    oks,
                 ],
             )
         except (RedisError, OSError) as err:
@@ -279,6 +306,7 @@ class Breakers:
             self._record_local(admission, outcome, now)
             return
         _gauge(admission.name, str(state))
+        self._trust(name, str(state), now)
         if state == "open" and (admission.trial is not None or outcome == "fail"):
             log.warning("breaker.opened", breaker=admission.name)
         elif state == "closed" and admission.trial is not None:
@@ -298,6 +326,13 @@ class Breakers:
                     "open_until": float(data.get("until", 0)) / 1000 or None,
                 }
         return found
+
+    def _trust(self, name: str, state: str, now: float) -> None:
+        """Trust a closed state for ``sync_seconds``; forget the trust on any other."""
+        if state == "closed" and self.settings.sync_seconds > 0:
+            self._trusted[name] = now + self.settings.sync_seconds
+        else:
+            self._trusted.pop(name, None)
 
     async def _release(self, admission: Admission) -> None:
         try:

@@ -29,8 +29,15 @@ LLM_ATTEMPT_SLACK = timedelta(seconds=10)
 activity, not Temporal, is the one that gives up on a slow model (and says why)."""
 
 HEARTBEAT_TIMEOUT = timedelta(seconds=10)
-"""Every activity that can stall heartbeats every 2 s; a worker killed mid-call is noticed in
-10 s instead of at the end of the attempt's start-to-close timeout."""
+"""Tools, retrieval and waits heartbeat every third of this (``activities/_heartbeat.py``); a
+worker killed mid-call is noticed in 10 s instead of at the end of the attempt's timeout."""
+
+LLM_HEARTBEAT_TIMEOUT = timedelta(seconds=30)
+"""Model calls take seconds to a minute, and the SDK sends a heartbeat at most every 0.8x the
+heartbeat timeout: at 10 s a 60 s call cost the Temporal server eight heartbeat RPCs (each a
+write of the activity's state), which was half the server's CPU per job under ``keel bench
+load``. At 30 s it costs three, and a worker killed mid-call is still noticed well within the
+call's own time."""
 
 LIMIT_WAIT = timedelta(seconds=LIMIT_WAIT_SECONDS)
 """Longest a model or tool call waits at its gateway for the fleet's limits (in-flight leases,
@@ -46,7 +53,7 @@ LLM_CALL = ActivityConfig(
     start_to_close_timeout=timedelta(seconds=LLM_REQUEST_TIMEOUT_SECONDS)
     + LLM_ATTEMPT_SLACK
     + LIMIT_WAIT,
-    heartbeat_timeout=HEARTBEAT_TIMEOUT,
+    heartbeat_timeout=LLM_HEARTBEAT_TIMEOUT,
     # Ten attempts ride out a provider brown-out of one to two and a half minutes: the worker
     # jitters each wait into the upper half of 1, 2, 4 ... 30 s (activities/_backoff.py), so
     # jobs that failed together do not retry together; Retry-After on 429 is a floor instead.

@@ -67,6 +67,10 @@ async def test_failures_open_the_breaker_for_every_worker_and_a_new_one(
     await fail(a, name, 2)
     await b.admit(name)  # 1 ok, 2 fails: under min_calls, still closed
     await fail(b, name, 1)  # 4 calls, 3 failed (75% >= 50%): open
+    # ``a`` read the breaker closed an instant ago and trusts that for ``sync_seconds``; ``b``
+    # saw it open. Within the interval every worker sees it open.
+    assert not (await a.admit(name)).local
+    clock.now += SETTINGS.sync_seconds
     for worker in (a, b):
         with pytest.raises(CircuitOpen) as refused:
             await worker.admit(name)
@@ -79,6 +83,32 @@ async def test_failures_open_the_breaker_for_every_worker_and_a_new_one(
         await fresh.admit(name)
     await fresh.aclose()
     assert (await a.states())[name]["state"] == "open"
+
+
+async def window_calls(redis_client: aioredis.Redis, name: str) -> dict[str, int]:
+    counts = await redis_client.hgetall(f"{breaker_key(name)}:window")
+    totals = {"ok": 0, "fail": 0}
+    for field, n in counts.items():
+        totals[str(field).split(":")[0]] += int(n)
+    return totals
+
+
+async def test_successes_go_in_batches_and_a_failure_carries_the_batch(
+    fleet: tuple[Breakers, Breakers, Clock], redis_client: aioredis.Redis
+) -> None:
+    a, _, clock = fleet
+    name = unique("llm:sim")
+    for _ in range(5):
+        await a.record(await a.admit(name), "ok")
+    # The first success went at once; the next four wait for the interval to end.
+    assert await window_calls(redis_client, name) == {"ok": 1, "fail": 0}
+    await fail(a, name, 4)  # the first failure brings the four with it: 9 calls, 4 failed
+    assert await window_calls(redis_client, name) == {"ok": 5, "fail": 4}
+    assert not (await a.admit(name)).local  # 44% < 50%: closed (lost successes would open it)
+    clock.now += SETTINGS.sync_seconds
+    await a.record(await a.admit(name), "ok")
+    await a.record(await a.admit(name), "ok")  # within the interval again: held
+    assert await window_calls(redis_client, name) == {"ok": 6, "fail": 4}
 
 
 async def test_old_failures_leave_the_window(fleet: tuple[Breakers, Breakers, Clock]) -> None:
