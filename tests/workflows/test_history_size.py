@@ -6,7 +6,14 @@ tool returned 2 KiB or 64 KiB, and once the window is full, the same at iteratio
 iteration 17. With context compression (the default) older observations are folded into a bounded
 summary by an extra call every few iterations, how often depending on their size: the history of an
 iteration then stays within a bound that does not grow with the job's age. ``keel bench --only
-long`` shows the 1,000-iteration case; this test keeps the property from regressing."""
+long`` shows the 1,000-iteration case; this test keeps the property from regressing.
+
+The worker keeps a workflow cache, as ``keel worker`` does. Without one (``make_worker``'s default)
+every workflow task replays the whole history so far, 81 tasks a job here, so that cost grows with
+the square of a job's length and was 90 % of the test's time (each activity ran in 20-50 ms; a
+task took 0.5 s on average and 1.7 s by the end). Each finished history is replayed once instead,
+which checks every command the run issued. Tasks then go to the worker's sticky queue, whose name
+each task's scheduled event carries: every iteration of every job is larger by the same bytes."""
 
 from __future__ import annotations
 
@@ -19,9 +26,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHistory
+from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
 
+from keel.activities.converter import DATA_CONVERTER
 from keel.client import AgentJobs, Budget, JobRequest
+from keel.workers.registry import WORKFLOWS
 from keel.workflows.agent_loop import MAX_OBSERVATIONS
 from tests.conftest import unique
 
@@ -31,6 +41,8 @@ COMPRESSED = 12
 """Iterations of the compressed run: enough for several folds after the first."""
 TOLERANCE = 0.02
 """Iterations may differ by a few digits (token counts, costs, sizes), never by the output."""
+CACHED_RUNS = 10
+"""Workflow cache of the test's worker: room for its three jobs (see the module docstring)."""
 
 
 @pytest.fixture
@@ -78,7 +90,8 @@ async def test_iteration_bytes_do_not_grow_with_output_size_or_job_length(
         max_tokens=10**8,
         max_cost_usd=1_000,
     )
-    async with make_worker(client) as worker:
+    histories: list[WorkflowHistory] = []
+    async with make_worker(client, max_cached_workflows=CACHED_RUNS) as worker:
         jobs = AgentJobs(client, task_queue=worker.task_queue)
 
         async def run(
@@ -98,11 +111,21 @@ async def test_iteration_bytes_do_not_grow_with_output_size_or_job_length(
             assert result.exhausted_budget == "max_iterations", result
             assert result.iterations == iterations
             history = await client.get_workflow_handle(job_id).fetch_history()
+            histories.append(history)
             return iteration_bytes(history.events)
 
         small, large, folded = await asyncio.gather(
             run("small"), run("large"), run("large", compress=True, iterations=COMPRESSED)
         )
+
+    # The cached worker replayed nothing, so nondeterminism is checked here, on whole runs.
+    replayer = Replayer(
+        workflows=WORKFLOWS,
+        data_converter=DATA_CONVERTER,
+        workflow_runner=UnsandboxedWorkflowRunner(),
+    )
+    for history in histories:
+        await replayer.replay_workflow(history)
 
     assert len(small) == len(large) == ITERATIONS - 1
     # 62 KiB more output per iteration changes an iteration's history by a few digits at most.
