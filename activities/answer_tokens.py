@@ -19,10 +19,11 @@ import contextlib
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
 import structlog
 from pydantic import BaseModel
 from redis.exceptions import RedisError
+
+from keel.activities.redis_client import KeelRedis
 
 __all__ = [
     "AnswerTokens",
@@ -61,7 +62,7 @@ def watch_key(job_id: str) -> str:
     return f"keel:watching:{job_id}"
 
 
-async def mark_watched(redis: aioredis.Redis, job_id: str) -> None:
+async def mark_watched(redis: KeelRedis, job_id: str) -> None:
     """Say that someone reads the job's events for the next WATCH_TTL_SECONDS.
 
     A worker built to stream only for readers (``AnswerTokens(only_when_watched=True)``)
@@ -92,7 +93,7 @@ class AnswerTokens:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: KeelRedis,
         *,
         maxlen: int = 10_000,
         ttl_seconds: int = 86_400,
@@ -277,7 +278,7 @@ class DraftTokens:
 
 
 async def read_tokens(
-    redis: aioredis.Redis,
+    redis: KeelRedis,
     job_id: str,
     after: str = "0-0",
     *,

@@ -29,11 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import redis.asyncio as aioredis
 import structlog
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 from temporalio import activity
+
+from keel.activities.redis_client import KeelRedis, connect
 
 __all__ = [
     "Admission",
@@ -190,7 +191,7 @@ class Breakers:
 
     def __init__(
         self,
-        redis: aioredis.Redis | None,
+        redis: KeelRedis | None,
         settings: BreakerSettings | None = None,
         *,
         clock: Callable[[], float] = time.time,
@@ -211,7 +212,7 @@ class Breakers:
     @classmethod
     def from_url(cls, url: str, settings: BreakerSettings | None = None) -> Breakers:
         """Breakers on their own Redis client, whose short timeouts never hold a call up."""
-        client = aioredis.Redis.from_url(
+        client = connect(
             url,
             decode_responses=True,
             socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
@@ -317,6 +318,8 @@ class Breakers:
         if self.redis is None:
             return {}
         found: dict[str, dict[str, Any]] = {}
+        # On a Redis Cluster, the cluster client's scan_iter runs SCAN on every primary, each
+        # with its own cursor, so breakers in any slot are found.
         async for key in self.redis.scan_iter(match=f"{KEY_PREFIX}{{*}}", count=500):
             name = str(key)[len(KEY_PREFIX) + 1 : -1]
             data = await self.redis.hgetall(key)

@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-import redis.asyncio as aioredis
 import structlog
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 from temporalio import activity
+
+from keel.activities.redis_client import KeelRedis
 
 __all__ = ["CacheKind", "CacheSettings", "KeelCache", "Normalization", "normalize_text"]
 
@@ -127,7 +128,7 @@ class CacheStats:
 class KeelCache:
     """Tenant-scoped get and put over Redis, degrading to misses when Redis fails."""
 
-    def __init__(self, redis: aioredis.Redis | None, settings: CacheSettings | None = None):
+    def __init__(self, redis: KeelRedis | None, settings: CacheSettings | None = None):
         """Bind the caches to a Redis client.
 
         Args:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import redis.asyncio as aioredis
 import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -38,6 +37,7 @@ from keel.activities.limits import (
     ModelRates,
     RuntimeConfig,
 )
+from keel.activities.redis_client import KeelRedis, connect
 from keel.activities.types import CHARS_PER_TOKEN, LIMIT_WAIT_SECONDS
 
 __all__ = ["GateLimits", "GateTicket", "GatewayLimits", "estimate_tokens"]
@@ -126,7 +126,7 @@ class GatewayLimits:
 
     def __init__(
         self,
-        redis: aioredis.Redis | None,
+        redis: KeelRedis | None,
         *,
         lease_ttl_seconds: float = LEASE_TTL_SECONDS,
         max_wait_seconds: float = LIMIT_WAIT_SECONDS,
@@ -152,7 +152,7 @@ class GatewayLimits:
     @classmethod
     def from_url(cls, url: str) -> GatewayLimits:
         """Limits on their own client, with short timeouts: a slow store must not slow calls."""
-        return cls(aioredis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1))
+        return cls(connect(url, socket_connect_timeout=1, socket_timeout=1))
 
     async def aclose(self) -> None:
         """Close the Redis client."""

@@ -28,9 +28,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
+
+from keel.activities.redis_client import KeelRedis
 
 __all__ = [
     "CONFIG_MAX_AGE_SECONDS",
@@ -68,9 +69,7 @@ def _text(value: Any) -> str:
 class RuntimeConfig:
     """One Redis hash of run-time settings, read at most once per ``max_age`` seconds."""
 
-    def __init__(
-        self, redis: aioredis.Redis, key: str, max_age: float = CONFIG_MAX_AGE_SECONDS
-    ) -> None:
+    def __init__(self, redis: KeelRedis, key: str, max_age: float = CONFIG_MAX_AGE_SECONDS) -> None:
         self._redis, self.key, self._max_age = redis, key, max_age
         self._values: dict[str, str] = {}
         self._read_at = -math.inf
@@ -151,7 +150,7 @@ return 1
 class LeaseSemaphore:
     """At most N leases per key, each expiring unless renewed."""
 
-    def __init__(self, redis: aioredis.Redis, ttl_seconds: float = LEASE_TTL_SECONDS) -> None:
+    def __init__(self, redis: KeelRedis, ttl_seconds: float = LEASE_TTL_SECONDS) -> None:
         self._redis = redis
         self.ttl_ms = max(1, math.ceil(ttl_seconds * 1000))
         self._acquire = redis.register_script(_ACQUIRE_LEASE)
@@ -222,7 +221,7 @@ return 1
 class ModelRates:
     """Requests and tokens per minute per model (GCRA), reserved atomically."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: KeelRedis) -> None:
         self._reserve = redis.register_script(_RESERVE_RATE)
         self._adjust = redis.register_script(_ADJUST_TOKENS)
 

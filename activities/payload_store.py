@@ -42,7 +42,7 @@ from temporalio.converter import (
 from temporalio.exceptions import ApplicationError
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
+    from keel.activities.redis_client import KeelRedis
 
 __all__ = [
     "DRIVER_NAME",
@@ -197,7 +197,7 @@ class RedisPayloadDriver(StorageDriver):
             settings: The Redis URL and the TTL (the threshold is the converter's).
         """
         self.settings = settings
-        self._redis: aioredis.Redis | None = None
+        self._redis: KeelRedis | None = None
 
     def name(self) -> str:
         """See base class; ``keel-redis`` in every reference."""
@@ -207,15 +207,13 @@ class RedisPayloadDriver(StorageDriver):
         """See base class."""
         return "keel.redis"
 
-    def _client(self) -> aioredis.Redis:
+    def _client(self) -> KeelRedis:
         if self._redis is None:
             # Imported here: building a converter must not cost a process that never meets a
             # large payload (every ``keel status``) the import of the Redis client.
-            import redis.asyncio as aioredis
+            from keel.activities.redis_client import connect
 
-            self._redis = aioredis.Redis.from_url(
-                self.settings.url, socket_connect_timeout=5, socket_timeout=5
-            )
+            self._redis = connect(self.settings.url, socket_connect_timeout=5, socket_timeout=5)
         return self._redis
 
     async def store(
@@ -252,6 +250,7 @@ class RedisPayloadDriver(StorageDriver):
                 payload key; ``PayloadStoreUnavailable`` (retryable) when Redis fails.
         """
         import redis.exceptions
+        from redis.asyncio.cluster import RedisCluster
 
         keys = [c.claim_data.get("key", "") for c in claims]
         for key in keys:
@@ -263,8 +262,14 @@ class RedisPayloadDriver(StorageDriver):
                     type=PAYLOAD_EXPIRED,
                     non_retryable=True,
                 )
+        client = self._client()
         try:
-            values = await self._client().mget(keys)
+            if isinstance(client, RedisCluster):
+                # One retrieve's claims normally share a tenant's slot, but nothing makes a
+                # history's references do so; on a cluster a plain MGET of two slots fails.
+                values = await client.mget_nonatomic(keys)
+            else:
+                values = await client.mget(keys)
         except redis.exceptions.RedisError as err:
             raise ApplicationError(
                 f"cannot read a stored payload from Redis: {type(err).__name__}",

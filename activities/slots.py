@@ -35,12 +35,12 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Literal, NamedTuple
 
-import redis.asyncio as aioredis
 import structlog
 from pydantic import BaseModel, Field
 from temporalio import activity
 
 from keel.activities.limits import CONFIG_MAX_AGE_SECONDS, DegradeOpen, RuntimeConfig
+from keel.activities.redis_client import KeelRedis
 from keel.activities.types import SlotGrant, SlotRelease, SlotRequest
 
 __all__ = [
@@ -228,7 +228,7 @@ class JobSlots:
 
     def __init__(
         self,
-        redis: aioredis.Redis | None,
+        redis: KeelRedis | None,
         *,
         poll_seconds: float = POLL_SECONDS,
         config_max_age: float = CONFIG_MAX_AGE_SECONDS,
@@ -344,10 +344,10 @@ class JobSlots:
         return int(running), int(queued)
 
 
-_BY_CLIENT: weakref.WeakKeyDictionary[aioredis.Redis, JobSlots] = weakref.WeakKeyDictionary()
+_BY_CLIENT: weakref.WeakKeyDictionary[KeelRedis, JobSlots] = weakref.WeakKeyDictionary()
 
 
-def slots_for(redis: aioredis.Redis) -> JobSlots:
+def slots_for(redis: KeelRedis) -> JobSlots:
     """One ``JobSlots`` per Redis client, so its configuration copy is shared across requests."""
     slots = _BY_CLIENT.get(redis)
     if slots is None:

@@ -10,7 +10,7 @@ uses it too.
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
+from keel.activities.redis_client import KeelRedis
 
 __all__ = ["SessionSnapshots", "snapshot_key"]
 
@@ -32,7 +32,7 @@ def snapshot_key(tenant: str, session_id: str) -> str:
 class SessionSnapshots:
     """Read and write sessions' status snapshots (JSON) through a Redis client."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: KeelRedis) -> None:
         self._redis = client
 
     async def put(self, tenant: str, session_id: str, status_json: str, ttl_seconds: int) -> None:

@@ -36,6 +36,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from keel.activities.errors import REF_NOT_OWNED
+from keel.activities.redis_client import KeelRedis, connect
 from keel.activities.types import BLOB_REF_PREFIX, ToolResult, ref_belongs_to
 
 __all__ = ["KEY_PREFIX", "KeelStore", "blob_ref", "note_keys", "notes_list_key"]
@@ -126,7 +127,7 @@ class KeelStore:
     The store does not retry: a Redis failure raises, and Temporal retries the activity.
     """
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: KeelRedis) -> None:
         self._redis = client
         self._write_note_once = client.register_script(_WRITE_NOTE_ONCE)
         # A cluster cannot hold names from before the hash tags (see the module docstring);
@@ -138,7 +139,7 @@ class KeelStore:
         """Build a store with its own client.
 
         Args:
-            url: A ``redis://`` URL.
+            url: A Redis URL, or a cluster's (``keel.activities.redis_client.connect``).
             timeout_seconds: The longest wait to connect or for any reply. A Redis that hangs
                 (a partition drops packets rather than refusing them) then fails the attempt,
                 which Temporal retries, instead of holding it until its start-to-close timeout.
@@ -146,7 +147,7 @@ class KeelStore:
         Returns:
             A store whose client decodes responses as UTF-8; close it with ``aclose``.
         """
-        client = aioredis.Redis.from_url(
+        client = connect(
             url,
             decode_responses=True,
             socket_connect_timeout=timeout_seconds,
@@ -155,7 +156,7 @@ class KeelStore:
         return cls(client)
 
     @property
-    def redis(self) -> aioredis.Redis:
+    def redis(self) -> KeelRedis:
         """The client, for modules keeping their own keys beside the store's (snapshots)."""
         return self._redis
 

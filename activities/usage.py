@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 
-import redis.asyncio as aioredis
 from pydantic import BaseModel
+
+from keel.activities.redis_client import KeelRedis
 
 __all__ = ["DayUsage", "QuotaExceeded", "UsageLedger", "today"]
 
@@ -80,7 +81,7 @@ def today() -> date:
 class UsageLedger:
     """Charge model calls, admit jobs against quotas, and read a tenant's days."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: KeelRedis) -> None:
         self._redis = redis
         self.redis = redis
         """The client (the API reads its quota configuration through it too)."""

@@ -19,12 +19,12 @@ import time
 from typing import Any
 
 import httpx
-import redis.asyncio as aioredis
 from pydantic import BaseModel
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from keel.activities.errors import WEBHOOK_FAILED, WEBHOOK_REFUSED
+from keel.activities.redis_client import KeelRedis
 from keel.activities.webhook_hosts import SECRET_KEY_PREFIX, WebhookHosts
 
 __all__ = [
@@ -68,7 +68,7 @@ def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
 class WebhookActivities:
     """The delivery activity, with its HTTP client, secrets store and allow-list."""
 
-    def __init__(self, redis: aioredis.Redis, http: httpx.AsyncClient, hosts: WebhookHosts) -> None:
+    def __init__(self, redis: KeelRedis, http: httpx.AsyncClient, hosts: WebhookHosts) -> None:
         self._redis, self._http, self._hosts = redis, http, hosts
 
     @activity.defn(name="deliver_webhook")

@@ -32,8 +32,9 @@ from keel.client.errors import InvalidJobRequest
 from keel.workflows.types import PROGRESS_TOPIC, JobProgress, JobResult
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
     from temporalio.client import Client
+
+    from keel.activities.redis_client import KeelRedis
 
 __all__ = ["EventCursor", "JobStreamEvent", "job_events"]
 
@@ -98,7 +99,7 @@ async def job_events(
     client: Client,
     job_id: str,
     cursor: EventCursor,
-    tokens: aioredis.Redis | None,
+    tokens: KeelRedis | None,
     final: Callable[[], Awaitable[JobResult]],
 ) -> AsyncIterator[JobStreamEvent]:
     """Stream a job's events from ``cursor`` until it ends, then its result.
@@ -162,7 +163,7 @@ async def _read_progress(
 
 
 async def _read_tokens(
-    redis: aioredis.Redis,
+    redis: KeelRedis,
     job_id: str,
     after: str,
     queue: asyncio.Queue[_Item | BaseException | None],
@@ -177,7 +178,7 @@ async def _read_tokens(
         log.warning("events.tokens_unavailable", job_id=job_id, error=type(err).__name__)
 
 
-async def _watch(redis: aioredis.Redis, job_id: str) -> bool:
+async def _watch(redis: KeelRedis, job_id: str) -> bool:
     """Mark the job as read (workers stream its drafts only then); False if Redis failed."""
     try:
         await mark_watched(redis, job_id)
@@ -187,14 +188,12 @@ async def _watch(redis: aioredis.Redis, job_id: str) -> bool:
     return True
 
 
-async def _keep_watching(redis: aioredis.Redis, job_id: str) -> None:
+async def _keep_watching(redis: KeelRedis, job_id: str) -> None:
     while await _watch(redis, job_id):
         await asyncio.sleep(WATCH_RENEW_SECONDS)
 
 
-async def _tokens_after(
-    redis: aioredis.Redis, job_id: str, after: str
-) -> list[tuple[str, TokenDelta]]:
+async def _tokens_after(redis: KeelRedis, job_id: str, after: str) -> list[tuple[str, TokenDelta]]:
     try:
         return await read_tokens(redis, job_id, after)
     except RedisError as err:

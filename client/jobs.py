@@ -70,8 +70,7 @@ from keel.workflows.types import (
 )
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
+    from keel.activities.redis_client import KeelRedis
     from keel.client._events import EventCursor, JobStreamEvent
 
 __all__ = ["AgentJobs"]
@@ -346,7 +345,7 @@ class AgentJobs:
         job_id: str,
         *,
         after: EventCursor | None = None,
-        tokens: aioredis.Redis | None = None,
+        tokens: KeelRedis | None = None,
     ) -> AsyncIterator[JobStreamEvent]:
         """The job's event stream: progress, answer tokens, then its result.
 

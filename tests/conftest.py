@@ -251,13 +251,19 @@ WorkerFactory = Callable[..., Any]
 
 @pytest.fixture
 def make_worker(redis_url: str, sim_url: str) -> WorkerFactory:
-    """Build a real Worker running ``KeelPlugin`` against real Redis and the simulator."""
+    """Build a real Worker running ``KeelPlugin`` against real Redis and the simulator.
+
+    ``redis_url`` (a keyword of the factory) points the worker elsewhere, such as a Redis
+    Cluster (``redis+cluster://``); the suite's redis-server by default.
+    """
+    suite_redis_url = redis_url
 
     @asynccontextmanager
     async def factory(
         client: Client,
         task_queue: str | None = None,
         *,
+        redis_url: str | None = None,
         base_url: str | None = None,
         api_key: str = "sim-local-key",
         model: str = "sim-small",
@@ -273,7 +279,7 @@ def make_worker(redis_url: str, sim_url: str) -> WorkerFactory:
         **worker_kwargs: Any,
     ) -> AsyncGenerator[Worker, None]:
         deps = build_deps(
-            redis_url=redis_url,
+            redis_url=redis_url or suite_redis_url,
             openai_base_url=base_url or sim_url,
             openai_api_key=api_key,
             # Every role pinned to ``model`` unless a test brings its own tiers.

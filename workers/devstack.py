@@ -248,14 +248,13 @@ def dev_api_key(state_dir: Path, redis_url: str) -> str:
     """
     import asyncio
 
-    import redis.asyncio as aioredis
-
+    from keel.activities.redis_client import connect
     from keel.client.api.keys import ApiKeys
 
     path = state_dir / DEV_KEY_FILE
 
     async def find_or_create() -> str:
-        redis = aioredis.Redis.from_url(redis_url, socket_timeout=5)
+        redis = connect(redis_url, socket_timeout=5)
         try:
             keys = ApiKeys(redis)
             saved = path.read_text().strip() if path.exists() else ""

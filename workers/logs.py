@@ -95,6 +95,12 @@ def loggable_url(url: str) -> str:
         url: An endpoint from the environment, such as ``OPENAI_BASE_URL`` or ``REDIS_URL``.
 
     Returns:
-        Scheme, host, port and path only.
+        Scheme, host, port and path only (a Redis Cluster URL: its scheme and nodes).
     """
+    # Imported here: the ``keel`` command loads this module, and most commands need no Redis.
+    from keel.activities.redis_client import is_cluster_url, loggable_cluster_url
+
+    if is_cluster_url(url):
+        # A cluster's comma-separated node list is no URL authority httpx can parse.
+        return loggable_cluster_url(url)
     return str(httpx.URL(url).copy_with(username=None, password=None, query=None, fragment=None))

@@ -13,7 +13,6 @@ from typing import Any
 import httpx
 import httpx2
 import openai
-import redis.asyncio as aioredis
 from temporalio.worker import Interceptor
 
 from keel.activities._backoff import JitteredBackoff
@@ -25,6 +24,7 @@ from keel.activities.costing import CarryAttemptCharges, preload
 from keel.activities.embeddings import Embedder
 from keel.activities.gateway_limits import GatewayLimits
 from keel.activities.llm import Fallback, LLMActivities, LLMConfig, endpoint_name
+from keel.activities.redis_client import connect
 from keel.activities.retrieval import RetrievalActivities, Retriever
 from keel.activities.sessions import SessionActivities
 from keel.activities.slots import JobSlotActivities, JobSlots
@@ -113,6 +113,10 @@ def build_deps(
 ) -> Deps:
     """Build the real dependencies: Redis, the OpenAI client (vendor retries off), the tools.
 
+    ``redis_url`` names one Redis (``redis://``, ``rediss://``, ``unix://``) or a Redis Cluster
+    (``redis+cluster://host:port[,host:port...]``, ``rediss+cluster://``); every client below
+    is built from it by ``keel.activities.redis_client.connect``.
+
     ``http_allowed_hosts`` are ``host:port``, ``host:*`` or ``host`` entries for ``http_get``;
     ``http_allowed_hosts_by_tenant`` adds entries for one tenant's calls. ``embedding_model``
     turns on hybrid retrieval (empty: BM25 only; ``keel worker`` passes its setting).
@@ -131,10 +135,10 @@ def build_deps(
         max_retries=0,
         http_client=openai.DefaultAioHttpClient(limits=_pool(llm_max_connections)),
     )
-    redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
+    redis = connect(redis_url, socket_connect_timeout=5, socket_timeout=5)
     # Limits have their own client with short timeouts: a slow limit store degrades open in
     # about a second instead of holding every call for five.
-    limits = aioredis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
+    limits = connect(redis_url, socket_connect_timeout=1, socket_timeout=1)
     # The caches share the limits' short timeouts: a slow cache is a miss within a second.
     cache = KeelCache(limits, cache_settings)
     # Hybrid retrieval embeds through the worker's model client and caches vectors and top-k

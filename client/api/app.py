@@ -27,7 +27,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, urlencode
 
-import redis.asyncio as aioredis
 import structlog
 from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -41,6 +40,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.client import Client
 
+from keel.activities import redis_client
 from keel.activities.usage import DayUsage, QuotaExceeded, UsageLedger, today
 from keel.client._summary import JobSummary
 from keel.client._validation import REQUEST_KEY_RE, validate_request_key
@@ -263,11 +263,12 @@ def create_app(
         if keys is None:
             url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
             # A blocking pool: past its size a request waits for a connection (at most
-            # ``timeout`` s) instead of failing with "Too many connections".
-            pool = aioredis.BlockingConnectionPool.from_url(
-                url, max_connections=REDIS_CONNECTIONS, timeout=5, socket_timeout=5
+            # ``pool_timeout`` s) instead of failing with "Too many connections". A cluster's
+            # client (a ``redis+cluster://`` URL) has a pool per node and no blocking pool:
+            # past its size on a node a request fails (503) instead of waiting.
+            redis = redis_client.connect(
+                url, max_connections=REDIS_CONNECTIONS, pool_timeout=5, socket_timeout=5
             )
-            redis = aioredis.Redis(connection_pool=pool)
             app.state.keys = ApiKeys(redis)
         app.state.limiter = RateLimiter(app.state.keys.redis)
         app.state.usage = UsageLedger(app.state.keys.redis)

@@ -11,8 +11,7 @@ the reserved slot for its whole life. If Redis cannot be reached, jobs are accep
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-
+from keel.activities.redis_client import KeelRedis
 from keel.activities.slots import slots_for
 from keel.workflows.types import JobRequest
 
@@ -36,7 +35,7 @@ class ConcurrencyLimited(Exception):
         self.message = f"the {limit} limit of {count} running jobs is reached"
 
 
-async def check_concurrency(redis: aioredis.Redis, request: JobRequest, job_id: str) -> bool:
+async def check_concurrency(redis: KeelRedis, request: JobRequest, job_id: str) -> bool:
     """Whether the job must hold a running slot; under ``refuse``, reserve it or refuse.
 
     A retried submit of a running job finds its slot already held and passes.

@@ -17,8 +17,7 @@ import hashlib
 import hmac
 import secrets
 
-import redis.asyncio as aioredis
-
+from keel.activities.redis_client import KeelRedis
 from keel.client.errors import InvalidJobRequest
 
 __all__ = ["SECRET_KEY", "ListCursors"]
@@ -33,7 +32,7 @@ _MAC_BYTES = 16
 class ListCursors:
     """Seal page tokens into cursors and open them again, for one Redis (all API processes)."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: KeelRedis) -> None:
         self._redis = redis
         self._secret: bytes | None = None
 

@@ -17,9 +17,9 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Literal, NamedTuple
 
-import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict
 
+from keel.activities.redis_client import KeelRedis
 from keel.workflows.types import IDENT_RE
 
 __all__ = [
@@ -115,11 +115,11 @@ def principal_of(raw: str | bytes) -> Principal:
 class ApiKeys:
     """Create, look up, list and revoke API keys in Redis."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: KeelRedis) -> None:
         self._redis = redis
 
     @property
-    def redis(self) -> aioredis.Redis:
+    def redis(self) -> KeelRedis:
         """The Redis client the keys live in (the rate limiter shares it)."""
         return self._redis
 

@@ -35,10 +35,10 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 
 from keel.activities.limits import CONFIG_MAX_AGE_SECONDS, RuntimeConfig
+from keel.activities.redis_client import KeelRedis
 from keel.client.api.keys import Principal, key_records, principal_of, records_agree
 
 __all__ = [
@@ -168,7 +168,7 @@ class RateLimiter:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: KeelRedis,
         defaults: RateLimits | None = None,
         *,
         config_max_age: float = CONFIG_MAX_AGE_SECONDS,
@@ -264,7 +264,7 @@ class RateLimiter:
         return (name, int(wait_ms) / 1000) if name else None
 
 
-async def daily_quotas(redis: aioredis.Redis, tenant: str) -> DailyQuotas:
+async def daily_quotas(redis: KeelRedis, tenant: str) -> DailyQuotas:
     """A tenant's daily quotas: its own setting, else everyone's, else the environment's.
 
     Returns:

@@ -37,7 +37,7 @@ from keel.workflows.session_types import SessionStatus, TurnRecord
 from keel.workflows.types import JobProgress, JobResult
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
+    from keel.activities.redis_client import KeelRedis
 
 __all__ = ["SessionCursor", "SessionStreamEvent", "TurnDone", "session_events"]
 
@@ -120,7 +120,7 @@ class _Follower:
 
     sessions: AgentSessions
     session_id: str
-    tokens: aioredis.Redis | None
+    tokens: KeelRedis | None
     status: SessionStatus
     pause: float = POLL_FIRST_SECONDS
 
@@ -209,7 +209,7 @@ async def session_events(
     sessions: AgentSessions,
     status: SessionStatus,
     after: SessionCursor,
-    tokens: aioredis.Redis | None,
+    tokens: KeelRedis | None,
 ) -> AsyncIterator[SessionStreamEvent]:
     """Stream a session's turns from ``after`` until the session has ended.
 

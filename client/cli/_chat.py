@@ -21,13 +21,13 @@ import sys
 import threading
 from collections.abc import AsyncIterator
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
 from keel.activities.answer_tokens import mark_watched
+from keel.activities.redis_client import KeelRedis, connect
 from keel.client._events import EventCursor, JobStreamEvent
 from keel.client.cli._session_view import answer_text, budget_table, status_lines
 from keel.client.cli._sessions import agent_sessions
@@ -67,7 +67,7 @@ async def run_chat(request: SessionRequest, key: str | None) -> None:
 
     sessions = await agent_sessions()
     url = os.environ.get("REDIS_URL", "").strip()
-    tokens = aioredis.Redis.from_url(url, socket_timeout=5) if url else None
+    tokens = connect(url, socket_timeout=5) if url else None
     chat = _Chat(sessions, request, key or f"chat-{uuid4().hex[:12]}", tokens)
     try:
         await chat.run(resuming=key is not None)
@@ -91,7 +91,7 @@ class _Chat:
         sessions: AgentSessions,
         request: SessionRequest,
         key: str,
-        tokens: aioredis.Redis | None,
+        tokens: KeelRedis | None,
     ) -> None:
         self._sessions = sessions
         self._req = request

@@ -259,10 +259,10 @@ async def _watch_direct(
     """Follow the job straight from Temporal, with answer tokens when REDIS_URL is set."""
     import os
 
-    import redis.asyncio as aioredis
+    from keel.activities.redis_client import connect
 
     url = os.environ.get("REDIS_URL", "").strip()
-    redis = aioredis.Redis.from_url(url, socket_timeout=5) if url else None
+    redis = connect(url, socket_timeout=5) if url else None
     try:
         return await show(await (await jobs()).events(job_id, tokens=redis))
     finally:

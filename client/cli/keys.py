@@ -28,14 +28,14 @@ def _redis_call(main: Callable[[ApiKeys], Awaitable[T]]) -> T:
     """Run ``main`` against the key store at ``REDIS_URL``; errors become one line."""
     import asyncio
 
-    import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
+    from keel.activities.redis_client import connect
     from keel.client.api.keys import ApiKeys
 
     async def call() -> T:
         url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-        redis = aioredis.Redis.from_url(url, socket_timeout=5)
+        redis = connect(url, socket_timeout=5)
         try:
             return await main(ApiKeys(redis))
         finally:

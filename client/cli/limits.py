@@ -102,12 +102,13 @@ def _redis_call(work: Callable[[Any], Awaitable[dict[str, Any]]]) -> dict[str, A
     """Run ``work(redis)`` against ``REDIS_URL``; Redis and input errors become exit codes."""
     import asyncio
 
-    import redis.asyncio as aioredis
     from redis.exceptions import RedisError
+
+    from keel.activities.redis_client import connect
 
     async def call() -> dict[str, Any]:
         url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-        redis = aioredis.Redis.from_url(url, socket_timeout=5)
+        redis = connect(url, socket_timeout=5)
         try:
             return await work(redis)
         finally:
