@@ -82,6 +82,8 @@ class WorkerSettings(BaseSettings):
         default="redis://127.0.0.1:6379/0",
         validation_alias=AliasChoices("REDIS_URL", "KEEL_REDIS_URL"),
     )
+    """``redis://``, ``rediss://`` or ``unix://``; a Redis Cluster as ``redis+cluster://`` (or
+    ``rediss+cluster://``) with any of its nodes, comma-separated (``activities.redis_client``)."""
     openai_base_url: str = Field(
         default="http://127.0.0.1:8089/v1",
         validation_alias=AliasChoices("OPENAI_BASE_URL", "KEEL_OPENAI_BASE_URL"),

@@ -3,7 +3,7 @@
 Slots are computed by redis-py (``redis.crc.key_slot``) on the names Keel's own code builds:
 its key builders for commands sent with explicit keys, and for scripts that build names inside
 Lua (the job-slot line walks its waiters' user keys), every key the operation left in a real
-redis-server. ``tests/activities/test_cluster.py`` runs the same operations on a real cluster.
+redis-server. ``tests/activities/test_redis_cluster.py`` runs the same operations on a real cluster.
 """
 
 from __future__ import annotations
