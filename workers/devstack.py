@@ -29,12 +29,18 @@ HISTORY_CACHE_SIZE = 8192
 """``history.cacheMaxSize``: workflows whose state the dev server's history service keeps in
 memory. The stock 512 (per shard; the dev server runs one) is below the 1,000+ jobs in flight
 one worker holds, and a job that falls out is read back from the database on its next event."""
+LONG_POLLS = 10_000
+"""``frontend.namespaceCount``: long-running requests (a caller's wait on a job's history, task
+queue polls, queries) one namespace may hold at once, per method. The stock 1,200 refuses the
+1,201st caller waiting on a job with ResourceExhausted (seen with 2,000 jobs in flight, each
+awaited), and the waits then retry with backoff instead of hearing of the result."""
 DEV_SERVER_DYNAMIC_CONFIG = {
     "history.transferProcessorMaxPollRPS": str(TRANSFER_RPS),
     # Tenants' fairness keys and the interactive-over-batch priority keys (see
     # keel.client._starting) are honoured by the matcher only with fairness on.
     "matching.enableFairness": "true",
     "history.cacheMaxSize": str(HISTORY_CACHE_SIZE),
+    "frontend.namespaceCount": str(LONG_POLLS),
 }
 """Dynamic config ``keel dev`` starts its Temporal server with (``keel bench load`` too)."""
 

@@ -29,7 +29,7 @@ LLM_ATTEMPT_SLACK = timedelta(seconds=10)
 activity, not Temporal, is the one that gives up on a slow model (and says why)."""
 
 HEARTBEAT_TIMEOUT = timedelta(seconds=10)
-"""Tools, retrieval and waits heartbeat every third of this (``activities/_heartbeat.py``); a
+"""Tools, retrieval and waits heartbeat every half of this (``activities/_heartbeat.py``); a
 worker killed mid-call is noticed in 10 s instead of at the end of the attempt's timeout."""
 
 LLM_HEARTBEAT_TIMEOUT = timedelta(seconds=30)
