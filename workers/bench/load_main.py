@@ -54,8 +54,8 @@ def print_tables(out: Console, report: dict[str, Any], config: LoadConfig) -> No
         out.print(load_report.runs_table(server, figures, config))
         out.print(load_report.targets_table(server, figures))
     out.print(
-        "The in-flight target compares the most jobs one worker held in this stream; a search "
-        "for the largest number it can hold (--max-in-flight) is not built yet."
+        "The in-flight target compares the most jobs one worker held in this stream; a larger "
+        "stream against the in-memory server (--server memory --jobs 2000) asks for more."
     )
 
 
