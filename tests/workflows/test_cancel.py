@@ -127,7 +127,10 @@ async def test_keel_cancel_then_result_through_the_cli(client: Client, make_work
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         return proc.returncode or 0, out.decode(), err.decode()
 
-    req = JobRequest(goal=f"What is 3 + 3? use calculator [sim: slow={SLOW_SECONDS * 1000}]")
+    # Forced onto a tier: with the router's call first, the job reaches planning only after
+    # that slow call, and the test waited it out (20 s) before it could cancel.
+    goal = f"What is 3 + 3? use calculator [sim: slow={SLOW_SECONDS * 1000}]"
+    req = JobRequest(goal=goal, tier="deep")
     async with make_worker(client) as worker:
         jobs = AgentJobs(client, task_queue=worker.task_queue)
         job_id = await jobs.start(req)
