@@ -78,10 +78,17 @@ async def test_the_endpoint_down_mid_run_opens_breakers_fleet_wide_and_no_job_fa
             ids = await asyncio.gather(
                 *(jobs.start(request, request_key=unique("j")) for _ in range(JOBS))
             )
+            # From the first request the dead endpoint answered (how soon the jobs reach it
+            # depends on how busy the machine is) to the breaker's open state in Redis.
+            first_failure: float | None = None
             while await redis.hget(breaker_key(name), "state") != "open":
-                assert time.monotonic() - down_at < 5, "the breaker never opened"
+                assert time.monotonic() - down_at < 10, "the breaker never opened"
+                if first_failure is None:
+                    stats = await sim(http, sim_url, "/_sim/stats")
+                    if stats["outage_requests"] > before:
+                        first_failure = time.monotonic()
                 await asyncio.sleep(0.02)
-            opened_after = time.monotonic() - down_at
+            opened_after = time.monotonic() - (first_failure or down_at)
             at_open = (await sim(http, sim_url, "/_sim/stats"))["outage_requests"]
             results = await asyncio.gather(*(jobs.result(i, timeout=120) for i in ids))
             # Let the outage end and the breaker's open period pass: the next call is a trial
@@ -101,12 +108,14 @@ async def test_the_endpoint_down_mid_run_opens_breakers_fleet_wide_and_no_job_fa
 
     # The figures the README quotes (``pytest -s`` shows them).
     print(
-        f"chaos: breaker open {opened_after:.2f} s into the outage; requests to the dead "
+        f"chaos: breaker open {opened_after:.2f} s after the first failure; requests to the dead "
         f"endpoint: {at_open - before} before it opened, {after_outage - at_open} after"
     )
     assert [r.outcome for r in results] == ["completed"] * JOBS, [r.error for r in results]
     assert all(r.degraded for r in results)
-    assert opened_after < 1.0, opened_after  # seen by every worker: the state is in Redis
+    # Four failures open it; every worker then reads the state from Redis (test_breakers.py
+    # checks that each sees it within ``sync_seconds``).
+    assert opened_after < 1.0, opened_after
     # What reached the dead endpoint after the breaker opened: requests already admitted
     # then (at most one per job), and the half-open trials, at most trial_calls per period.
     periods = math.ceil(OUTAGE_SECONDS / BREAKERS.open_seconds) + 1
