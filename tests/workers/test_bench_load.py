@@ -18,9 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from temporalio.api.enums.v1 import EventType, TimeoutType
+from temporalio.api.history.v1 import HistoryEvent, WorkflowTaskTimedOutEventAttributes
 
 from keel.workers.bench import load_report
-from keel.workers.bench.load import activity_wait_figures, peak_rss_bytes, stream_jobs
+from keel.workers.bench.load import (
+    activity_wait_figures,
+    history_figures,
+    peak_rss_bytes,
+    stream_jobs,
+)
 
 TINY = ["--jobs", "4", "--latency-min", "0.2", "--latency-max", "0.4", "--ramp-seconds", "0.5"]
 
@@ -81,6 +88,29 @@ def test_keel_runs_are_held_to_the_floor_of_the_same_fleet_size() -> None:
         "in flight on one worker >= floor/1.1": True,
     }
     assert "targets" not in floor
+
+
+def test_histories_split_workflow_task_timeouts_and_count_events_by_type() -> None:
+    def timed_out(kind: TimeoutType.ValueType) -> HistoryEvent:
+        attrs = WorkflowTaskTimedOutEventAttributes(timeout_type=kind)
+        return HistoryEvent(
+            event_type=EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT,
+            workflow_task_timed_out_event_attributes=attrs,
+        )
+
+    started = HistoryEvent(event_type=EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED)
+    one = [
+        started,
+        timed_out(TimeoutType.TIMEOUT_TYPE_SCHEDULE_TO_START),
+        timed_out(TimeoutType.TIMEOUT_TYPE_START_TO_CLOSE),
+    ]
+    figures = history_figures([one, [started]])
+    assert figures["workflow_task_timeouts"] == 2
+    assert figures["workflow_task_schedule_to_start_timeouts"] == 1
+    assert figures["events_per_job_by_type"] == {
+        "WORKFLOW_EXECUTION_STARTED": 1.0,
+        "WORKFLOW_TASK_TIMED_OUT": 1.0,
+    }
 
 
 def test_peak_rss_is_read_from_proc() -> None:

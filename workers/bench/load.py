@@ -31,6 +31,7 @@ import asyncio
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from typing import Any
 from uuid import uuid4
 
 import httpx
-from temporalio.api.enums.v1 import EventType
+from temporalio.api.enums.v1 import EventType, TimeoutType
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client
 
@@ -220,12 +221,14 @@ def activity_wait_figures(waits: list[dict[str, Any]]) -> dict[str, float | None
 
 def history_figures(histories: list[list[HistoryEvent]]) -> dict[str, Any]:
     """Per-job workflow tasks, events and timeouts, and workflow tasks' schedule-to-start."""
-    tasks, events, waits, timeouts = [], [], [], 0
+    tasks, events, waits, timeouts, sticky = [], [], [], 0, 0
+    kinds: Counter[str] = Counter()
     for history in histories:
         scheduled: dict[int, float] = {}
         count = 0
         for event in history:
             kind = event.event_type
+            kinds[EventType.Name(kind).removeprefix("EVENT_TYPE_")] += 1
             when = event.event_time.ToDatetime().timestamp()
             if kind == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
                 scheduled[event.event_id] = when
@@ -236,6 +239,8 @@ def history_figures(histories: list[list[HistoryEvent]]) -> dict[str, Any]:
                     waits.append(when - scheduled[attrs.scheduled_event_id])
             elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT:
                 timeouts += 1
+                timed_out = event.workflow_task_timed_out_event_attributes
+                sticky += timed_out.timeout_type == TimeoutType.TIMEOUT_TYPE_SCHEDULE_TO_START
         tasks.append(count)
         events.append(len(history))
     figures: dict[str, Any] = {
@@ -243,6 +248,11 @@ def history_figures(histories: list[list[HistoryEvent]]) -> dict[str, Any]:
         "workflow_tasks_per_job": statistics.fmean(tasks) if tasks else None,
         "events_per_job": statistics.fmean(events) if events else None,
         "workflow_task_timeouts": timeouts,
+        # Of those, the tasks no worker started in time on a sticky queue (the rest timed out
+        # while a worker held them): a backed-up worker, not a slow one.
+        "workflow_task_schedule_to_start_timeouts": sticky,
+        # What the events are, per job: where a job's history differs from the floor's.
+        "events_per_job_by_type": {k: n / len(histories) for k, n in kinds.most_common()},
     }
     for pct in (50, 95):
         value = percentile(waits, pct)

@@ -101,6 +101,7 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("workflow_tasks_per_job", "workflow tasks / job", "{:.1f}"),
     ("events_per_job", "history events / job", "{:.1f}"),
     ("workflow_task_timeouts", "workflow task timeouts", "{:,}"),
+    ("workflow_task_schedule_to_start_timeouts", "  of which sticky queue waits", "{:,}"),
     ("cache_evictions", "cache evictions", "{:,.0f}"),
     ("cache_misses", "cache misses", "{:,.0f}"),
     ("workflow_schedule_to_start_p50_ms", "wf task sched-to-start p50 (ms)", "{:,.1f}"),
