@@ -104,12 +104,15 @@ async def test_interactive_jobs_overtake_a_queued_batch_backlog(
     assert interactive_ranks[-1] <= 4 * INTERACTIVE, interactive_ranks
     # Each one cut in front of most of the backlog queued before it...
     assert min(overtaken(dispatches, "interactive", "batch")) >= BACKLOG * 0.8
-    # ...and so did its later tasks: every interactive job had finished before a quarter of
-    # the batch jobs had even been dispatched.
+    # ...and they finished while most of the backlog still waited for its first task. Under
+    # FIFO every batch job is dispatched before the last interactive one closes (200 of 200).
+    # With priority, the batch jobs dispatched meanwhile are those the worker's one slot took
+    # while the interactive jobs waited on their model calls: 19 on an idle machine, 65 seen
+    # under CI load (calls slow down more than workflow tasks do), so the bound is half.
     last_done = max(d.closed or 0.0 for d in dispatches if d.group == "interactive")
     batch_started = [d for d in dispatches if d.group == "batch" and d.started is not None]
     assert sum(d.started is not None and d.started < last_done for d in batch_started) < (
-        BACKLOG // 4
+        BACKLOG // 2
     )
 
 
