@@ -22,6 +22,7 @@ of an encoding loads it (one to two seconds, see ``preload``).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import threading
@@ -106,6 +107,13 @@ _loaded: dict[str, _Encoder] = {}
 _loading = threading.Lock()
 
 
+COUNT_CACHE_CHARS = 16_000
+"""Texts up to this long have their counts kept (under ``_PIECE_CHARS``, so counted whole)."""
+COUNT_CACHE_SIZE = 512
+"""Counts kept, the least recently used dropped: at most 8 million characters of text held."""
+
+
+@functools.lru_cache(maxsize=256)
 def encoding_name(model: str) -> str:
     """The tokenizer encoding ``model`` uses.
 
@@ -149,8 +157,18 @@ def count_tokens(model: str, text: str) -> int:
     Returns:
         The token count.
     """
-    encoder = _encoder(encoding_name(model))
+    encoding = encoding_name(model)
+    if len(text) <= COUNT_CACHE_CHARS:
+        return _count_short(encoding, text)
+    encoder = _encoder(encoding)
     return sum(len(encoder.encode_ordinary(piece)) for piece in _pieces(text))
+
+
+@functools.lru_cache(maxsize=COUNT_CACHE_SIZE)
+def _count_short(encoding: str, text: str) -> int:
+    """``count_tokens`` of a text short enough to be kept: every call repeats its prompt
+    template and response schema, which are counted once per process instead."""
+    return len(_encoder(encoding).encode_ordinary(text))
 
 
 def count_chat_tokens(model: str, messages: Sequence[Mapping[str, Any]]) -> int:

@@ -14,7 +14,6 @@ from typing import TypedDict
 
 from temporalio.common import (
     Priority,
-    SearchAttributePair,
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
@@ -23,7 +22,7 @@ from temporalio.common import (
 from keel.activities.converter import PlainText
 from keel.workflows.budget_text import budget_text
 from keel.workflows.policies import JOB_SLOT_MAX_WAIT
-from keel.workflows.search_attributes import KEEL_MODE, KEEL_STATE, KEEL_TENANT, KEEL_USER
+from keel.workflows.search_attributes import at_start
 from keel.workflows.types import JobRequest
 
 __all__ = ["StartOptions", "start_options", "static_details", "static_summary"]
@@ -38,9 +37,6 @@ PRIORITY_KEYS = {"interactive": 1, "batch": 3}
 """Temporal task priority per mode (lower runs first; Temporal's default is 3): interactive
 jobs' workflow and activity tasks are dispatched before any backlog of batch ones. Activities
 inherit their workflow's priority and fairness key."""
-
-STARTED_STATE = "running"
-"""``KeelState`` from the start, until the workflow upserts its own."""
 
 
 class StartOptions(TypedDict):
@@ -82,14 +78,7 @@ def start_options(req: JobRequest, fairness_weight: float | None = None) -> Star
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
         execution_timeout=timedelta(seconds=backstop),
-        search_attributes=TypedSearchAttributes(
-            [
-                SearchAttributePair(KEEL_TENANT, req.tenant),
-                SearchAttributePair(KEEL_USER, req.user),
-                SearchAttributePair(KEEL_STATE, STARTED_STATE),
-                SearchAttributePair(KEEL_MODE, req.mode),
-            ]
-        ),
+        search_attributes=at_start(req),
         static_summary=static_summary(req.goal),
         # Tenant, tools and limits stay readable when payloads are encrypted; the summary is
         # the goal, so it is encrypted with the rest (issue 16).

@@ -30,7 +30,7 @@ with workflow.unsafe.imports_passed_through():
     from keel.workflows._budget import BudgetExhausted, Ledger
     from keel.workflows._calling import call_tool
     from keel.workflows._state import note_degraded, raise_if_cancelled
-    from keel.workflows._writes import PREVIEW_COMMIT, record_preview
+    from keel.workflows._writes import record_preview
     from keel.workflows.types import BudgetName, JobRequest, LoopState
 
 MAX_PARALLEL = 4
@@ -64,9 +64,9 @@ class StepRunner:
 
     async def run(self, steps: list[PlanStep]) -> list[Observation]:
         """Run every step the budget allows; raise BudgetExhausted after the last one that fit."""
-        if len({s.id for s in steps}) < len(steps) and workflow.patched("unique-step-ids"):
-            # A plan recorded before the planner's ids were made unique (activities/llm.py):
-            # steps sharing an id would share their writes' op_key.
+        if len({s.id for s in steps}) < len(steps):
+            # The planner makes ids unique (activities/llm.py); a plan carried from elsewhere
+            # may not, and steps sharing an id would share their writes' op_key.
             steps = unique_step_ids(steps)
         observations: list[Observation] = []
         for wave in waves(steps):
@@ -103,9 +103,8 @@ class StepRunner:
         """
         tools = [(step.tool or "") if step.kind != "retrieve" else None for step in chunk]
         calls = {tool: tools.count(tool) for tool in tools if tool is not None}
-        if all(n == 1 for n in calls.values()) or not workflow.patched("wave-retries"):
-            # A lone call of a tool gets all that is left, as every call did before the patch;
-            # jobs recorded before it replay with the allowances they were given.
+        if all(n == 1 for n in calls.values()):
+            # A lone call of a tool gets all that is left.
             return [
                 1 if tool is None else self._ledger.attempts_for(tool, policies.TOOL_ATTEMPTS)
                 for tool in tools
@@ -167,10 +166,9 @@ class StepRunner:
             call.cache = False
         if self._req.docs_dir:
             call.docs_dir = self._req.docs_dir
-        if workflow.patched(PREVIEW_COMMIT):
-            # A destructive tool only previews its write here; it commits once the answer that
-            # depends on it is verified (workflows/_writes.py). Other tools ignore the flag.
-            call.dry_run = True
+        # A destructive tool only previews its write here; it commits once the answer that
+        # depends on it is verified (workflows/_writes.py). Other tools ignore the flag.
+        call.dry_run = True
         try:
             # A tool's name is structural, so its summary stays readable when payloads are
             # encrypted (the retrieval summary above quotes a query, so it is encrypted).

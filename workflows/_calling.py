@@ -108,7 +108,7 @@ class ModelCaller:
                 raise BudgetExhausted("max_cost_usd") from None
             tier = _open_circuit_tier(cause)
             above = next_tier(tier) if tier in ("fast", "deep") else None  # type: ignore[arg-type]
-            if above is not None and workflow.patched("circuit-fallback"):
+            if above is not None:
                 # The tier's model is behind an open breaker and has no fallback: the tier
                 # above serves the call (reserved again at its price), and the job says so.
                 self._degraded(f"{tier} tier: {cause}; served by the {above} tier")

@@ -34,8 +34,6 @@ COMPRESS_AT_TOKENS = 3_000
 of them (counted at the size the activity expands stored outputs to)."""
 KEEP_RECENT = 4
 """Newest observations kept verbatim when the rest are folded."""
-PATCH = "rolling-summary"
-"""Histories recorded before compression dropped observations instead; they replay so."""
 
 
 def observation_tokens(observations: list[Observation]) -> int:
@@ -84,7 +82,7 @@ class ContextFolder:
         merged = self._s.observations + observations
         self._s.observations = merged
         too_big = len(merged) > MAX_OBSERVATIONS or observation_tokens(merged) > COMPRESS_AT_TOKENS
-        if too_big and self._enabled and len(merged) > 1 and workflow.patched(PATCH):
+        if too_big and self._enabled and len(merged) > 1:
             keep = _recent(merged)
             await self._fold(merged[:-keep], merged[-keep:])
         self._s.observations = self._s.observations[-MAX_OBSERVATIONS:]

@@ -43,11 +43,6 @@ class JobFailure(Exception):
         self.error_type = error_type
 
 
-CANCEL_IS_AN_OUTCOME = "cancel-is-an-outcome"
-"""Patch ID: a job cancelled while an activity runs ends ``cancelled`` (issue 13). Before it,
-the activity's cancellation was read as a failed call and the job ended ``failed``."""
-
-
 def raise_if_cancelled(err: ActivityError) -> None:
     """Re-raise an activity's cancellation as the job's own, so the job ends ``cancelled``.
 
@@ -55,10 +50,9 @@ def raise_if_cancelled(err: ActivityError) -> None:
     ``ActivityError`` caused by ``CancelledError``: a cancellation, not a failed call.
 
     Raises:
-        asyncio.CancelledError: If ``err`` is the activity's cancellation (on histories that
-            have this patch; older ones replay as they ran).
+        asyncio.CancelledError: If ``err`` is the activity's cancellation.
     """
-    if isinstance(err.cause, CancelledError) and workflow.patched(CANCEL_IS_AN_OUTCOME):
+    if isinstance(err.cause, CancelledError):
         raise asyncio.CancelledError from None
 
 

@@ -17,28 +17,29 @@ from temporalio.common import SearchAttributeUpdate
 from keel.workflows import search_attributes as sa
 from keel.workflows.types import JobState, LoopState
 
-RUNNING = "running"
-"""``KeelState`` while a job works; the client sets it when it starts the job."""
-
 
 class Visibility:
     """The search-attribute upserts of one workflow run."""
 
     def __init__(self, state: LoopState) -> None:
         self._s = state
-        self._state = RUNNING
+        self._state = sa.RUNNING
         self._tokens = -1
 
     def phase(self, state: JobState, *, final: bool = False) -> None:
         """The job entered ``state``; upsert if visibility should see it."""
         self._s.state = state
-        coarse = state if final or state == "waiting_for_input" else RUNNING
+        coarse = state if final or state == "waiting_for_input" else sa.RUNNING
         if coarse != self._state or final:
             self._upsert(coarse, final=final)
 
     def tier(self, tier: str) -> None:
-        """The job was routed to ``tier`` or escalated to it: ``KeelTier``, one upsert."""
-        workflow.upsert_search_attributes([sa.KEEL_TIER.value_set(tier)])
+        """The job was routed to ``tier`` or escalated to it: ``KeelTier``, one upsert.
+
+        None when the job already shows it: a tier the caller forced is set at start.
+        """
+        if workflow.info().typed_search_attributes.get(sa.KEEL_TIER) != tier:
+            workflow.upsert_search_attributes([sa.KEEL_TIER.value_set(tier)])
 
     def iteration_done(self) -> None:
         """An iteration ended without an answer: publish cost and tokens so far."""

@@ -1,7 +1,7 @@
 """Dry-run-then-commit writes (issue 16): a destructive tool's write waits for a verified answer.
 
 Deterministic orchestration. The act phase sends every tool call as a dry run
-(``ToolCall.dry_run``, behind the ``preview-commit`` patch); a destructive tool answers with a
+(``ToolCall.dry_run``); a destructive tool answers with a
 preview and changes nothing, and ``record_preview`` keeps the write in ``LoopState.writes``
 (shown in status and the UI). When the verifier accepts the answer, ``WriteCommitter`` waits for
 a person's decision on the writes that require approval (stop-and-ask: ``approve`` and
@@ -34,10 +34,6 @@ with workflow.unsafe.imports_passed_through():
         PendingWrite,
         WriteDecision,
     )
-
-PREVIEW_COMMIT = "preview-commit"
-"""Patch ID: tool calls of the act phase are dry runs, and destructive tools' writes commit
-after the verified answer (issue 16). Before it, a write happened in the act phase."""
 
 Event = Callable[[str, str], None]
 

@@ -115,10 +115,6 @@ class AgentLoopWorkflow:
     async def _setup(self) -> None:
         if self._inp.state is not None:
             self._refuse_foreign_state()
-        # Asked first, before the slot's local activities: a patch checked after a local
-        # activity can land in a later workflow task than its marker when the task heartbeats
-        # (a slow local activity), and replay then fails with a nondeterminism error.
-        route = self._s.routing is None and workflow.patched("router-first")
         if self._s.started_at is None:
             # Time in line for a running-job slot is not work: the wall clock starts after it.
             await JobSlot(self._req, self._s, self._event, wanted=self._inp.job_slot).acquire()
@@ -128,7 +124,7 @@ class AgentLoopWorkflow:
         self._calls = ModelCaller(self._req, self._s, self._ledger, self._show_details)
         self._router = Router(self._req, self._s, self._calls, self._visibility, self._event)
         self._context = ContextFolder(self._s, self._calls, self._event, enabled=self._inp.compress)
-        if route:
+        if self._s.routing is None:
             await self._router.route()
 
     def _refuse_foreign_state(self) -> None:
@@ -203,9 +199,7 @@ class AgentLoopWorkflow:
         inp = VerifyInput(**self._calls.fields(), draft=draft)
         result = await self._calls.call(LLMActivities.verify_draft, inp, "verify")
         retry = 0
-        while (
-            result.verdict is None and retry < MAX_CORRECTIONS and workflow.patched("verify-retry")
-        ):
+        while result.verdict is None and retry < MAX_CORRECTIONS:
             retry += 1
             correction = result.invalid_reason or "output did not match the verdict schema"
             tier = self._router.tier_for_retry(retry)

@@ -21,7 +21,6 @@ from datetime import timedelta
 from typing import Literal
 
 from temporalio import workflow
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
@@ -98,9 +97,8 @@ class SessionWorkflow:
     @workflow.run
     async def run(self, inp: SessionInput) -> SessionStatus:
         """Run turns as messages arrive, until the session ends or idles out."""
-        if workflow.patched("status-snapshot"):
-            self._changes = 1  # the first snapshot: the session as it starts (or continues)
-            self._writer = asyncio.create_task(self._write_snapshots())
+        self._changes = 1  # the first snapshot: the session as it starts (or continues)
+        self._writer = asyncio.create_task(self._write_snapshots())
         while True:
             idle = timedelta(seconds=self._req.budget.idle_timeout_seconds)
             try:
@@ -189,7 +187,7 @@ class SessionWorkflow:
         # The oldest exchange is folded into the summary while the turn runs (a summary call
         # takes far less time than a turn), so the next turn never waits for it. The turn is
         # given the conversation as it stands: the fold changes it only once the turn is over.
-        folding = self._start_fold() if workflow.patched("pipelined-fold") else None
+        folding = self._start_fold()
         budget = self._turn_budget(folding is not None)
         self._changed()
         request = JobRequest(
@@ -214,16 +212,8 @@ class SessionWorkflow:
                 static_summary=f"turn {record.turn}: {message.text[:80]}",
                 # As a job started by a client gets them, and the session it belongs to, so an
                 # operator finds a session's turns with ``KeelSession = 'key'``.
-                search_attributes=TypedSearchAttributes(
-                    [
-                        SearchAttributePair(sa.KEEL_TENANT, self._req.tenant),
-                        SearchAttributePair(sa.KEEL_USER, self._req.user),
-                        SearchAttributePair(sa.KEEL_STATE, "running"),
-                        SearchAttributePair(sa.KEEL_MODE, self._req.mode),
-                        SearchAttributePair(
-                            sa.KEEL_SESSION, session_key_of(workflow.info().workflow_id)
-                        ),
-                    ]
+                search_attributes=sa.at_start(
+                    request, session=session_key_of(workflow.info().workflow_id)
                 ),
             )
         except ChildWorkflowError as err:
@@ -248,10 +238,6 @@ class SessionWorkflow:
         exchange = Exchange(
             user=message.text[:EXCHANGE_CHARS], assistant=(record.answer or "")[:EXCHANGE_CHARS]
         )
-        if folding is None and not workflow.patched("pipelined-fold"):
-            await self._remember(exchange)
-            self._changed()
-            return
         if folding is not None:
             await folding
         self._s.conversation.recent.append(exchange)
@@ -266,12 +252,6 @@ class SessionWorkflow:
         if len(self._s.conversation.recent) < MAX_RECENT_EXCHANGES:
             return None
         return asyncio.create_task(self._fold(self._s.conversation.recent[0], FOLD_SHARE))
-
-    async def _remember(self, exchange: Exchange) -> None:
-        """Before ``pipelined-fold``: add the exchange, then fold the oldest, after the turn."""
-        self._s.conversation.recent.append(exchange)
-        if len(self._s.conversation.recent) > MAX_RECENT_EXCHANGES:
-            await self._fold(self._s.conversation.recent[0], 1.0)
 
     async def _fold(self, oldest: Exchange, share: float) -> None:
         """Fold ``oldest`` (the first recent exchange) into the summary, then drop it.

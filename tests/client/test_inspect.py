@@ -6,10 +6,11 @@ import asyncio
 import json
 
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 
 from keel.client import AgentJobs, JobRequest
+from keel.workflows.search_attributes import KEEL_TIER
 from tests.conftest import temporal, unique
 
 
@@ -77,11 +78,12 @@ async def test_search_attributes_summary_and_details(env: WorkflowEnvironment, m
                 summaries.add(json.loads(payload.data))
             if event.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
                 fields = event.upsert_workflow_search_attributes_event_attributes.search_attributes
-                upserted.append(set(fields.indexed_fields) - {"TemporalChangeVersion"})
+                upserted.append(set(fields.indexed_fields))
         # A one-iteration job upserts twice: its tier once the router has picked it, then the
         # rest at the end: KeelState stays "running" while it works (its phase is in the
-        # current details) and usage is written with the outcome.
-        assert [u for u in upserted if u] == [
+        # current details) and usage is written with the outcome. No patch marker's
+        # ``TemporalChangeVersion`` either: Keel 0.1 carries no patch.
+        assert upserted == [
             {"KeelTier"},
             {"KeelState", "KeelOutcome", "KeelCostUsd", "KeelTokens"},
         ]
@@ -103,3 +105,25 @@ async def test_mode_picks_the_task_queue(env: WorkflowEnvironment) -> None:
         handle = env.client.get_workflow_handle(job_id)
         assert (await handle.describe()).task_queue == queue
         await handle.terminate("test cleanup")
+
+
+def upserts(history: WorkflowHistory) -> list[set[str]]:
+    """The search attributes each upsert event of a history set."""
+    return [
+        set(e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields)
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES
+    ]
+
+
+async def test_a_forced_tier_is_set_at_start_not_upserted(client: Client, make_worker) -> None:
+    """A caller's tier travels in the start request: one upsert per job (the end), not two."""
+    async with make_worker(client) as worker:
+        jobs = AgentJobs(client, task_queue=worker.task_queue)
+        job_id = await jobs.start(JobRequest(goal="What is 6 * 7? use calculator", tier="fast"))
+        running = await client.get_workflow_handle(job_id).describe()
+        assert running.typed_search_attributes.get(KEEL_TIER) == "fast"
+        result = await jobs.result(job_id, timeout=60)
+    assert result.outcome == "completed", result
+    history = await client.get_workflow_handle(job_id).fetch_history()
+    assert upserts(history) == [{"KeelState", "KeelOutcome", "KeelCostUsd", "KeelTokens"}]

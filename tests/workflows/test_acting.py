@@ -7,7 +7,6 @@ Real dev server, real Redis, the simulator over HTTP, and a local HTTP server th
 from __future__ import annotations
 
 import itertools
-import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -105,17 +104,6 @@ async def tool_results(client: Client, job_id: str) -> list[ToolResult]:
     return results
 
 
-async def patches(client: Client, job_id: str) -> set[str]:
-    """The ``workflow.patched`` ids a job's history recorded."""
-    history = await client.get_workflow_handle(job_id).fetch_history()
-    return {
-        json.loads(payload.data)["id"]
-        for e in history.events
-        if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
-        for payload in e.marker_recorded_event_attributes.details["patch-data"].payloads
-    }
-
-
 async def assert_every_step_wrote_its_own(
     client: Client, redis_url: str, job_id: str, tenant: str
 ) -> None:
@@ -202,7 +190,6 @@ async def test_a_recorded_plan_with_repeated_ids_is_renumbered_by_the_workflow(
 
     assert result.outcome == "completed", result
     await assert_every_step_wrote_its_own(client, redis_url, job_id, tenant)
-    assert "unique-step-ids" in await patches(client, job_id)
     await replay_own_history(client, job_id)
 
 
@@ -223,5 +210,4 @@ async def test_parallel_calls_of_a_tool_share_its_retry_budget(
     assert result.exhausted_budget == "max_retries_per_tool"
     # Four first attempts and the three retries the budget has, however they were shared.
     assert 4 < failing_pages.hits <= 4 + 3, failing_pages.hits
-    assert "wave-retries" in await patches(client, job_id)
     await replay_own_history(client, job_id)
