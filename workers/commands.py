@@ -79,7 +79,7 @@ def worker(
 ) -> None:
     """Run a worker until SIGTERM or Ctrl-C; start as many as you like, anywhere."""
     from keel.workers.logs import configure_logging
-    from keel.workers.main import RedisUnavailable, run_worker
+    from keel.workers.main import RedisUnavailable, run_event_loop, run_worker
     from keel.workers.settings import WorkerSettings
 
     configure_logging()
@@ -104,9 +104,7 @@ def worker(
     from keel.client.errors import ConnectionFailed
 
     try:
-        import asyncio
-
-        asyncio.run(run_worker(settings))
+        run_event_loop(run_worker(settings), use_uvloop=settings.uvloop)
     except ConnectionFailed as err:
         _console().print(f"[red]error:[/red] {err.message}")
         raise typer.Exit(1) from None

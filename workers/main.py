@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Coroutine
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from redis.exceptions import RedisError
@@ -38,10 +39,28 @@ from keel.workers.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
 
+T = TypeVar("T")
+
 BEHAVIORS = {
     "auto_upgrade": VersioningBehavior.AUTO_UPGRADE,
     "pinned": VersioningBehavior.PINNED,
 }
+
+
+def run_event_loop(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
+    """Run ``main`` to its end on uvloop's loop when ``use_uvloop`` and it is installed.
+
+    Otherwise on asyncio's own loop (uvloop has no Windows build). Workflow code never runs on
+    this loop: the SDK runs each workflow on its own deterministic loop, whichever this is.
+    """
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 class RedisUnavailable(RuntimeError):

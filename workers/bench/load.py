@@ -28,6 +28,7 @@ Nothing here judges a target: ``workers.bench.load_report`` does.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import statistics
 import sys
 import time
@@ -270,6 +271,11 @@ async def _histories(client: Client, workflow_ids: list[str]) -> list[list[Histo
     return list(await asyncio.gather(*(fetch(w) for w in workflow_ids)))
 
 
+def _has_uvloop() -> bool:
+    """Whether ``keel worker`` here runs on uvloop (installed), so the floor's workers do too."""
+    return importlib.util.find_spec("uvloop") is not None
+
+
 class _Fleet:
     """Worker processes of one kind on a fresh task queue, started and stopped together."""
 
@@ -313,6 +319,7 @@ class _Fleet:
             *("--max-concurrent-workflow-tasks", str(settings.max_concurrent_workflow_tasks)),
             *("--max-cached-workflows", str(settings.max_cached_workflows)),
             *("--max-pollers", str(settings.max_pollers if settings.poller_autoscaling else 0)),
+            *(["--uvloop"] if settings.uvloop and _has_uvloop() else []),
         ]
 
     def _env(self, i: int) -> dict[str, str]:

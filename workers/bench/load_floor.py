@@ -7,8 +7,9 @@ heartbeat, Redis or search attribute: what is left is what Temporal itself costs
 
 Run as its own process (``python -m keel.workers.bench.load_floor``), so its CPU and memory
 are read per process like a ``keel worker``'s. It imports the SDK and the standard library
-only, so the floor's memory holds none of Keel's libraries; the bench passes it the slot,
-cache and poller settings a ``keel worker`` gets.
+only (and uvloop, when ``keel worker`` runs on it), so the floor's memory holds none of Keel's
+libraries; the bench passes it the slot, cache, poller and event-loop settings a ``keel
+worker`` gets.
 """
 
 from __future__ import annotations
@@ -126,7 +127,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-concurrent-workflow-tasks", type=int, required=True)
     parser.add_argument("--max-cached-workflows", type=int, required=True)
     parser.add_argument("--max-pollers", type=int, default=0)
-    asyncio.run(_serve(parser.parse_args(argv)))
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop, as keel worker")
+    args = parser.parse_args(argv)
+    if args.uvloop:
+        import uvloop
+
+        uvloop.run(_serve(args))
+    else:
+        asyncio.run(_serve(args))
 
 
 if __name__ == "__main__":

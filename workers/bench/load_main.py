@@ -119,6 +119,7 @@ def _settings(config: LoadConfig) -> dict[str, Any]:
                     "llm_max_connections",
                     "resource_tuner",
                     "workflow_sandbox",
+                    "uvloop",
                 )
             },
             "temporal_dynamic_config": DEV_SERVER_DYNAMIC_CONFIG,
