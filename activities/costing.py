@@ -166,8 +166,10 @@ def count_tokens(model: str, text: str) -> int:
 
 @functools.lru_cache(maxsize=COUNT_CACHE_SIZE)
 def _count_short(encoding: str, text: str) -> int:
-    """``count_tokens`` of a text short enough to be kept: every call repeats its prompt
-    template and response schema, which are counted once per process instead."""
+    """``count_tokens`` of a text short enough to keep.
+
+    Every model call repeats its prompt template and response schema: counted once per process.
+    """
     return len(_encoder(encoding).encode_ordinary(text))
 
 
