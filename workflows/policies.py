@@ -32,11 +32,12 @@ HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 """Tools, retrieval and waits heartbeat every half of this (``activities/_heartbeat.py``); a
 worker killed mid-call is noticed in 10 s instead of at the end of the attempt's timeout."""
 
-LLM_HEARTBEAT_TIMEOUT = timedelta(seconds=30)
+LLM_HEARTBEAT_TIMEOUT = timedelta(seconds=45)
 """Model calls take seconds to a minute, and the SDK sends a heartbeat at most every 0.8x the
 heartbeat timeout: at 10 s a 60 s call cost the Temporal server eight heartbeat RPCs (each a
-write of the activity's state). At 30 s it costs three, and a worker killed mid-call is still
-noticed within about half a call's time (``keel bench load`` measures the server's CPU)."""
+write of the activity's state), at 30 s three (at 0, 24 and 48 s). At 45 s a call under 72 s
+costs two, and a worker killed mid-call is still noticed within a call's time (``keel bench
+load`` measures the server's CPU)."""
 
 LIMIT_WAIT = timedelta(seconds=LIMIT_WAIT_SECONDS)
 """Longest a model or tool call waits at its gateway for the fleet's limits (in-flight leases,

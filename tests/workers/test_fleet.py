@@ -238,7 +238,7 @@ async def test_sigkill_under_load_loses_no_job(
     doomed.proc.send_signal(signal.SIGKILL)
     assert await asyncio.to_thread(doomed.proc.wait, 10) == -signal.SIGKILL
 
-    # The killed model calls miss their 30 s heartbeat timeout and run again on the survivor.
+    # The killed model calls miss their 45 s heartbeat timeout and run again on the survivor.
     await all_completed(jobs, ids)
     history = await histories(client, ids)
     assert_no_failure(history, retries=True)
