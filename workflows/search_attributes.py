@@ -53,7 +53,7 @@ def at_start(req: JobRequest, session: str | None = None) -> TypedSearchAttribut
         req: The job's request.
         session: The session key, for a session's turn.
     """
-    pairs: list[SearchAttributePair] = [  # type: ignore[type-arg]
+    pairs: list[SearchAttributePair[str]] = [
         SearchAttributePair(KEEL_TENANT, req.tenant),
         SearchAttributePair(KEEL_USER, req.user),
         SearchAttributePair(KEEL_STATE, RUNNING),
